@@ -45,7 +45,7 @@ from farebox.protocol.x402 import (
 from farebox.schemes import evm_exact
 
 HARDHAT_1 = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
-PAY_TO = "0x70997970C51812dc3A010C7d01E8aAe3c6a4E2D2"
+PAY_TO = "0x70997970C51812dC3A010C7D01E8aAe3c6a4E2D2"
 OFFER = Offer(
     "exact",
     "eip155:84532",

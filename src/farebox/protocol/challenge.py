@@ -8,10 +8,11 @@ clients go: the v2 header first, then a v1 body, then (farebox's addition) the p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from farebox.errors import PaymentError
 from farebox.money import ASSETS, AssetRegistry
@@ -48,7 +49,7 @@ def render_challenge(
     v1 = v1_body(challenge)
     if v1 is not None:
         body.update(v1)
-    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = orjson.dumps(body)
     headers = (
         ("content-type", "application/json"),
         ("cache-control", "no-store"),
@@ -91,8 +92,10 @@ def read_challenge(
         errors.append(PaymentError("payload_too_large", f"402 body exceeds {max_body_bytes} bytes"))
     elif body:
         try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
+            # orjson caps nesting itself; json's C decoder would follow a raised recursion limit
+            # into a stack overflow on a hostile body.
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
             errors.append(PaymentError("invalid_payload", "402 body is not JSON"))
     if isinstance(data, dict):
         if data.get("x402Version") == 1:
