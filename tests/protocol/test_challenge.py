@@ -1,13 +1,17 @@
 import base64
+import contextlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from farebox.errors import PaymentError
 from farebox.money import BASE_SEPOLIA_USDC
 from farebox.protocol.challenge import read_challenge, render_challenge
 from farebox.protocol.models import Challenge, Offer, Resource
 from farebox.protocol.plain import decode_plain_body, plain_body
+from tests.protocol.test_x402 import offers
 
 PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
 OFFER = Offer(
@@ -116,3 +120,51 @@ def test_plain_body_without_known_asset_shows_atomic_units() -> None:
     assert body["payment"]["currency"] == DEVCHAIN.asset
     assert "reference" not in body["payment"]
     assert decode_plain_body(body).accepts == (DEVCHAIN,)
+
+
+# --- hypothesis: any 402 reads back, and nothing but PaymentError escapes ------------------------
+
+
+@given(
+    st.lists(offers, min_size=1, max_size=3), st.text(max_size=20), st.none() | st.text(max_size=20)
+)
+def test_plain_body_round_trip(accepts: list[Offer], url: str, reference: str | None) -> None:
+    challenge = Challenge(Resource(url), tuple(accepts), reference=reference)
+    decoded = decode_plain_body(json.loads(json.dumps(plain_body(challenge))))
+    assert decoded.accepts == challenge.accepts
+    assert decoded.reference == reference
+    assert read_challenge({}, render_challenge(challenge).body).accepts
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.sampled_from(["PAYMENT-REQUIRED", "payment-required", "x"]), st.text(max_size=60)
+    ),
+    st.binary(max_size=300),
+)
+def test_random_402s_raise_only_payment_error(headers: dict[str, str], body: bytes) -> None:
+    with contextlib.suppress(PaymentError):
+        read_challenge(headers, body)
+
+
+@settings(max_examples=200)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+        lambda c: (
+            st.lists(c, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    ["payment", "methods", "protocol", "x402Version", "accepts", "amount"]
+                ),
+                c,
+                max_size=4,
+            )
+        ),
+        max_leaves=15,
+    )
+)
+def test_random_json_bodies_raise_only_payment_error(value: object) -> None:
+    with contextlib.suppress(PaymentError):
+        read_challenge({}, json.dumps(value).encode())
