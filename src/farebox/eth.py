@@ -18,16 +18,20 @@ from farebox.errors import ConfigError
 __all__ = [
     "SECP256K1_HALF_N",
     "SECP256K1_N",
+    "UINT256_MAX",
     "EvmAccount",
     "address_bytes",
     "checksum_address",
     "is_address",
     "keccak256",
+    "parse_uint256",
 ]
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 # Signatures with s above n/2 are malleable twins; EIP-2 and USDC's ECRecover refuse them.
 SECP256K1_HALF_N = SECP256K1_N // 2
+
+UINT256_MAX = 2**256 - 1
 
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}\Z")
 
@@ -36,6 +40,24 @@ def keccak256(data: bytes) -> bytes:
     """Keccak-256 (Ethereum's hash, not NIST SHA3-256)."""
     digest: bytes = _keccak_256(data).digest()
     return digest
+
+
+def parse_uint256(value: object) -> int | None:
+    """A canonical decimal uint256 string as an int, else ``None``.
+
+    Canonical: ASCII digits only (``str.isdigit`` alone admits other scripts' digits, which
+    ``int`` would read), no sign, no leading zero, at most 2**256 - 1.
+    """
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= 78
+        or not value.isascii()
+        or not value.isdigit()
+        or (value[0] == "0" and len(value) > 1)
+    ):
+        return None
+    number = int(value)
+    return number if number <= UINT256_MAX else None
 
 
 def is_address(value: object) -> bool:

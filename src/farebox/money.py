@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from farebox.errors import ConfigError
-from farebox.eth import checksum_address, is_address
+from farebox.eth import UINT256_MAX, checksum_address, is_address
 
 __all__ = [
     "ASSETS",
@@ -27,8 +27,6 @@ __all__ = [
     "format_amount",
     "parse_price",
 ]
-
-UINT256_MAX = 2**256 - 1
 
 Price = int | str | Decimal
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from farebox.errors import PaymentError
+from farebox.eth import parse_uint256
 from farebox.protocol.models import Challenge, Offer, Proof, Resource, Settlement
 
 __all__ = [
@@ -50,12 +50,10 @@ X_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
 
 DEFAULT_MAX_HEADER_BYTES = 8192
 
-UINT256_MAX = 2**256 - 1
 # Bounds on free-form strings inside a payload: generous for real use, small enough that a hostile
 # header cannot make us hold or log much.
 _MAX_STR = 2048
 _MAX_TIMEOUT = 2**31 - 1
-_AMOUNT_RE = re.compile(r"(?:0|[1-9][0-9]{0,77})\Z")
 
 # v1 names networks by legacy name; v2 by CAIP-2. Chain ids as the official SDKs agree on them
 # (the SDKs disagree on story/educhain/skale, so those are left out on purpose).
@@ -158,12 +156,9 @@ class _Fields:
         return value
 
     def amount(self, key: str) -> int:
-        value = self.data.get(key)
-        if not isinstance(value, str) or not _AMOUNT_RE.match(value):
-            raise self._fail(key, "must be a string of a non-negative integer")
-        number = int(value)
-        if number > UINT256_MAX:
-            raise self._fail(key, "exceeds uint256")
+        number = parse_uint256(self.data.get(key))
+        if number is None:
+            raise self._fail(key, "must be a canonical decimal uint256 string")
         return number
 
     def positive_int(self, key: str) -> int:

@@ -9,7 +9,6 @@ business: this module does no I/O.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +23,7 @@ from farebox.eth import (
     address_bytes,
     checksum_address,
     keccak256,
+    parse_uint256,
     public_key_address,
 )
 from farebox.protocol.models import Offer, Proof, Resource, VerifiedProof
@@ -55,8 +55,6 @@ _TRANSFER_TYPEHASH = keccak256(
     b"TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"
     b"uint256 validBefore,bytes32 nonce)"
 )
-_UINT_RE = re.compile(r"(?:0|[1-9][0-9]{0,77})\Z")
-_UINT256_MAX = 2**256 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +92,10 @@ class VerifiedEvmProof(VerifiedProof):
 def chain_id_of(network: str) -> int:
     """The chain id of an ``eip155:N`` network; ``ValueError`` otherwise."""
     namespace, _, reference = network.partition(":")
-    if namespace != "eip155" or not _UINT_RE.match(reference) or reference == "0":
+    chain_id = parse_uint256(reference)
+    if namespace != "eip155" or not chain_id:
         raise ValueError(f"{network[:64]!r} is not an eip155 network")
-    return int(reference)
+    return chain_id
 
 
 @lru_cache(maxsize=1024)
@@ -133,21 +132,28 @@ def authorization_digest(authorization: Authorization, separator: bytes) -> byte
     return keccak256(b"\x19\x01" + separator + struct_hash)
 
 
-def _offer_domain(offer: Offer) -> tuple[str, str]:
+def _offer_terms(offer: Offer, payer: str | None = None) -> tuple[bytes, bytes]:
+    """The offer's recipient bytes and EIP-712 domain separator, or raise with the x402 code.
+
+    Order as the official facilitator checks: the network is an EVM chain, then the domain is given.
+    """
+    try:
+        chain_id = chain_id_of(offer.network)
+    except ValueError as exc:
+        raise PaymentError(
+            "invalid_exact_evm_failed_to_get_network_config", str(exc), payer=payer
+        ) from None
     name, version = offer.extra.get("name"), offer.extra.get("version")
     if not isinstance(name, str) or not isinstance(version, str):
         raise PaymentError(
-            "missing_eip712_domain", "offer.extra needs the token's name and version"
+            "missing_eip712_domain", "offer.extra needs the token's name and version", payer=payer
         )
-    return name, version
-
-
-def _offer_separator(offer: Offer) -> bytes:
-    name, version = _offer_domain(offer)
     try:
-        return domain_separator(name, version, chain_id_of(offer.network), offer.asset)
-    except ValueError as exc:
-        raise PaymentError("invalid_exact_evm_failed_to_get_network_config", str(exc)) from None
+        return _offer_constants(offer.pay_to, name, version, chain_id, offer.asset)
+    except ValueError:
+        raise PaymentError(
+            "invalid_payment_requirements", "offer has a malformed address"
+        ) from None
 
 
 # --- the payer's side -----------------------------------------------------------------------------
@@ -170,10 +176,7 @@ def sign_authorization(
         raise PaymentError("unsupported_scheme", f"cannot pay scheme {offer.scheme!r}")
     if len(nonce) != 32:
         raise ValueError("an EIP-3009 nonce is 32 bytes")
-    try:
-        to = address_bytes(offer.pay_to)
-    except ValueError:
-        raise PaymentError("invalid_payload", "offer.payTo is not an EVM address") from None
+    to, separator = _offer_terms(offer)
     authorization = Authorization(
         from_=address_bytes(account.address),
         to=to,
@@ -182,7 +185,7 @@ def sign_authorization(
         valid_before=now + offer.max_timeout_seconds,
         nonce=nonce,
     )
-    signature = account.sign_digest(authorization_digest(authorization, _offer_separator(offer)))
+    signature = account.sign_digest(authorization_digest(authorization, separator))
     return {"signature": "0x" + signature.hex(), "authorization": authorization.to_json()}
 
 
@@ -225,20 +228,6 @@ def _hex_bytes(value: Any, size: int) -> bytes | None:
     return raw if len(raw) == size else None
 
 
-def _uint256(value: Any) -> int | None:
-    # Canonical decimal only: ASCII digits (str.isdigit alone admits other scripts), no leading 0.
-    if (
-        not isinstance(value, str)
-        or not 0 < len(value) <= 78
-        or not value.isascii()
-        or not value.isdigit()
-        or (value[0] == "0" and len(value) > 1)
-    ):
-        return None
-    number = int(value)
-    return number if number <= _UINT256_MAX else None
-
-
 def _read_payload(payload: Mapping[str, Any]) -> tuple[Authorization, bytes]:
     auth = payload.get("authorization")
     if not isinstance(auth, Mapping):
@@ -257,9 +246,9 @@ def _read_payload(payload: Mapping[str, Any]) -> tuple[Authorization, bytes]:
         _hex_bytes(auth.get("nonce"), 32),
     )
     value, valid_after, valid_before = (
-        _uint256(auth.get("value")),
-        _uint256(auth.get("validAfter")),
-        _uint256(auth.get("validBefore")),
+        parse_uint256(auth.get("value")),
+        parse_uint256(auth.get("validAfter")),
+        parse_uint256(auth.get("validBefore")),
     )
     if from_ is None or to is None or nonce is None:
         bad = "from" if from_ is None else "to" if to is None else "nonce"
@@ -316,19 +305,7 @@ def verify(proof: Proof, offer: Offer, *, now: int) -> VerifiedEvmProof:
             f"proof is for {proof.network}, offer for {offer.network}",
             payer=payer,
         )
-    try:
-        chain_id = chain_id_of(offer.network)
-    except ValueError as exc:
-        raise PaymentError(
-            "invalid_exact_evm_failed_to_get_network_config", str(exc), payer=payer
-        ) from None
-    name, version = _offer_domain(offer)
-    try:
-        pay_to, separator = _offer_constants(offer.pay_to, name, version, chain_id, offer.asset)
-    except ValueError:
-        raise PaymentError(
-            "invalid_payment_requirements", "offer has a malformed address"
-        ) from None
+    pay_to, separator = _offer_terms(offer, payer)
     if authorization.to != pay_to:
         raise PaymentError(
             "invalid_exact_evm_payload_recipient_mismatch",
