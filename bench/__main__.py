@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.bench_verify", "bench.bench_receipts"]
+BENCHMARKS = ["bench.bench_verify", "bench.bench_receipts", "bench.bench_gate"]
 
 
 def main(names: list[str]) -> None:

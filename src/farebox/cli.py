@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -123,13 +124,96 @@ def receipts_inspect(jws: JwsArg = "-") -> None:
 
 
 @app.command()
-def demo() -> None:
-    """Walk through one payment cycle in this process: 402, proof, verification, refusals, receipt."""
+def demo(
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep the sample paid API running on the chain.")
+    ] = False,
+    port: Annotated[int, typer.Option("--port", help="Port for --serve.")] = 8402,
+    host: Annotated[str, typer.Option("--host", help="Interface for --serve.")] = "127.0.0.1",
+) -> None:
+    """Run a paid request end to end on the embedded chain, or (--serve) keep a sample paid API up."""
+    if serve:
+        from farebox.demo import serve_demo
+
+        serve_demo(Console(highlight=False), host=host, port=port)
+        return
     from farebox.demo import run_demo
 
     run_demo(Console(highlight=False))
 
 
+@app.command("get")
+def get(
+    url: Annotated[str, typer.Argument(help="The URL to fetch, paying if it answers 402.")],
+    key_file: Annotated[
+        Path | None,
+        typer.Option("--key-file", help="File with the hex EVM key (else $FAREBOX_PRIVATE_KEY)."),
+    ] = None,
+    max_price: Annotated[
+        str, typer.Option("--max", help="Most to pay for this request, e.g. '$0.05'.")
+    ] = "$0.10",
+    budget_file: Annotated[
+        Path | None,
+        typer.Option("--budget-file", help="SQLite file keeping the budget across calls."),
+    ] = None,
+    per_day: Annotated[
+        str | None, typer.Option("--per-day", help="Daily limit kept in --budget-file.")
+    ] = None,
+    total: Annotated[
+        str | None, typer.Option("--total", help="Lifetime limit kept in --budget-file.")
+    ] = None,
+    book: Annotated[
+        Path | None, typer.Option("--book", help="SQLite receipt book to add the receipt to.")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per HTTP request.")] = 30.0,
+) -> None:
+    """A paying curl: print the body to stdout and the payment (if any) as JSON to stderr."""
+    from farebox.agent.agent import Agent
+    from farebox.agent.book import ReceiptBook
+    from farebox.agent.budget import Budget
+    from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
+    from farebox.agent.wallet import load_wallet
+    from farebox.errors import PaymentError
+
+    try:
+        account = load_wallet(key_file)
+        budget = Budget.from_prices(budget_file, per_request=max_price, per_day=per_day, total=total)
+        agent = Agent(
+            account, budget=budget, book=ReceiptBook(book) if book is not None else None
+        )
+        with httpx.Client(auth=PaymentAuth(agent), timeout=timeout) as client:
+            response = client.get(url)
+    except PaymentError as exc:
+        _fail(exc.code, exc.message)
+    except ConfigError as exc:
+        _fail("E_CONFIG", str(exc))
+    except httpx.HTTPError as exc:
+        _fail("E_HTTP", f"{type(exc).__name__}: {exc}")
+    sys.stdout.buffer.write(response.content)
+    sys.stdout.flush()
+    payment = response.extensions.get(PAYMENT_EXTENSION)
+    if payment is not None:
+        asset = payment.asset
+        summary = {
+            "status": response.status_code,
+            "paid": f"{asset.format(payment.offer.amount)} {asset.symbol}",
+            "amount": str(payment.offer.amount),
+            "network": payment.offer.network,
+            "pay_to": payment.offer.pay_to,
+            "payer": payment.payer,
+            "transaction": payment.settlement.transaction,
+            "receipt_verified": payment.receipt is not None,
+            "receipt_issuer": payment.receipt.issuer if payment.receipt else None,
+        }
+        typer.echo(json.dumps(summary, indent=2), err=True)
+    if response.status_code >= 400:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the ``farebox`` console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

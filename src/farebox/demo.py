@@ -1,170 +1,171 @@
-"""The walkthrough behind ``farebox demo``: one payment cycle in one process, printed.
+"""``farebox demo``: the whole paid request, end to end, in one process on the embedded chain.
 
-An API prices a route, answers 402; an agent reads the challenge and signs an EIP-3009
-authorization; the server verifies it offline, refuses tampered and expired copies with their
-codes, and signs a PEAC record of the payment, which is then verified. Nothing here moves money:
-settlement on a chain arrives with the ledger layer, and until then the record says
-``event: authorization`` (PEAC forbids claiming a settlement that did not happen).
+An unpaid call and its 402; the agent paying within its budget; the server verifying, serving,
+settling on the EVM and signing a PEAC record that the agent verifies; the same proof replayed and
+refused; and a call that the agent's budget refuses before anything is signed.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import json
-import os
-import time
 from typing import Any
 
+import anyio
+import httpx
 from rich.console import Console
-from rich.json import JSON
 from rich.panel import Panel
+from rich.table import Table
 
+from farebox.agent.agent import Agent, Payment
+from farebox.agent.budget import Budget
+from farebox.agent.book import ReceiptBook
+from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
 from farebox.errors import PaymentError
-from farebox.eth import EvmAccount
-from farebox.money import BASE_SEPOLIA_USDC
-from farebox.protocol.challenge import read_challenge, render_challenge
-from farebox.protocol.models import Challenge, Offer, Proof, Resource
-from farebox.protocol.x402 import PAYMENT_REQUIRED, decode_proof, encode_proof, find_offer
-from farebox.receipts import (
-    SigningKey,
-    issue_receipt,
-    payment_claims,
-    rfc3339,
-    uuid7,
-    verify_receipt,
-)
-from farebox.schemes import evm_exact
+from farebox.protocol.challenge import read_challenge
+from farebox.protocol.x402 import decode_settlement
+from farebox.sample import AGENT, build_sample_api
 
 __all__ = ["run_demo"]
 
-# Well-known development keys (the "test test ... junk" mnemonic): public, never for real money.
-AGENT_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
-API_PAYEE = "0x70997970C51812dC3A010C7D01E8aAe3c6a4E2D2"
-RESOURCE = Resource("http://127.0.0.1:8402/weather", "Today's weather", "application/json")
+BASE_URL = "https://api.example"
 
 
-def _decoded(header: str) -> Any:
-    return json.loads(base64.b64decode(header))
+def run_demo(console: Console | None = None) -> dict[str, Any]:
+    """Run the story, print it to ``console``, and return its facts (for tests)."""
+    return anyio.run(_story, console or Console(quiet=True, highlight=False))
 
 
-def _refusal(console: Console, title: str, proof: Proof, offer: Offer, now: int) -> str:
-    try:
-        evm_exact.verify(proof, offer, now=now)
-    except PaymentError as exc:
-        console.print(f"  {title}: refused with [bold red]{exc.code}[/] ({exc.status})")
-        return exc.code
-    raise AssertionError(f"{title} was accepted")
-
-
-def run_demo(console: Console | None = None, *, now: int | None = None) -> dict[str, Any]:
-    """Run the walkthrough, print it, and return its facts (for tests and scripts)."""
-    console = console or Console()
-    now = int(time.time()) if now is None else now
-    asset = BASE_SEPOLIA_USDC
-
-    console.rule("1. The API prices GET /weather at $0.01")
-    offer = Offer(
-        scheme="exact",
-        network=asset.network,
-        amount=asset.parse("$0.01"),
-        asset=asset.address,
-        pay_to=API_PAYEE,
-        extra={"name": asset.name, "version": asset.version},
-    )
-    challenge = Challenge(RESOURCE, (offer,), reference="ch_" + os.urandom(8).hex())
-    rendered = render_challenge(challenge)
-    console.print(f"An unpaid call is answered [bold]{rendered.status} Payment Required[/]:")
-    for name, value in rendered.headers:
-        shown = value if len(value) < 60 else value[:56] + "..."
-        console.print(f"  {name}: {shown}")
-    console.print(Panel(JSON(rendered.body.decode()), title="402 body (plain + x402 v1)"))
-
-    console.rule("2. The agent reads the challenge and signs an authorization")
-    agent = EvmAccount.from_hex(AGENT_KEY)
-    seen = read_challenge(dict(rendered.headers), rendered.body)
-    chosen = seen.accepts[0]
-    proof = evm_exact.make_proof(
-        agent, chosen, now=now, nonce=os.urandom(32), resource=seen.resource
-    )
-    header = encode_proof(proof)
-    console.print(f"Agent {agent.address} pays {asset.format(chosen.amount)} {asset.symbol}.")
-    console.print(Panel(JSON(json.dumps(_decoded(header))), title="PAYMENT-SIGNATURE, decoded"))
-
-    console.rule("3. The server verifies the proof offline")
-    received = decode_proof(header)
-    verified = evm_exact.verify(received, find_offer(received, challenge.accepts), now=now)
+async def _story(console: Console) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    console.rule("[bold]farebox demo: a paid request, end to end")
+    api = build_sample_api(issuer=BASE_URL)
+    chain = api.chain
+    asset = chain.asset
+    agent_account = chain.accounts[AGENT].account
     console.print(
-        f"  verified: payer [bold green]{verified.payer}[/], amount {verified.offer.amount} atomic units"
+        f"Embedded EVM: chain id {chain.chain_id}, {asset.symbol} token at {asset.address}\n"
+        f"Paid route: GET /weather for $0.01, paid to {api.merchant}\n"
+        f"Agent: {agent_account.address}"
     )
-    console.print(f"  claim key (accepted once ever): {verified.claim_key}")
+    transport = httpx.ASGITransport(app=api.app)
+    balances = (chain.balance_of(agent_account.address), chain.balance_of(api.merchant))
 
-    console.rule("4. Bad proofs get specific codes")
-    codes = [
-        _refusal(
-            console,
-            "amount raised",
-            proof,
-            dataclasses.replace(offer, amount=offer.amount + 1),
-            now,
-        ),
-        _refusal(
-            console,
-            "paid to someone else",
-            proof,
-            dataclasses.replace(offer, pay_to=agent.address),
-            now,
-        ),
-        _refusal(
-            console, "presented after it expired", proof, offer, now + offer.max_timeout_seconds
-        ),
-    ]
-    try:
-        find_offer(
-            dataclasses.replace(received, accepted=dataclasses.replace(offer, amount=1)),
-            challenge.accepts,
-        )
-    except PaymentError as exc:
-        console.print(
-            f"  accepted offer tampered: refused with [bold red]{exc.code}[/] ({exc.status})"
-        )
-        codes.append(exc.code)
-
-    console.rule("5. The server signs a PEAC record of the payment")
-    # On plain http the server's origin cannot be a PEAC issuer: a did:key names the signing key.
-    key = SigningKey.generate()
-    claims = payment_claims(
-        iss=key.did_key,
-        iat=now,
-        jti=uuid7(now * 1000),
-        payment_rail="x402",
-        amount_minor=verified.offer.amount,
-        currency=asset.symbol,
-        asset=asset.caip19,
-        env="test" if asset.is_testnet else "live",
-        event="authorization",
-        reference=received.payload["authorization"]["nonce"],
-        sub=RESOURCE.url,
-        occurred_at=rfc3339(now),
-    )
-    record = issue_receipt(claims, key)
-    console.print(f"  PEAC-Receipt: {record.jws[:72]}...")
-    console.print(f"  receipt_ref: {record.receipt_ref}")
-
-    console.rule("6. Anyone can verify the record")
-    checked = verify_receipt(record.jws, now=now, issuer=key.did_key)
+    # 1. No payment: 402 with the price.
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as plain:
+        unpaid = await plain.get("/weather")
+    challenge = read_challenge(dict(unpaid.headers), unpaid.content)
+    offer = challenge.accepts[0]
+    facts["unpaid_status"] = unpaid.status_code
     console.print(
         Panel(
-            JSON(json.dumps(checked.claims)),
-            title=f"verified, kid {checked.kid}, warnings: {len(checked.warnings)}",
+            f"GET /weather -> [bold]{unpaid.status_code} Payment Required[/]\n"
+            f"price: {asset.format(offer.amount)} {asset.symbol} ({offer.amount} atomic units) "
+            f"on {offer.network}\npayTo: {offer.pay_to}\n"
+            f"reference: {challenge.reference}\n"
+            f"cache-control: {unpaid.headers.get('cache-control')}",
+            title="1. an unpaid call",
         )
     )
-    return {
-        "status": rendered.status,
-        "payment_required": dict(rendered.headers)[PAYMENT_REQUIRED],
-        "payer": verified.payer,
-        "refusals": codes,
-        "receipt": record.jws,
-        "receipt_claims": checked.claims,
-        "warnings": checked.warnings,
-    }
+
+    # 2. The agent pays within its budget.
+    budget = Budget.from_prices(None, per_request="$0.05", per_day="$0.02")
+    agent = Agent(agent_account, budget=budget, book=ReceiptBook(None))
+    async with httpx.AsyncClient(
+        transport=transport, base_url=BASE_URL, auth=PaymentAuth(agent)
+    ) as client:
+        paid = await client.get("/weather")
+        payment: Payment = paid.extensions[PAYMENT_EXTENSION]
+        proof_header = paid.request.headers["payment-signature"]
+        settlement = decode_settlement(paid.headers["payment-response"])
+        after = (chain.balance_of(agent_account.address), chain.balance_of(api.merchant))
+        facts.update(
+            paid_status=paid.status_code,
+            body=paid.json(),
+            transaction=settlement.transaction,
+            moved=(balances[0] - after[0], after[1] - balances[1]),
+            receipt_claims=dict(payment.receipt.claims) if payment.receipt else None,
+        )
+        claims = payment.receipt.claims if payment.receipt else {}
+        commerce = claims.get("extensions", {}).get("org.peacprotocol/commerce", {})
+        table = Table.grid(padding=(0, 2))
+        table.add_row("status", f"{paid.status_code}")
+        table.add_row("body", paid.text)
+        table.add_row("settlement", f"{settlement.transaction} (success: {settlement.success})")
+        table.add_row(
+            "balances",
+            f"agent -{asset.format(facts['moved'][0])}, merchant +{asset.format(facts['moved'][1])}"
+            f" {asset.symbol}, on chain",
+        )
+        table.add_row("receipt", f"iss {claims.get('iss')}, sub {claims.get('sub')}")
+        table.add_row(
+            "",
+            f"{commerce.get('event')} of {commerce.get('amount_minor')} {commerce.get('currency')}"
+            f" ({commerce.get('asset')}), env {commerce.get('env')}",
+        )
+        table.add_row(
+            "verified",
+            f"yes, by the agent, with the key found via {BASE_URL}/.well-known/peac-issuer.json",
+        )
+        console.print(Panel(table, title="2. the agent pays"))
+
+        # 3. The same proof again: refused, nothing served, nothing charged.
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as plain:
+            replay = await plain.get("/weather", headers={"payment-signature": proof_header})
+        facts["replay"] = (replay.status_code, replay.json().get("code"))
+        console.print(
+            Panel(
+                f"GET /weather with the same PAYMENT-SIGNATURE -> {replay.status_code}, "
+                f"code [bold]{facts['replay'][1]}[/]",
+                title="3. a replayed proof",
+            )
+        )
+
+        # 4. The budget ($0.02 a day) refuses the third cent before anything is signed.
+        await client.get("/weather")
+        try:
+            await client.get("/weather")
+            facts["budget"] = None
+        except PaymentError as exc:
+            facts["budget"] = exc.code
+            console.print(
+                Panel(f"third call -> refused by the agent: [bold]{exc.code}[/]\n{exc.message}",
+                      title="4. the budget runs out")
+            )
+    spent = budget.spent(now=int(agent.clock()))
+    facts["transfers"] = len(await api.store.events(kind="settlement"))
+    console.print(
+        f"Settlements recorded by the server: {facts['transfers']}; agent's receipt book: "
+        f"{len(agent.book.entries()) if agent.book else 0} entries; spent today: {spent}."
+    )
+    return facts
+
+
+def serve_demo(console: Console, *, host: str, port: int) -> None:
+    """Serve the sample paid API on a fresh embedded chain until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("farebox demo --serve needs uvicorn: pip install 'farebox[serve]'") from None
+    api = build_sample_api()
+    chain = api.chain
+    base = f"http://{host}:{port}"
+    table = Table(title="funded development accounts (the 'test test ... junk' mnemonic)")
+    table.add_column("#")
+    table.add_column("address")
+    table.add_column(chain.asset.symbol, justify="right")
+    for index, account in enumerate(chain.accounts):
+        table.add_row(
+            str(index), account.address, chain.asset.format(chain.balance_of(account.address))
+        )
+    console.print(
+        f"Sample paid API on {base}\n"
+        f"  GET {base}/weather  $0.01 ({chain.asset.symbol}), paid to #2 {api.merchant}\n"
+        f"  GET {base}/health   free\n"
+        f"Embedded chain: id {chain.chain_id}, network {chain.network}, "
+        f"token {chain.asset.address}; settles with #1.\n"
+        f"Receipts are signed by {api.gate.issuer} (JWKS at {base}/.well-known/jwks.json)."
+    )
+    console.print(table)
+    console.print(
+        f"Pay for it: FAREBOX_PRIVATE_KEY=<key of account #3> farebox get {base}/weather"
+    )
+    uvicorn.run(api.app, host=host, port=port, log_level="warning")

@@ -42,20 +42,33 @@ class Rendered402:
 
 
 def render_challenge(
-    challenge: Challenge, *, assets: AssetRegistry = ASSETS, detail: str | None = None
+    challenge: Challenge,
+    *,
+    assets: AssetRegistry = ASSETS,
+    detail: str | None = None,
+    problem: PaymentError | None = None,
 ) -> Rendered402:
-    """Render ``challenge`` as one 402: v2 header + plain body merged with the v1 keys."""
+    """Render ``challenge`` as one 402: v2 header + plain body merged with the v1 keys.
+
+    With ``problem`` (why a proof was refused) the body is also an RFC 9457 problem document with
+    the reason code, and the status is the reason's (402, or 400 for a malformed proof, 503 when
+    the ledger or store is down); the challenge stays in it so the client can pay again.
+    """
+    if problem is not None:
+        detail = problem.message
     body: dict[str, Any] = plain_body(challenge, assets=assets, detail=detail)
     v1 = v1_body(challenge)
     if v1 is not None:
         body.update(v1)
+    if problem is not None:
+        body.update(problem.to_problem())
     raw = orjson.dumps(body)
     headers = (
-        ("content-type", "application/json"),
+        ("content-type", "application/json" if problem is None else "application/problem+json"),
         ("cache-control", "no-store"),
         (PAYMENT_REQUIRED, encode_challenge_header(challenge)),
     )
-    return Rendered402(headers=headers, body=raw)
+    return Rendered402(headers=headers, body=raw, status=402 if problem is None else problem.status)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

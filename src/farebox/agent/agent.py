@@ -1,0 +1,364 @@
+"""The agent's payment flow, written once for every HTTP client.
+
+:meth:`Agent.pay` is a generator: given the 402 it received, it yields what the client must do next
+(:class:`Fetch` a discovery document, :class:`Retry` the request with the proof) and receives each
+answer, then returns the :class:`Payment`. The httpx ``Auth`` and the ``requests`` adapter only
+drive it. The flow reads the challenge (v2 header, v1 body, plain body), picks the cheapest offer
+the policy and budget allow, reserves the budget, signs, retries, checks the settlement and the
+PEAC record, then commits the spend and books the receipt; on any refusal it releases the
+reservation and raises with the server's code or its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import orjson
+from farebox.agent.book import BookEntry, ReceiptBook
+from farebox.agent.budget import Budget, Limits, Reservation
+
+from farebox.agent.policy import Policy
+from farebox.errors import PaymentError, ReceiptError
+from farebox.eth import EvmAccount
+from farebox.money import ASSETS, Asset, AssetRegistry
+from farebox.protocol.challenge import read_challenge
+from farebox.protocol.models import Challenge, Offer, Settlement
+from farebox.protocol.x402 import (
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    X_PAYMENT,
+    X_PAYMENT_RESPONSE,
+    decode_settlement,
+    encode_proof,
+)
+from farebox.receipts import Jwks, VerifiedReceipt, parse_issuer_config, parse_jwks, verify_receipt
+from farebox.receipts.keys import https_origin
+from farebox.schemes import evm_exact
+
+__all__ = ["Agent", "Answer", "Fetch", "Payment", "PaymentFailed", "Retry"]
+
+PEAC_RECEIPT = "peac-receipt"
+ISSUER_PATH = "/.well-known/peac-issuer.json"
+_DISCOVERY_TTL = 300  # PEAC: cache issuer documents for 5 minutes to 24 hours
+_MAX_DOCUMENT = 64 * 1024
+_COMMERCE = "org.peacprotocol/commerce"
+
+
+class Retry(NamedTuple):
+    """Send the original request again with these headers added."""
+
+    headers: Mapping[str, str]
+
+
+class Fetch(NamedTuple):
+    """``GET`` this URL (a discovery document) and send back the answer."""
+
+    url: str
+
+
+class Answer(NamedTuple):
+    """An HTTP response as the flow sees it: lower-case header names, the whole (bounded) body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+Step = Retry | Fetch
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """What an agent paid for one request, and the evidence it got back."""
+
+    url: str
+    offer: Offer
+    asset: Asset
+    payer: str
+    settlement: Settlement
+    receipt: VerifiedReceipt | None
+    receipt_jws: str | None
+
+
+class PaymentFailed(PaymentError):
+    """The server answered the paid retry without delivering; carries its status and body."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        payer: str | None = None,
+        answer: Answer | None = None,
+        settlement: Settlement | None = None,
+    ) -> None:
+        super().__init__(code, message, status=status, payer=payer)
+        self.answer = answer
+        self.settlement = settlement
+
+
+@dataclass(slots=True)
+class _IssuerKeys:
+    issuer: str | None  # None: the origin publishes no issuer document (a did:key server)
+    jwks: Jwks | None
+    revoked: frozenset[str]
+    expires: float
+    error: str | None = None
+
+
+@dataclass
+class Agent:
+    """An agent that pays x402 APIs with ``account``, within ``policy`` and ``budget``.
+
+    ``book`` keeps every receipt; ``require_receipt`` refuses a paid response without a verifiable
+    PEAC record (the spend is still committed: the money moved). ``clock`` gives Unix seconds.
+    """
+
+    account: EvmAccount
+    budget: Budget = field(default_factory=lambda: Budget(None, Limits()))
+    policy: Policy = field(default_factory=Policy)
+    book: ReceiptBook | None = None
+    assets: AssetRegistry = ASSETS
+    require_receipt: bool = True
+    clock: Callable[[], float] = time.time
+    _issuers: dict[str, _IssuerKeys] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # --- choosing -----------------------------------------------------------------------------
+
+    def choose(self, challenge: Challenge) -> tuple[Offer, Asset]:
+        """The cheapest offer (in budget units) that the policy allows and the agent can sign."""
+        payable: list[tuple[int, Offer, Asset]] = []
+        reasons: list[str] = []
+        for offer in challenge.accepts:
+            asset = self.assets.find(offer.network, offer.asset)
+            why = self.policy.refusal(offer, asset)
+            if why is None and offer.scheme != evm_exact.SCHEME:
+                why = f"scheme {offer.scheme} is not supported"
+            domain = (offer.extra.get("name"), offer.extra.get("version"))
+            if why is None and asset is not None and (asset.name, asset.version) != domain:
+                why = f"offer's EIP-712 domain differs from the known {asset.symbol} on {asset.network}"
+            if why is None and asset is not None:
+                try:
+                    payable.append((self.budget.to_units(offer.amount, asset), offer, asset))
+                except PaymentError as exc:
+                    why = exc.message
+            if why is not None:
+                reasons.append(why)
+        if not payable:
+            raise PaymentError("no_payable_offer", "; ".join(reasons)[:500] or "no offers")
+        payable.sort(key=lambda item: item[0])
+        return payable[0][1], payable[0][2]
+
+    # --- the flow -----------------------------------------------------------------------------
+
+    def pay(self, method: str, url: str, first: Answer) -> Generator[Step, Answer, Payment | None]:
+        """Pay for the request that got the 402 ``first``; see the module docstring.
+
+        Returns ``None`` when the paid retry got the app's own error or redirect: nothing was
+        charged, and the caller hands that response back as it is.
+        """
+        self.policy.check_url(url)
+        challenge = read_challenge(first.headers, first.body)
+        offer, asset = self.choose(challenge)
+        now = int(self.clock())
+        reservation = self.budget.reserve(
+            offer.amount, asset=asset, now=now, payee=offer.pay_to, resource=url
+        )
+        try:
+            keys = yield from self._issuer_keys(url)
+            proof = evm_exact.make_proof(
+                self.account,
+                offer,
+                now=now,
+                nonce=secrets.token_bytes(32),
+                resource=challenge.resource,
+                x402_version=challenge.x402_version,
+            )
+            header = PAYMENT_SIGNATURE if proof.x402_version == 2 else X_PAYMENT
+            answer = yield Retry({header: encode_proof(proof)})
+        except BaseException:
+            self.budget.release(reservation)
+            raise
+        return self._conclude(method, url, offer, asset, reservation, keys, answer)
+
+    def _conclude(
+        self,
+        method: str,
+        url: str,
+        offer: Offer,
+        asset: Asset,
+        reservation: Reservation,
+        keys: _IssuerKeys,
+        answer: Answer,
+    ) -> Payment | None:
+        settlement = self._settlement(answer)
+        if answer.status >= 300 or settlement is None or not settlement.success:
+            if settlement is not None and (settlement.success or settlement.pending):
+                # The money moved, or may have: it counts against the budget.
+                self.budget.commit(
+                    reservation, now=int(self.clock()), reference=settlement.transaction
+                )
+            else:
+                self.budget.release(reservation)
+            refused_by_gate = answer.status == 402 or "payment-required" in answer.headers
+            if settlement is None and not refused_by_gate:
+                # The app's own error or redirect (nothing charged): the caller gets it as it is.
+                return None
+            code, message = _refusal_of(answer, settlement)
+            raise PaymentFailed(
+                code,
+                message,
+                status=answer.status,
+                payer=self.account.address,
+                answer=answer,
+                settlement=settlement,
+            )
+        now = int(self.clock())
+        self.budget.commit(reservation, now=now, reference=settlement.transaction)
+        jws = answer.headers.get(PEAC_RECEIPT)
+        receipt: VerifiedReceipt | None = None
+        problem: ReceiptError | None = None
+        if jws is None:
+            problem = ReceiptError("E_RECEIPT_MISSING", "the paid response carries no PEAC-Receipt")
+        else:
+            try:
+                receipt = self._verify_receipt(jws, keys, url, offer, settlement, now)
+            except ReceiptError as exc:
+                problem = exc
+        payment = Payment(url, offer, asset, self.account.address, settlement, receipt, jws)
+        if self.book is not None:
+            self.book.add(
+                BookEntry(
+                    at=now,
+                    url=url,
+                    method=method,
+                    status=answer.status,
+                    network=offer.network,
+                    asset=offer.asset,
+                    amount=offer.amount,
+                    pay_to=offer.pay_to,
+                    payer=self.account.address,
+                    transaction=settlement.transaction or None,
+                    receipt_jws=jws,
+                    receipt_ref=receipt.receipt_ref if receipt is not None else None,
+                    issuer=receipt.issuer if receipt is not None else None,
+                    verified=receipt is not None,
+                )
+            )
+        if problem is not None and self.require_receipt:
+            raise PaymentFailed(
+                "receipt_invalid",
+                f"paid (transaction {settlement.transaction}), but the receipt failed: {problem}",
+                payer=self.account.address,
+                answer=answer,
+                settlement=settlement,
+            )
+        return payment
+
+    def _settlement(self, answer: Answer) -> Settlement | None:
+        header = answer.headers.get(PAYMENT_RESPONSE.lower()) or answer.headers.get(
+            X_PAYMENT_RESPONSE.lower()
+        )
+        if header is None:
+            return None
+        try:
+            return decode_settlement(header)
+        except PaymentError:
+            return None
+
+    # --- receipts -----------------------------------------------------------------------------
+
+    def _issuer_keys(self, url: str) -> Generator[Step, Answer, _IssuerKeys]:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        now = time.monotonic()
+        with self._lock:
+            cached = self._issuers.get(origin)
+        if cached is not None and cached.expires > now:
+            return cached
+        keys = _IssuerKeys(None, None, frozenset(), now + _DISCOVERY_TTL)
+        # PEAC discovery is https-only: a plain-http origin can only sign as a did:key.
+        if https_origin(url) is not None:
+            doc = yield Fetch(origin + ISSUER_PATH)
+            if doc.status == 200 and len(doc.body) <= _MAX_DOCUMENT:
+                try:
+                    config = parse_issuer_config(doc.body, expected_issuer=origin)
+                    jwks_answer = yield Fetch(config.jwks_uri)
+                    if jwks_answer.status != 200 or len(jwks_answer.body) > _MAX_DOCUMENT:
+                        raise ReceiptError("E_VERIFY_JWKS_FETCH_FAILED", "JWKS fetch failed")
+                    keys = _IssuerKeys(
+                        config.issuer,
+                        parse_jwks(jwks_answer.body),
+                        config.revoked_kids,
+                        now + _DISCOVERY_TTL,
+                    )
+                except ReceiptError as exc:
+                    keys.error = f"{exc.code}: {exc.message}"
+            elif doc.status != 404:
+                keys.error = f"issuer document answered HTTP {doc.status}"
+        with self._lock:
+            self._issuers[origin] = keys
+        return keys
+
+    def _verify_receipt(
+        self,
+        jws: str,
+        keys: _IssuerKeys,
+        url: str,
+        offer: Offer,
+        settlement: Settlement,
+        now: int,
+    ) -> VerifiedReceipt:
+        if keys.error is not None:
+            raise ReceiptError("E_VERIFY_ISSUER_CONFIG_INVALID", keys.error)
+        if keys.issuer is not None:
+            receipt = verify_receipt(
+                jws, keys.jwks, now=now, issuer=keys.issuer, revoked_kids=keys.revoked
+            )
+        else:
+            # No issuer document: only a self-certifying did:key record can be checked.
+            receipt = verify_receipt(jws, None, now=now)
+            if not receipt.issuer.startswith("did:key:"):
+                raise ReceiptError(
+                    "E_VERIFY_ISSUER_CONFIG_INVALID",
+                    f"{receipt.issuer} publishes no peac-issuer.json at the resource's origin",
+                )
+        commerce = receipt.claims.get("extensions", {}).get(_COMMERCE, {})
+        expected = {
+            "sub": (receipt.claims.get("sub"), url),
+            "amount_minor": (commerce.get("amount_minor"), str(offer.amount)),
+            "reference": (commerce.get("reference"), settlement.transaction),
+            "event": (commerce.get("event"), "settlement"),
+        }
+        for name, (got, want) in expected.items():
+            if got != want:
+                raise ReceiptError(
+                    "E_RECEIPT_MISMATCH", f"receipt {name} is {got!r}, the payment's is {want!r}"
+                )
+        return receipt
+
+
+def _refusal_of(answer: Answer, settlement: Settlement | None) -> tuple[str, str]:
+    if settlement is not None and settlement.error_reason:
+        return settlement.error_reason, settlement.error_message or settlement.error_reason
+    if answer.body and len(answer.body) <= _MAX_DOCUMENT:
+        try:
+            body: Any = orjson.loads(answer.body)
+        except orjson.JSONDecodeError:
+            body = None
+        if isinstance(body, dict):
+            code = body.get("code") or body.get("error")
+            if isinstance(code, str) and code:
+                detail = body.get("detail")
+                return code[:100], detail[:500] if isinstance(detail, str) else code
+    if answer.status == 402:
+        return "unexpected_settle_error", "the server refused the payment without a reason"
+    return "unexpected_settle_error", f"the paid request answered HTTP {answer.status}"

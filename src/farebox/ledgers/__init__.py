@@ -1,0 +1,1 @@
+"""Ledgers: where money moves. EVM JSON-RPC settlement and the embedded development chain."""

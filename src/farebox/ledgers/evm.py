@@ -1,0 +1,333 @@
+"""Settlement of ``exact`` EVM payments over JSON-RPC: any node, or the embedded chain in-process.
+
+The settler account pays the gas and calls the token's EIP-3009 ``transferWithAuthorization`` with
+the payer's signature. Before sending, the call is simulated with ``eth_call`` so a payment that
+would revert (balance, used nonce, expired, bad signature) is refused with its x402 code before the
+resource is served. A transaction that was broadcast but not confirmed in time is reported as
+``settlement_pending`` with its hash: the money may still move, so it is neither success nor failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from farebox.errors import PaymentError
+from farebox.eth import EvmAccount, address_bytes, checksum_address, keccak256
+from farebox.ledgers.rpc import Rpc, RpcError, RpcUnavailable
+from farebox.protocol.models import Settlement, VerifiedProof
+from farebox.schemes.evm_exact import VerifiedEvmProof, chain_id_of
+
+__all__ = [
+    "TRANSFER_TOPIC",
+    "TRANSFER_WITH_AUTHORIZATION",
+    "EvmLedger",
+    "code_for_revert",
+    "encode_transfer_with_authorization",
+    "revert_reason",
+]
+
+TRANSFER_WITH_AUTHORIZATION = bytes.fromhex("e3ee160e")
+TRANSFER_TOPIC = "0x" + keccak256(b"Transfer(address,address,uint256)").hex()
+_ERROR_SELECTOR = bytes.fromhex("08c379a0")
+
+# USDC's revert texts, in the order the official facilitator matches them.
+_REVERT_CODES = (
+    ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
+    ("authorization is not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
+    ("authorization is used", "invalid_exact_evm_nonce_already_used"),
+    ("transfer amount exceeds balance", "invalid_exact_evm_insufficient_balance"),
+    ("invalid signature", "invalid_exact_evm_payload_signature"),
+)
+
+
+def encode_transfer_with_authorization(proof: VerifiedEvmProof) -> bytes:
+    """Calldata of ``transferWithAuthorization(from,to,value,validAfter,validBefore,nonce,v,r,s)``."""
+    auth = proof.authorization
+    sig = proof.signature
+    words = (
+        auth.from_.rjust(32, b"\0"),
+        auth.to.rjust(32, b"\0"),
+        auth.value.to_bytes(32, "big"),
+        auth.valid_after.to_bytes(32, "big"),
+        auth.valid_before.to_bytes(32, "big"),
+        auth.nonce,
+        sig[64].to_bytes(32, "big"),
+        sig[:32],
+        sig[32:64],
+    )
+    return TRANSFER_WITH_AUTHORIZATION + b"".join(words)
+
+
+def revert_reason(error: RpcError) -> str | None:
+    """The ``Error(string)`` text of a revert, from the error's data or else its message."""
+    data = error.data
+    if isinstance(data, dict):  # some nodes nest it: {"data": {"data": "0x..."}}
+        data = data.get("data")
+    if isinstance(data, str) and data.startswith("0x"):
+        try:
+            raw = bytes.fromhex(data[2:])
+        except ValueError:
+            raw = b""
+        if raw[:4] == _ERROR_SELECTOR and len(raw) >= 68:
+            length = int.from_bytes(raw[36:68], "big")
+            if length <= len(raw) - 68:
+                return raw[68 : 68 + length].decode("utf-8", "replace")
+    if "revert" in error.message.lower():
+        return error.message
+    return None
+
+
+def code_for_revert(text: str) -> str:
+    """The x402 reason code for a token's revert text (``transaction_failed`` when unknown)."""
+    lowered = text.lower()
+    for needle, code in _REVERT_CODES:
+        if needle in lowered:
+            return code
+    return "transaction_failed"
+
+
+def _rlp(item: bytes | int | Sequence[Any]) -> bytes:
+    # Recursive-length prefix, enough for a transaction: ints, byte strings and lists of them.
+    if isinstance(item, int):
+        item = item.to_bytes((item.bit_length() + 7) // 8, "big") if item else b""
+    if isinstance(item, bytes):
+        if len(item) == 1 and item[0] < 0x80:
+            return item
+        return _rlp_length(len(item), 0x80) + item
+    payload = b"".join(_rlp(x) for x in item)
+    return _rlp_length(len(payload), 0xC0) + payload
+
+
+def _rlp_length(length: int, offset: int) -> bytes:
+    if length < 56:
+        return bytes([offset + length])
+    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([offset + 55 + len(encoded)]) + encoded
+
+
+def _quantity(value: Any, what: str) -> int:
+    if isinstance(value, str) and value.startswith("0x"):
+        try:
+            return int(value, 16)
+        except ValueError:
+            pass
+    raise RpcUnavailable(f"the node returned a malformed {what}")
+
+
+class EvmLedger:
+    """Settles verified ``exact`` proofs on one EVM network through a JSON-RPC endpoint.
+
+    ``settler`` signs and pays for the transactions; its nonce is tracked locally so concurrent
+    settlements do not collide, and resynchronised from the node after a refused send.
+    """
+
+    def __init__(
+        self,
+        rpc: Rpc,
+        settler: EvmAccount,
+        *,
+        network: str,
+        gas_limit: int = 200_000,
+        confirm_timeout: float = 15.0,
+        poll_interval: float = 0.05,
+        fee_ttl: float = 15.0,
+    ) -> None:
+        self.rpc = rpc
+        self.settler = settler
+        self.network = network
+        self.chain_id = chain_id_of(network)
+        self.gas_limit = gas_limit
+        self.confirm_timeout = confirm_timeout
+        self.poll_interval = poll_interval
+        self._fee_ttl = fee_ttl
+        self._fees: tuple[float, int, int] | None = None  # (fetched at, max fee, priority fee)
+        self._nonce: int | None = None
+        self._send_lock = anyio.Lock()
+
+    # --- checking before the resource is served -------------------------------------------------
+
+    async def simulate(self, proof: VerifiedProof) -> None:
+        """Dry-run the transfer with ``eth_call``; raise with the x402 code if it would revert."""
+        evm = _as_evm(proof)
+        call = {
+            "from": self.settler.address,
+            "to": checksum_address(evm.offer.asset),
+            "data": "0x" + encode_transfer_with_authorization(evm).hex(),
+            "gas": hex(self.gas_limit),
+        }
+        try:
+            await self.rpc.request("eth_call", [call, "latest"])
+        except RpcError as exc:
+            reason = revert_reason(exc)
+            if reason is None:
+                raise PaymentError(
+                    "ledger_unavailable", f"the node refused the simulation ({exc.code})"
+                ) from None
+            code = code_for_revert(reason)
+            if code == "transaction_failed":
+                code = "invalid_exact_evm_transaction_simulation_failed"
+            raise PaymentError(
+                code, f"simulation reverted: {reason[:200]}", payer=evm.payer
+            ) from None
+        except RpcUnavailable as exc:
+            raise PaymentError("ledger_unavailable", str(exc)) from None
+
+    # --- settling ------------------------------------------------------------------------------
+
+    async def settle(self, proof: VerifiedProof) -> Settlement:
+        """Send the transfer and wait for it; a :class:`Settlement` for every outcome.
+
+        Raises only when nothing was broadcast and the ledger could not be reached (then no money
+        can have moved and the caller may release its claim).
+        """
+        evm = _as_evm(proof)
+        data = encode_transfer_with_authorization(evm)
+        try:
+            tx_hash = await self._send(checksum_address(evm.offer.asset), data)
+        except RpcError as exc:
+            reason = revert_reason(exc)
+            return Settlement(
+                success=False,
+                network=self.network,
+                payer=evm.payer,
+                error_reason=code_for_revert(reason) if reason else "transaction_failed",
+                error_message=(reason or exc.message)[:200],
+                amount=evm.authorization.value,
+            )
+        except RpcUnavailable as exc:
+            raise PaymentError("ledger_unavailable", str(exc)) from None
+        return await self._confirm(evm, tx_hash)
+
+    async def _send(self, to: str, data: bytes) -> str:
+        async with self._send_lock:
+            if self._nonce is None:
+                self._nonce = _quantity(
+                    await self.rpc.request(
+                        "eth_getTransactionCount", [self.settler.address, "pending"]
+                    ),
+                    "nonce",
+                )
+            max_fee, priority = await self._fees_now()
+            raw = self._sign_1559(self._nonce, max_fee, priority, to, data)
+            try:
+                tx_hash = await self.rpc.request("eth_sendRawTransaction", ["0x" + raw.hex()])
+            except RpcError as exc:
+                if revert_reason(exc) is None:
+                    # Refused before execution (nonce, fees): the node is the truth, ask it again.
+                    self._nonce = None
+                else:
+                    self._nonce += 1  # the node mined it and it reverted: the nonce is used
+                raise
+            except RpcUnavailable:
+                # Unknown whether it reached the node: resynchronise rather than guess.
+                self._nonce = None
+                raise
+            self._nonce += 1
+        if not isinstance(tx_hash, str) or len(tx_hash) != 66:
+            raise RpcUnavailable("the node returned a malformed transaction hash")
+        return tx_hash
+
+    async def _fees_now(self) -> tuple[int, int]:
+        now = time.monotonic()
+        if self._fees is None or now - self._fees[0] > self._fee_ttl:
+            gas_price = _quantity(await self.rpc.request("eth_gasPrice", []), "gas price")
+            try:
+                priority = _quantity(
+                    await self.rpc.request("eth_maxPriorityFeePerGas", []), "priority fee"
+                )
+            except RpcError:
+                priority = min(gas_price, 10**9)
+            # Twice the current price rides out a few blocks of rising base fee.
+            max_fee = max(2 * gas_price, priority)
+            self._fees = (now, max_fee, priority)
+        return self._fees[1], self._fees[2]
+
+    def _sign_1559(self, nonce: int, max_fee: int, priority: int, to: str, data: bytes) -> bytes:
+        fields: list[Any] = [
+            self.chain_id,
+            nonce,
+            priority,
+            max_fee,
+            self.gas_limit,
+            address_bytes(to),
+            0,
+            data,
+            [],
+        ]
+        digest = keccak256(b"\x02" + _rlp(fields))
+        signature = self.settler.sign_digest(digest)
+        y_parity = signature[64] - 27
+        r = int.from_bytes(signature[:32], "big")
+        s = int.from_bytes(signature[32:64], "big")
+        return b"\x02" + _rlp([*fields, y_parity, r, s])
+
+    async def _confirm(self, evm: VerifiedEvmProof, tx_hash: str) -> Settlement:
+        amount = evm.authorization.value
+
+        def outcome(error: str | None = None, message: str | None = None) -> Settlement:
+            return Settlement(
+                success=error is None,
+                network=self.network,
+                transaction=tx_hash,
+                payer=evm.payer,
+                error_reason=error,
+                error_message=message,
+                amount=amount,
+            )
+
+        receipt: Any = None
+        with anyio.move_on_after(self.confirm_timeout):
+            while True:
+                try:
+                    receipt = await self.rpc.request("eth_getTransactionReceipt", [tx_hash])
+                except (RpcError, RpcUnavailable):
+                    receipt = None  # a flaky node mid-poll is not a failed payment
+                if isinstance(receipt, dict):
+                    break
+                await anyio.sleep(self.poll_interval)
+        if not isinstance(receipt, dict):
+            return outcome("settlement_pending", "broadcast, not confirmed in time")
+        if receipt.get("status") != "0x1":
+            return outcome("transaction_failed", "the transaction reverted")
+        if not _has_transfer(receipt, evm):
+            return outcome(
+                "invalid_exact_evm_transfer_event_mismatch",
+                "no Transfer log matching the authorization",
+            )
+        return outcome()
+
+
+def _as_evm(proof: VerifiedProof) -> VerifiedEvmProof:
+    if not isinstance(proof, VerifiedEvmProof):
+        raise PaymentError("unsupported_scheme", "this ledger settles only exact EVM proofs")
+    return proof
+
+
+def _has_transfer(receipt: dict[str, Any], evm: VerifiedEvmProof) -> bool:
+    token = evm.offer.asset.lower()
+    want = [
+        TRANSFER_TOPIC,
+        "0x" + evm.authorization.from_.rjust(32, b"\0").hex(),
+        "0x" + evm.authorization.to.rjust(32, b"\0").hex(),
+    ]
+    logs = receipt.get("logs")
+    if not isinstance(logs, list):
+        return False
+    for log in logs:
+        if not isinstance(log, dict) or str(log.get("address", "")).lower() != token:
+            continue
+        topics = log.get("topics")
+        if not isinstance(topics, list) or [str(t).lower() for t in topics] != want:
+            continue
+        data = log.get("data")
+        if isinstance(data, str) and data.startswith("0x"):
+            try:
+                if int(data, 16) == evm.authorization.value:
+                    return True
+            except ValueError:
+                continue
+    return False

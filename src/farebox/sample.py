@@ -1,0 +1,113 @@
+"""A sample paid API on the embedded chain: what ``farebox demo`` shows and ``--serve`` runs.
+
+``GET /weather`` costs $0.01 in the devchain's test USDC; ``GET /health`` is free. The roles use the
+standard development accounts: #1 settles (pays the gas), #2 is the merchant (payTo), #3 is the
+agent of the demo.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.devchain import DevChain
+from farebox.ledgers.evm import EvmLedger
+from farebox.money import ASSETS
+from farebox.receipts import SigningKey
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.gate import Gate
+from farebox.server.routes import RouteTable
+from farebox.store.base import Store
+from farebox.store.memory import MemoryStore
+
+__all__ = ["SampleApi", "build_sample_api", "weather_app"]
+
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+
+SETTLER, MERCHANT, AGENT = 1, 2, 3
+
+
+async def weather_app(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    """A plain ASGI app that knows nothing of payments."""
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/weather":
+        status, body = 200, {"city": "Lisbon", "forecast": "sunny", "temperature_c": 21}
+    elif path == "/health":
+        status, body = 200, {"ok": True}
+    else:
+        status, body = 404, {"detail": "not found"}
+    raw = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else raw})
+
+
+@dataclass
+class SampleApi:
+    """The parts of the sample API, for the demo, the benchmarks and the tests."""
+
+    chain: DevChain
+    gate: Gate
+    app: PaymentMiddleware
+    ledger: EvmLedger
+    routes: RouteTable
+    store: Store
+
+    @property
+    def merchant(self) -> str:
+        return self.chain.accounts[MERCHANT].address
+
+
+def build_sample_api(
+    chain: DevChain | None = None,
+    *,
+    store: Store | None = None,
+    signing_key: SigningKey | None = None,
+    issuer: str | None = None,
+    price: str = "$0.01",
+    app: ASGIApp = weather_app,
+) -> SampleApi:
+    """The sample API on ``chain`` (a new embedded chain by default)."""
+    chain = chain or DevChain()
+    ASSETS.register(chain.asset)
+    routes = RouteTable()
+    routes.add(
+        "GET",
+        "/weather",
+        price,
+        assets=chain.asset,
+        pay_to=chain.accounts[MERCHANT].address,
+        description="Today's weather",
+        mime_type="application/json",
+    )
+    ledger = EvmLedger(chain.rpc, chain.accounts[SETTLER].account, network=chain.network)
+    store = store or MemoryStore()
+    gate = Gate(
+        routes,
+        LocalFacilitator([ledger]),
+        store,
+        signing_key=signing_key or SigningKey.generate(),
+        issuer=issuer,
+    )
+    return SampleApi(chain, gate, PaymentMiddleware(app, gate), ledger, routes, store)

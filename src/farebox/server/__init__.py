@@ -1,0 +1,1 @@
+"""The server side: the route table, the gate engine, and its ASGI and WSGI faces."""

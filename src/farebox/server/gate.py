@@ -1,0 +1,365 @@
+"""The gate: the server's decisions for one request, with no web framework in sight.
+
+A face (ASGI, WSGI) asks :meth:`Gate.admit` what to do with a request: pass it (a free route), answer
+it (a 402, a refusal, a well-known document), or run the app for an admitted payment. When the app
+has answered, :meth:`Gate.complete` settles and returns the headers to add, or a reply that replaces
+the app's response when the money did not move; :meth:`Gate.abandon` releases the claim when the app
+failed. The proof is claimed in the store before the app runs, so one payment serves one response.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import anyio
+
+from farebox.errors import PaymentError
+from farebox.facilitator.base import Facilitator
+from farebox.money import ASSETS, AssetRegistry
+from farebox.protocol.challenge import render_challenge
+from farebox.protocol.models import Challenge, Settlement, VerifiedProof
+from farebox.protocol.x402 import (
+    DEFAULT_MAX_HEADER_BYTES,
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    X_PAYMENT_RESPONSE,
+    decode_proof,
+    encode_settlement,
+    find_offer,
+)
+from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
+from farebox.receipts.records import receipt_ref
+from farebox.schemes import evm_exact
+from farebox.server.routes import RequestInfo, Route, RouteTable
+from farebox.server.wellknown import WellKnown
+from farebox.store.base import Event, Store
+
+__all__ = [
+    "EXPOSED_HEADERS",
+    "PEAC_RECEIPT",
+    "Admission",
+    "Gate",
+    "Reply",
+    "merge_headers",
+]
+
+logger = logging.getLogger("farebox.server")
+
+PEAC_RECEIPT = "PEAC-Receipt"
+# Browsers hide response headers from scripts unless the server lists them.
+EXPOSED_HEADERS = ", ".join((PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, PEAC_RECEIPT))
+
+Headers = tuple[tuple[str, str], ...]
+
+# Offline verification per scheme: signature and terms, no I/O.
+_VERIFIERS: Mapping[str, Callable[..., VerifiedProof]] = {evm_exact.SCHEME: evm_exact.verify}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete response the face sends instead of running (or instead of finishing) the app."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request whose payment was verified and claimed: the app may run."""
+
+    route: Route
+    request: RequestInfo
+    challenge: Challenge
+    verified: VerifiedProof
+    owner: str
+
+
+def merge_headers(app_headers: Iterable[tuple[str, str]], added: Headers) -> list[tuple[str, str]]:
+    """The app's headers with the payment headers added; a paid response is never shared-cached."""
+    out: list[tuple[str, str]] = []
+    cache_control = None
+    for name, value in app_headers:
+        lowered = name.lower()
+        if lowered == "cache-control":
+            cache_control = value
+            continue
+        if lowered == "access-control-expose-headers":
+            continue
+        out.append((name, value))
+    keep = cache_control is not None and any(
+        d.strip().lower() in ("no-store", "private") for d in cache_control.split(",")
+    )
+    out.append(("cache-control", cache_control if keep and cache_control else "private"))
+    out.extend(added)
+    return out
+
+
+class Gate:
+    """Prices, challenges, admits, settles and records paid requests.
+
+    ``signing_key`` signs the PEAC records; ``issuer`` is the records' ``iss``: the API's https
+    origin when it has one (then ``/.well-known/peac-issuer.json`` is served), else the key's
+    ``did:key``. ``clock`` returns Unix seconds and is the only place the gate reads time.
+    """
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        facilitator: Facilitator,
+        store: Store,
+        *,
+        signing_key: SigningKey,
+        issuer: str | None = None,
+        assets: AssetRegistry = ASSETS,
+        clock: Callable[[], float] = time.time,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        log_challenges: bool = True,
+    ) -> None:
+        self.routes = routes
+        self.facilitator = facilitator
+        self.store = store
+        self.signing_key = signing_key
+        self.issuer = issuer or signing_key.did_key
+        self.assets = assets
+        self.clock = clock
+        self.max_header_bytes = max_header_bytes
+        self.log_challenges = log_challenges
+        self.wellknown = WellKnown(routes, signing_key, issuer, assets)
+
+    # --- before the app ------------------------------------------------------------------------
+
+    async def admit(self, request: RequestInfo) -> Reply | Admission | None:
+        """``None`` to pass the request to the app untouched, a :class:`Reply` to answer it, or an
+        :class:`Admission` to run the app for a verified, claimed payment."""
+        found = self.routes.match(request.method, request.path)
+        if found is None:
+            document = self.wellknown.reply(request)
+            return Reply(*document) if document is not None else None
+        route = found.route
+        request = replace(request, path_params=found.params)
+        now = int(self.clock())
+        challenge = Challenge(
+            resource=route.resource(request),
+            accepts=route.offers(request),
+            reference=uuid7(now * 1000),
+        )
+        header = request.headers.get("payment-signature") or request.headers.get("x-payment")
+        # A HEAD gets the GET's answer without a body; it is never charged (nothing is delivered).
+        if header is None or request.method == "HEAD":
+            if self.log_challenges:
+                await self._log(
+                    Event("challenge", now, route.name, reference=challenge.reference),
+                    quiet=True,
+                )
+            return self._challenge(challenge, request, None)
+        try:
+            return await self._accept(route, request, challenge, header, now)
+        except PaymentError as exc:
+            await self._log(
+                Event(
+                    "refusal",
+                    now,
+                    route.name,
+                    payer=exc.payer,
+                    reference=challenge.reference,
+                    data={"code": exc.code},
+                ),
+                quiet=True,
+            )
+            return self._challenge(challenge, request, exc)
+
+    async def _accept(
+        self, route: Route, request: RequestInfo, challenge: Challenge, header: str, now: int
+    ) -> Admission:
+        proof = decode_proof(header, max_bytes=self.max_header_bytes)
+        offer = find_offer(proof, challenge.accepts)
+        verify = _VERIFIERS.get(offer.scheme)
+        if verify is None or not self.facilitator.supports(offer):
+            raise PaymentError(
+                "unsupported_scheme", f"cannot settle {offer.scheme} on {offer.network}"
+            )
+        verified = verify(proof, offer, now=now)
+        owner = secrets.token_hex(8)
+        if await self.store.claim(verified.claim_key, owner=owner, now=now) is None:
+            raise PaymentError(
+                "proof_replayed", "this payment was already used", payer=verified.payer
+            )
+        try:
+            await self.facilitator.verify(verified)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.release(verified.claim_key, owner=owner)
+            raise
+        return Admission(route, request, challenge, verified, owner)
+
+    # --- after the app -------------------------------------------------------------------------
+
+    async def abandon(self, admission: Admission) -> None:
+        """The app failed or answered an error: nothing is charged, the proof can be used again."""
+        with anyio.CancelScope(shield=True):
+            await self.store.release(admission.verified.claim_key, owner=admission.owner)
+
+    async def complete(self, admission: Admission, status: int) -> Headers | Reply:
+        """Settle for an app that answered ``status``.
+
+        Returns the headers to add to the app's response, or a :class:`Reply` that replaces it
+        when the payment did not settle. Only a 2xx is charged: an error or a redirect delivers
+        nothing the client paid for, so the claim is released and the app's answer passes as is.
+        """
+        if not 200 <= status < 300:
+            await self.abandon(admission)
+            return ()
+        # Once the money may move, a client hanging up must not interrupt the bookkeeping.
+        outcome: Headers | Reply = ()
+        with anyio.CancelScope(shield=True):
+            outcome = await self._settle(admission)
+        return outcome
+
+    async def _settle(self, admission: Admission) -> Headers | Reply:
+        verified = admission.verified
+        try:
+            settlement = await self.facilitator.settle(verified)
+        except PaymentError as exc:
+            # Nothing was broadcast: no money moved, the proof stays usable.
+            await self.store.release(verified.claim_key, owner=admission.owner)
+            return self._refusal(admission, exc, None)
+        now = int(self.clock())
+        route_name = admission.route.name
+        events: list[Event] = [
+            Event(
+                "proof",
+                verified.verified_at,
+                route_name,
+                payer=verified.payer,
+                reference=admission.challenge.reference,
+                data={
+                    "claim": verified.claim_key,
+                    "network": verified.offer.network,
+                    "asset": verified.offer.asset,
+                    "amount": str(verified.offer.amount),
+                    "pay_to": verified.offer.pay_to,
+                    "resource": admission.request.url,
+                },
+            ),
+            Event(
+                "settlement",
+                now,
+                route_name,
+                payer=verified.payer,
+                reference=settlement.transaction or None,
+                data={
+                    "success": settlement.success,
+                    "error": settlement.error_reason,
+                    "network": settlement.network,
+                    "amount": str(verified.offer.amount),
+                },
+            ),
+        ]
+        if not settlement.success:
+            if (
+                settlement.pending
+                or settlement.error_reason == "invalid_exact_evm_transfer_event_mismatch"
+            ):
+                # The money may have moved: the proof stays claimed until someone reconciles it.
+                await self._finish(admission, "pending", settlement, events)
+            else:
+                await self.store.release(verified.claim_key, owner=admission.owner)
+                await self._log(*events, quiet=True)
+            code = settlement.error_reason or "transaction_failed"
+            error = PaymentError(code, settlement.error_message, payer=verified.payer)
+            return self._refusal(admission, error, settlement)
+        receipt = self._receipt(admission, settlement, now)
+        events.append(
+            Event(
+                "receipt",
+                now,
+                route_name,
+                payer=verified.payer,
+                reference=receipt_ref(receipt),
+                data={"transaction": settlement.transaction, "jws": receipt},
+            )
+        )
+        await self._finish(admission, "settled", settlement, events)
+        headers: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]
+        if verified.proof.x402_version == 1:
+            headers.append((X_PAYMENT_RESPONSE, encode_settlement(settlement, x402_version=1)))
+        headers.append((PEAC_RECEIPT, receipt))
+        headers.append(("access-control-expose-headers", EXPOSED_HEADERS))
+        return tuple(headers)
+
+    def _receipt(self, admission: Admission, settlement: Settlement, now: int) -> str:
+        offer = admission.verified.offer
+        asset = self.assets.find(offer.network, offer.asset)
+        claims = payment_claims(
+            iss=self.issuer,
+            iat=now,
+            jti=uuid7(now * 1000),
+            payment_rail="x402",
+            amount_minor=offer.amount,
+            currency=asset.symbol if asset is not None else "UNKNOWN",
+            asset=asset.caip19 if asset is not None else f"{offer.network}/erc20:{offer.asset}",
+            env="test" if asset is None or asset.is_testnet else "live",
+            event="settlement",
+            reference=settlement.transaction,
+            sub=admission.request.url,
+            occurred_at=rfc3339(now),
+        )
+        return issue_receipt(claims, self.signing_key).jws
+
+    async def _finish(
+        self, admission: Admission, state: str, settlement: Settlement, events: Sequence[Event]
+    ) -> None:
+        try:
+            await self.store.finish(
+                admission.verified.claim_key,
+                owner=admission.owner,
+                state="settled" if state == "settled" else "pending",
+                transaction=settlement.transaction or None,
+                events=events,
+            )
+        except PaymentError:
+            # The money moved and the client paid: it gets what it paid for. The claim stays
+            # held (never released), so the proof cannot be used again; the log line is lost.
+            logger.error(
+                "store unavailable while recording settlement %s of %s",
+                settlement.transaction,
+                admission.route.name,
+            )
+
+    async def _log(self, *events: Event, quiet: bool) -> None:
+        try:
+            await self.store.append(*events)
+        except PaymentError:
+            if not quiet:
+                raise
+            logger.warning("store unavailable: %d log event(s) not recorded", len(events))
+
+    # --- replies -------------------------------------------------------------------------------
+
+    def _challenge(
+        self, challenge: Challenge, request: RequestInfo, problem: PaymentError | None
+    ) -> Reply:
+        if problem is not None:
+            challenge = replace(challenge, error=problem.code)
+        rendered = render_challenge(challenge, assets=self.assets, problem=problem)
+        headers = (*rendered.headers, ("access-control-expose-headers", EXPOSED_HEADERS))
+        if problem is not None and problem.status == 503:
+            headers = (*headers, ("retry-after", "2"))
+        body = b"" if request.method == "HEAD" else rendered.body
+        return Reply(rendered.status, headers, body)
+
+    def _refusal(
+        self, admission: Admission, problem: PaymentError, settlement: Settlement | None
+    ) -> Reply:
+        reply = self._challenge(admission.challenge, admission.request, problem)
+        if settlement is None:
+            return reply
+        extra: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]
+        if admission.verified.proof.x402_version == 1:
+            extra.append((X_PAYMENT_RESPONSE, encode_settlement(settlement, x402_version=1)))
+        return replace(reply, headers=(*reply.headers, *extra))

@@ -1,0 +1,185 @@
+"""The route table: which requests cost what, in which assets, paid to whom.
+
+A route is a method and a path pattern (``/items/{id}``, ``/files/{rest:path}``) with a price. The
+price is written once for people (``"$0.01"``) and offered in every asset the route accepts, each
+converted exactly to that asset's atomic units; it may also be a callable of the request, for
+prices that depend on what is asked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from farebox.errors import ConfigError
+from farebox.eth import checksum_address, is_address
+from farebox.money import Asset, Price, parse_price
+from farebox.protocol.models import Offer, Resource
+from farebox.schemes.evm_exact import SCHEME
+
+__all__ = ["PriceFunction", "RequestInfo", "Route", "RouteMatch", "RouteTable"]
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What the gate knows of a request, independent of the framework that received it.
+
+    ``headers`` has lower-case names; ``url`` is the full URL the client asked for.
+    """
+
+    method: str
+    path: str
+    url: str
+    headers: Mapping[str, str]
+    path_params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+PriceFunction = Callable[[RequestInfo], Price]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A paid route. ``assets`` are the tokens it accepts; ``price`` is in their common unit
+    (``"$0.01"`` for USD-pegged tokens) or an int of atomic units when there is one asset."""
+
+    method: str
+    path: str
+    price: Price | PriceFunction
+    assets: tuple[Asset, ...]
+    pay_to: str
+    description: str = ""
+    mime_type: str = ""
+    max_timeout_seconds: int = 300
+    _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _static: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        method = self.method.upper()
+        if method not in _METHODS:
+            raise ConfigError(f"unknown HTTP method {self.method!r}")
+        object.__setattr__(self, "method", method)
+        if not self.path.startswith("/"):
+            raise ConfigError(f"route path {self.path!r} must start with '/'")
+        if not self.assets:
+            raise ConfigError(f"route {method} {self.path} accepts no asset")
+        if not is_address(self.pay_to):
+            raise ConfigError(f"payTo {self.pay_to!r} is not an EVM address")
+        object.__setattr__(self, "pay_to", checksum_address(self.pay_to))
+        if not 6 < self.max_timeout_seconds <= 86_400:
+            raise ConfigError("max_timeout_seconds must be between 7 and 86400")
+        object.__setattr__(self, "_pattern", _compile(self.path))
+        # A fixed price is parsed now, so a bad one fails at start-up, not on the first request.
+        static = None
+        if not callable(self.price):
+            static = tuple(parse_price(self.price, asset) for asset in self.assets)
+        object.__setattr__(self, "_static", static)
+
+    @property
+    def name(self) -> str:
+        """``"GET /weather"``: how logs and the store name the route."""
+        return f"{self.method} {self.path}"
+
+    def amounts(self, request: RequestInfo) -> tuple[int, ...]:
+        """The price in atomic units of each accepted asset, for this request."""
+        if self._static is not None:
+            return self._static
+        price = self.price(request) if callable(self.price) else self.price
+        return tuple(parse_price(price, asset) for asset in self.assets)
+
+    def offers(self, request: RequestInfo) -> tuple[Offer, ...]:
+        """One x402 ``exact`` offer per accepted asset."""
+        return tuple(
+            Offer(
+                scheme=SCHEME,
+                network=asset.network,
+                amount=amount,
+                asset=asset.address,
+                pay_to=self.pay_to,
+                max_timeout_seconds=self.max_timeout_seconds,
+                extra={"name": asset.name, "version": asset.version},
+            )
+            for asset, amount in zip(self.assets, self.amounts(request), strict=True)
+        )
+
+    def resource(self, request: RequestInfo) -> Resource:
+        return Resource(url=request.url, description=self.description, mime_type=self.mime_type)
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    out, last = [], 0
+    for match in _PARAM.finditer(path):
+        out.append(re.escape(path[last : match.start()]))
+        name, kind = match.group(1), match.group(2)
+        out.append(f"(?P<{name}>.+)" if kind == "path" else f"(?P<{name}>[^/]+)")
+        last = match.end()
+    out.append(re.escape(path[last:]))
+    try:
+        return re.compile("".join(out) + r"\Z")
+    except re.error as exc:
+        raise ConfigError(f"bad route path {path!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route: Route
+    params: Mapping[str, str]
+
+
+class RouteTable:
+    """Paid routes, matched in the order they were added; anything unmatched is free.
+
+    ``HEAD`` matches a ``GET`` route (it is answered like ``GET`` without a body).
+    """
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self._routes: list[Route] = list(routes)
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        price: Price | PriceFunction,
+        *,
+        assets: Asset | Sequence[Asset],
+        pay_to: str,
+        description: str = "",
+        mime_type: str = "",
+        max_timeout_seconds: int = 300,
+    ) -> Route:
+        """Add a paid route and return it."""
+        route = Route(
+            method,
+            path,
+            price,
+            (assets,) if isinstance(assets, Asset) else tuple(assets),
+            pay_to,
+            description,
+            mime_type,
+            max_timeout_seconds,
+        )
+        self._routes.append(route)
+        return route
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        """The first route for ``method`` and ``path``, or ``None`` (a free request)."""
+        method = method.upper()
+        for route in self._routes:
+            same = route.method in ("*", method) or (method == "HEAD" and route.method == "GET")
+            if not same:
+                continue
+            found = route._pattern.match(path)
+            if found is not None:
+                return RouteMatch(route, MappingProxyType(found.groupdict()))
+        return None
+
+    def __iter__(self) -> Any:
+        return iter(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)

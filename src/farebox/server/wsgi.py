@@ -1,0 +1,153 @@
+"""WSGI middleware (Flask, Django...): the same gate, driven from a blocking portal.
+
+The gate is async; a WSGI server calls us on its own threads, so one event loop runs in a background
+thread (an anyio blocking portal) and each request hands its gate calls to it. There is no second
+copy of the payment logic here: only the translation between WSGI and the gate.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from http import HTTPStatus
+from typing import Any
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from farebox.server.gate import Gate, Reply, merge_headers
+from farebox.server.routes import RequestInfo
+
+__all__ = ["WsgiPaymentMiddleware", "wsgi_request_info"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+_MAX_HEADER_VALUE = 64 * 1024
+
+
+def wsgi_request_info(environ: Environ) -> RequestInfo:
+    """The framework-free view of a WSGI request."""
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if not isinstance(value, str) or len(value) > _MAX_HEADER_VALUE:
+            continue
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-").lower()] = value
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            headers[key.replace("_", "-").lower()] = value
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = headers.get("host")
+    if not host:
+        port = environ.get("SERVER_PORT", "80")
+        host = environ.get("SERVER_NAME", "localhost") + (
+            "" if port in ("80", "443") else f":{port}"
+        )
+    # PEP 3333 hands the path over as latin-1 decoded bytes; the URL keeps them as they came.
+    path = environ.get("PATH_INFO", "") or "/"
+    script = environ.get("SCRIPT_NAME", "")
+    query = environ.get("QUERY_STRING", "")
+    url = f"{scheme}://{host}{script}{path}" + (f"?{query}" if query else "")
+    return RequestInfo(environ.get("REQUEST_METHOD", "GET"), path, url, headers)
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+class WsgiPaymentMiddleware:
+    """``app.wsgi_app = WsgiPaymentMiddleware(app.wsgi_app, gate)``."""
+
+    def __init__(self, app: WSGIApp, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+        self._lock = threading.Lock()
+        self._portal: BlockingPortal | None = None
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+
+    def portal(self) -> BlockingPortal:
+        """The event loop the gate runs on, started on first use."""
+        if self._portal is None:
+            with self._lock:
+                if self._portal is None:
+                    self._portal_cm = start_blocking_portal()
+                    self._portal = self._portal_cm.__enter__()
+        return self._portal
+
+    def close(self) -> None:
+        """Stop the gate's event loop thread."""
+        with self._lock:
+            if self._portal_cm is not None:
+                self._portal_cm.__exit__(None, None, None)
+            self._portal = self._portal_cm = None
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        portal = self.portal()
+        decision = portal.call(self.gate.admit, wsgi_request_info(environ))
+        if decision is None:
+            return self.app(environ, start_response)
+        if isinstance(decision, Reply):
+            return self._reply(decision, start_response)
+        captured: list[Any] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            captured[:] = [status, headers]
+            return _no_write
+
+        try:
+            result = self.app(environ, capture)
+            iterator = iter(result)
+            # A generator app calls start_response when first iterated: pull one chunk.
+            first = next(iterator, None)
+        except BaseException:
+            portal.call(self.gate.abandon, decision)
+            raise
+        if not captured:
+            portal.call(self.gate.abandon, decision)
+            _close(result)
+            raise RuntimeError("the WSGI app returned without calling start_response")
+        status_text, app_headers = captured
+        outcome = portal.call(self.gate.complete, decision, int(status_text.split(" ", 1)[0]))
+        if isinstance(outcome, Reply):
+            _close(result)
+            return self._reply(outcome, start_response)
+        headers = merge_headers(app_headers, outcome) if outcome else app_headers
+        start_response(status_text, headers)
+        return _Stream(first, iterator, result)
+
+    @staticmethod
+    def _reply(reply: Reply, start_response: StartResponse) -> list[bytes]:
+        headers = [*reply.headers, ("content-length", str(len(reply.body)))]
+        start_response(_status_line(reply.status), headers)
+        return [reply.body]
+
+
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("the legacy WSGI write() callable is not supported behind farebox")
+
+
+def _close(result: Iterable[bytes]) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+
+
+class _Stream:
+    """The app's body: the chunk already pulled, then the rest, closing the app's iterable."""
+
+    def __init__(self, first: bytes | None, rest: Iterator[bytes], result: Iterable[bytes]):
+        self._first = first
+        self._rest = rest
+        self._result = result
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._first is not None:
+            yield self._first
+        yield from self._rest
+
+    def close(self) -> None:
+        _close(self._result)

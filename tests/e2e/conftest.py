@@ -1,0 +1,81 @@
+"""Shared parts of the end-to-end tests: one embedded chain per test process, paid apps on it.
+
+The apps are real FastAPI and Flask apps behind farebox's ASGI and WSGI middleware, settling on
+the embedded EVM; the agent is farebox's, driving httpx. Each test makes its own payer account (funded
+from a development account) so tests running in parallel never share a balance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from farebox.eth import EvmAccount
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.devchain import DevChain
+from farebox.ledgers.evm import EvmLedger
+from farebox.money import ASSETS
+from farebox.receipts import SigningKey
+from farebox.server.gate import Gate
+from farebox.server.routes import RouteTable
+from farebox.store.memory import MemoryStore
+
+ISSUER = "https://api.test"
+PRICE = 10_000  # $0.01 in 6-decimal USDC
+
+
+@pytest.fixture(scope="session")
+def chain() -> Iterator[DevChain]:
+    chain = DevChain()
+    ASSETS.register(chain.asset)
+    yield chain
+
+
+@dataclass
+class Paid:
+    """A gate on the chain, with its parts, for one test."""
+
+    chain: DevChain
+    gate: Gate
+    store: MemoryStore
+    merchant: str
+    key: SigningKey
+
+
+def fund(chain: DevChain, amount: int = 1_000_000) -> EvmAccount:
+    """A fresh payer holding ``amount`` atomic USDC (sent by development account #9)."""
+    payer = EvmAccount.generate()
+    if amount:
+        data = (
+            "0xa9059cbb"  # transfer(address,uint256)
+            + payer.address[2:].lower().rjust(64, "0")
+            + amount.to_bytes(32, "big").hex()
+        )
+        sender = chain.accounts[9].address
+        call = {"from": sender, "to": chain.token, "data": data, "gas": hex(100_000)}
+        chain.handle("eth_sendTransaction", [call])
+    return payer
+
+
+def make_gate(chain: DevChain, *, routes: RouteTable | None = None) -> Paid:
+    merchant = EvmAccount.generate().address
+    if routes is None:
+        routes = RouteTable()
+        for method, path, price in (
+            ("GET", "/weather", PRICE),
+            ("POST", "/items", 2 * PRICE),
+            ("GET", "/stream", PRICE),
+            ("GET", "/flaky", PRICE),
+            ("GET", "/redirect", PRICE),
+        ):
+            routes.add(method, path, price, assets=chain.asset, pay_to=merchant,
+                       description=f"{method} {path}", mime_type="application/json")
+    # Tests in one process run one at a time, and each ledger reads its nonce from the chain.
+    settler = chain.accounts[1].account
+    ledger = EvmLedger(chain.rpc, settler, network=chain.network)
+    store = MemoryStore()
+    key = SigningKey.generate()
+    gate = Gate(routes, LocalFacilitator([ledger]), store, signing_key=key, issuer=ISSUER)
+    return Paid(chain, gate, store, merchant, key)

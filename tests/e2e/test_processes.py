@@ -1,0 +1,145 @@
+"""Across processes and sockets: ``farebox devchain`` in its own process, a uvicorn server settling on
+it over JSON-RPC, the agent paying through ``requests``; the receipt checked by ``@peac/crypto``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from farebox.agent.agent import Agent
+from farebox.agent.requests_adapter import PaymentSession
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.evm import EvmLedger
+from farebox.ledgers.rpc import HttpRpc
+from farebox.money import ASSETS, Asset
+from farebox.protocol.x402 import decode_settlement
+from farebox.receipts import SigningKey, public_key_from_did_key, verify_receipt
+from farebox.sample import weather_app
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.gate import Gate
+from farebox.server.routes import RouteTable
+from farebox.store.sqlite import SqliteStore
+from tests.interop.test_peac_node import node, node_verify
+
+__all__ = ["node"]
+
+# The standard development accounts (the "test test ... junk" mnemonic): public test keys.
+DEV_KEYS = (
+    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
+    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, payload: dict[str, object] | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if payload is None:
+                httpx.get(url, timeout=1.0)
+            else:
+                httpx.post(url, json=payload, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def devchain_process() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "farebox.cli", "devchain", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def rpc(url: str, method: str, *params: object) -> object:
+    answer = httpx.post(
+        url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
+    ).json()
+    return answer["result"]
+
+
+def balance(url: str, token: str, holder: str) -> int:
+    data = "0x70a08231" + holder[2:].lower().rjust(64, "0")
+    return int(str(rpc(url, "eth_call", {"to": token, "data": data}, "latest")), 16)
+
+
+def test_agent_pays_a_uvicorn_server_settling_on_a_devchain_process(
+    devchain_process: str, node: str, tmp_path: object
+) -> None:
+    from farebox.eth import EvmAccount
+    from farebox.ledgers.devchain import DEVCHAIN_NETWORK, DEVCHAIN_TOKEN
+
+    url = devchain_process
+    asset = Asset(DEVCHAIN_NETWORK, DEVCHAIN_TOKEN, 6, "USDC", "USD Coin", "2", "USD")
+    ASSETS.register(asset)
+    settler, merchant, payer = (EvmAccount.from_hex(k) for k in DEV_KEYS[1:4])
+    routes = RouteTable()
+    routes.add("GET", "/weather", "$0.01", assets=asset, pay_to=merchant.address)
+    key = SigningKey.generate()
+    store = SqliteStore(os.path.join(str(tmp_path), "payments.sqlite"))
+    gate = Gate(
+        routes,
+        LocalFacilitator([EvmLedger(HttpRpc(url), settler, network=asset.network)]),
+        store,
+        signing_key=key,
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(PaymentMiddleware(weather_app, gate), host="127.0.0.1", port=port,
+                       log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health")
+        before = balance(url, asset.address, payer.address), balance(url, asset.address, merchant.address)
+        with PaymentSession(Agent(payer)) as session:
+            response = session.get(f"http://127.0.0.1:{port}/weather", timeout=30)
+        assert response.status_code == 200
+        assert response.json()["forecast"] == "sunny"
+        settlement = decode_settlement(response.headers["payment-response"])
+        assert settlement.success
+        receipt = response.headers["peac-receipt"]
+        payment = response.farebox_payment  # type: ignore[attr-defined]
+        assert payment.receipt is not None and payment.receipt.issuer == key.did_key
+        after = balance(url, asset.address, payer.address), balance(url, asset.address, merchant.address)
+        assert after == (before[0] - 10_000, before[1] + 10_000)
+        tx = rpc(url, "eth_getTransactionReceipt", settlement.transaction)
+        assert isinstance(tx, dict) and tx["status"] == "0x1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    # The reference TypeScript verifier accepts the record the server issued.
+    claims = verify_receipt(receipt, None, now=int(time.time())).claims
+    [checked] = node_verify(node, [(receipt, public_key_from_did_key(key.did_key))])
+    assert checked["signature_valid"] is True
+    assert checked["parse"]["ok"] is True
+    assert checked["payload"] == claims
