@@ -97,9 +97,14 @@ async def _bench() -> None:
 
         def proofs(n: int) -> list[list[tuple[bytes, bytes]]]:
             return [
-                [(b"payment-signature", encode_proof(make_proof(
-                    payer, offer[0], now=now, nonce=os.urandom(32)
-                )).encode())]
+                [
+                    (
+                        b"payment-signature",
+                        encode_proof(
+                            make_proof(payer, offer[0], now=now, nonce=os.urandom(32))
+                        ).encode(),
+                    )
+                ]
                 for _ in range(n)
             ]
 

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from farebox.cli_devchain import devchain_command
 from farebox.errors import ConfigError, ReceiptError
 from farebox.receipts import SigningKey, parse_jwks, save_signing_key, verify_receipt
 from farebox.receipts.jws import MAX_JWS_BYTES, peek_compact
@@ -36,6 +37,7 @@ keys_app = typer.Typer(help="Ed25519 signing keys for PEAC receipts.", no_args_i
 receipts_app = typer.Typer(help="Verify and inspect PEAC receipts.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(receipts_app, name="receipts")
+app.command("devchain")(devchain_command)
 
 
 def _stderr() -> Console:
@@ -177,10 +179,10 @@ def get(
 
     try:
         account = load_wallet(key_file)
-        budget = Budget.from_prices(budget_file, per_request=max_price, per_day=per_day, total=total)
-        agent = Agent(
-            account, budget=budget, book=ReceiptBook(book) if book is not None else None
+        budget = Budget.from_prices(
+            budget_file, per_request=max_price, per_day=per_day, total=total
         )
+        agent = Agent(account, budget=budget, book=ReceiptBook(book) if book is not None else None)
         with httpx.Client(auth=PaymentAuth(agent), timeout=timeout) as client:
             response = client.get(url)
     except PaymentError as exc:

@@ -16,10 +16,11 @@ from rich.panel import Panel
 from rich.table import Table
 
 from farebox.agent.agent import Agent, Payment
-from farebox.agent.budget import Budget
 from farebox.agent.book import ReceiptBook
+from farebox.agent.budget import SCALE, Budget
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
 from farebox.errors import PaymentError
+from farebox.money import format_amount
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement
 from farebox.sample import AGENT, build_sample_api
@@ -60,7 +61,7 @@ async def _story(console: Console) -> dict[str, Any]:
             f"GET /weather -> [bold]{unpaid.status_code} Payment Required[/]\n"
             f"price: {asset.format(offer.amount)} {asset.symbol} ({offer.amount} atomic units) "
             f"on {offer.network}\npayTo: {offer.pay_to}\n"
-            f"reference: {challenge.reference}\n"
+            f"reference: {unpaid.json()['payment']['reference']}\n"
             f"cache-control: {unpaid.headers.get('cache-control')}",
             title="1. an unpaid call",
         )
@@ -98,8 +99,8 @@ async def _story(console: Console) -> dict[str, Any]:
         table.add_row("receipt", f"iss {claims.get('iss')}, sub {claims.get('sub')}")
         table.add_row(
             "",
-            f"{commerce.get('event')} of {commerce.get('amount_minor')} {commerce.get('currency')}"
-            f" ({commerce.get('asset')}), env {commerce.get('env')}",
+            f"{commerce.get('event')} of {commerce.get('amount_minor')} minor units of "
+            f"{commerce.get('asset')}, env {commerce.get('env')}",
         )
         table.add_row(
             "verified",
@@ -127,14 +128,17 @@ async def _story(console: Console) -> dict[str, Any]:
         except PaymentError as exc:
             facts["budget"] = exc.code
             console.print(
-                Panel(f"third call -> refused by the agent: [bold]{exc.code}[/]\n{exc.message}",
-                      title="4. the budget runs out")
+                Panel(
+                    f"third call -> refused by the agent: [bold]{exc.code}[/]\n{exc.message}",
+                    title="4. the budget runs out",
+                )
             )
     spent = budget.spent(now=int(agent.clock()))
     facts["transfers"] = len(await api.store.events(kind="settlement"))
     console.print(
         f"Settlements recorded by the server: {facts['transfers']}; agent's receipt book: "
-        f"{len(agent.book.entries()) if agent.book else 0} entries; spent today: {spent}."
+        f"{len(agent.book.entries()) if agent.book else 0} entries; spent today: "
+        f"{format_amount(spent.today, SCALE)} {spent.currency}."
     )
     return facts
 
@@ -144,7 +148,9 @@ def serve_demo(console: Console, *, host: str, port: int) -> None:
     try:
         import uvicorn
     except ImportError:
-        raise SystemExit("farebox demo --serve needs uvicorn: pip install 'farebox[serve]'") from None
+        raise SystemExit(
+            "farebox demo --serve needs uvicorn: pip install 'farebox[serve]'"
+        ) from None
     api = build_sample_api()
     chain = api.chain
     base = f"http://{host}:{port}"
@@ -165,7 +171,5 @@ def serve_demo(console: Console, *, host: str, port: int) -> None:
         f"Receipts are signed by {api.gate.issuer} (JWKS at {base}/.well-known/jwks.json)."
     )
     console.print(table)
-    console.print(
-        f"Pay for it: FAREBOX_PRIVATE_KEY=<key of account #3> farebox get {base}/weather"
-    )
+    console.print(f"Pay for it: FAREBOX_PRIVATE_KEY=<key of account #3> farebox get {base}/weather")
     uvicorn.run(api.app, host=host, port=port, log_level="warning")

@@ -21,6 +21,7 @@ __all__ = [
     "ASSETS",
     "BASE_SEPOLIA_USDC",
     "BASE_USDC",
+    "DEVCHAIN_USDC",
     "Asset",
     "AssetRegistry",
     "Price",
@@ -199,11 +200,23 @@ BASE_USDC = Asset(
 BASE_SEPOLIA_USDC = Asset(
     "eip155:84532", "0x036CbD53842c5426634e7929541eC2318f3dCF7e", 6, "USDC", "USDC", "2", "USD"
 )
+# The test USDC of farebox's embedded chain: its chain id is py-evm's fixed test id and the token
+# is the first contract development account #0 deploys, so every devchain has it at this address.
+DEVCHAIN_USDC = Asset(
+    "eip155:131277322940537",
+    "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+    6,
+    "USDC",
+    "USD Coin",
+    "2",
+    "USD",
+)
 
 ASSETS = AssetRegistry(
     (
         BASE_USDC,
         BASE_SEPOLIA_USDC,
+        DEVCHAIN_USDC,
         Asset(
             "eip155:1",
             "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48",

@@ -43,6 +43,14 @@ async def weather_app(
     send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
 ) -> None:
     """A plain ASGI app that knows nothing of payments."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
     if scope["type"] != "http":
         return
     path = scope["path"]
@@ -57,7 +65,10 @@ async def weather_app(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else raw})

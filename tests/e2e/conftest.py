@@ -30,7 +30,7 @@ PRICE = 10_000  # $0.01 in 6-decimal USDC
 def chain() -> Iterator[DevChain]:
     chain = DevChain()
     ASSETS.register(chain.asset)
-    yield chain
+    return chain
 
 
 @dataclass
@@ -70,8 +70,15 @@ def make_gate(chain: DevChain, *, routes: RouteTable | None = None) -> Paid:
             ("GET", "/flaky", PRICE),
             ("GET", "/redirect", PRICE),
         ):
-            routes.add(method, path, price, assets=chain.asset, pay_to=merchant,
-                       description=f"{method} {path}", mime_type="application/json")
+            routes.add(
+                method,
+                path,
+                price,
+                assets=chain.asset,
+                pay_to=merchant,
+                description=f"{method} {path}",
+                mime_type="application/json",
+            )
     # Tests in one process run one at a time, and each ledger reads its nonce from the chain.
     settler = chain.accounts[1].account
     ledger = EvmLedger(chain.rpc, settler, network=chain.network)

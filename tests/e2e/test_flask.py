@@ -70,7 +70,10 @@ def header_for(client: httpx.Client, payer: EvmAccount, path: str) -> str:
     assert response.status_code == 402
     challenge = read_challenge(dict(response.headers), response.content)
     proof = make_proof(
-        payer, challenge.accepts[0], now=int(time.time()), nonce=os.urandom(32),
+        payer,
+        challenge.accepts[0],
+        now=int(time.time()),
+        nonce=os.urandom(32),
         resource=challenge.resource,
     )
     return encode_proof(proof)
@@ -99,7 +102,8 @@ def test_agent_pays_through_flask(
     assert chain.balance_of(payer.address) == 1_000_000 - PRICE
     assert chain.balance_of(paid.merchant) == PRICE
     created = client.post("/items")
-    assert created.status_code == 201 and created.headers["location"] == "/items/7"
+    assert created.status_code == 201
+    assert created.headers["location"] == "/items/7"
     streamed = client.get("/stream")
     assert streamed.text == "".join(f"part {i}\n" for i in range(4))
     assert chain.balance_of(payer.address) == 1_000_000 - 4 * PRICE
@@ -112,12 +116,14 @@ def test_replay_and_app_error(
     payer = fund(chain)
     header = header_for(client, payer, "/flaky")
     failed = client.get("/flaky", headers={"payment-signature": header})
-    assert failed.status_code == 503 and "payment-response" not in failed.headers
+    assert failed.status_code == 503
+    assert "payment-response" not in failed.headers
     assert chain.balance_of(payer.address) == 1_000_000
     ok = client.get("/flaky", headers={"payment-signature": header})
     assert ok.status_code == 200
     replay = client.get("/flaky", headers={"payment-signature": header})
-    assert replay.status_code == 402 and replay.json()["code"] == "proof_replayed"
+    assert replay.status_code == 402
+    assert replay.json()["code"] == "proof_replayed"
     assert chain.balance_of(payer.address) == 1_000_000 - PRICE
 
 

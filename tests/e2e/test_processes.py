@@ -17,10 +17,11 @@ import uvicorn
 
 from farebox.agent.agent import Agent
 from farebox.agent.requests_adapter import PaymentSession
+from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import HttpRpc
-from farebox.money import ASSETS, Asset
+from farebox.money import DEVCHAIN_USDC
 from farebox.protocol.x402 import decode_settlement
 from farebox.receipts import SigningKey, public_key_from_did_key, verify_receipt
 from farebox.sample import weather_app
@@ -67,8 +68,8 @@ def devchain_process() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "farebox.cli", "devchain", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -94,12 +95,10 @@ def balance(url: str, token: str, holder: str) -> int:
 def test_agent_pays_a_uvicorn_server_settling_on_a_devchain_process(
     devchain_process: str, node: str, tmp_path: object
 ) -> None:
-    from farebox.eth import EvmAccount
-    from farebox.ledgers.devchain import DEVCHAIN_NETWORK, DEVCHAIN_TOKEN
-
     url = devchain_process
-    asset = Asset(DEVCHAIN_NETWORK, DEVCHAIN_TOKEN, 6, "USDC", "USD Coin", "2", "USD")
-    ASSETS.register(asset)
+    # Every devchain has its token at the same address: the agent knows it from the registry.
+    asset = DEVCHAIN_USDC
+    assert int(str(rpc(url, "eth_chainId")), 16) == asset.chain_id
     settler, merchant, payer = (EvmAccount.from_hex(k) for k in DEV_KEYS[1:4])
     routes = RouteTable()
     routes.add("GET", "/weather", "$0.01", assets=asset, pay_to=merchant.address)
@@ -113,14 +112,18 @@ def test_agent_pays_a_uvicorn_server_settling_on_a_devchain_process(
     )
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(PaymentMiddleware(weather_app, gate), host="127.0.0.1", port=port,
-                       log_level="warning")
+        uvicorn.Config(
+            PaymentMiddleware(weather_app, gate), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         wait_for(f"http://127.0.0.1:{port}/health")
-        before = balance(url, asset.address, payer.address), balance(url, asset.address, merchant.address)
+        before = (
+            balance(url, asset.address, payer.address),
+            balance(url, asset.address, merchant.address),
+        )
         with PaymentSession(Agent(payer)) as session:
             response = session.get(f"http://127.0.0.1:{port}/weather", timeout=30)
         assert response.status_code == 200
@@ -129,11 +132,16 @@ def test_agent_pays_a_uvicorn_server_settling_on_a_devchain_process(
         assert settlement.success
         receipt = response.headers["peac-receipt"]
         payment = response.farebox_payment  # type: ignore[attr-defined]
-        assert payment.receipt is not None and payment.receipt.issuer == key.did_key
-        after = balance(url, asset.address, payer.address), balance(url, asset.address, merchant.address)
+        assert payment.receipt is not None
+        assert payment.receipt.issuer == key.did_key
+        after = (
+            balance(url, asset.address, payer.address),
+            balance(url, asset.address, merchant.address),
+        )
         assert after == (before[0] - 10_000, before[1] + 10_000)
         tx = rpc(url, "eth_getTransactionReceipt", settlement.transaction)
-        assert isinstance(tx, dict) and tx["status"] == "0x1"
+        assert isinstance(tx, dict)
+        assert tx["status"] == "0x1"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

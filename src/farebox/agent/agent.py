@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
+
 from farebox.agent.book import BookEntry, ReceiptBook
 from farebox.agent.budget import Budget, Limits, Reservation
-
 from farebox.agent.policy import Policy
 from farebox.errors import PaymentError, ReceiptError
 from farebox.eth import EvmAccount

@@ -2,8 +2,8 @@
 
 ``httpx.Client(auth=PaymentAuth(agent))``: a 402 is paid and the request retried; the paid
 response comes back with its :class:`~farebox.agent.agent.Payment` in
-``response.extensions["farebox.payment"]``. Only 402 bodies and discovery documents are read here
-(bounded); the paid response streams to the caller untouched.
+``response.extensions["farebox.payment"]``. Only refusals and discovery documents are read here;
+the paid response streams to the caller untouched.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Generator
 import httpx
 
 from farebox.agent.agent import Agent, Answer, Fetch, Payment, Retry
+from farebox.errors import PaymentError
 
 __all__ = ["PAYMENT_EXTENSION", "PaymentAuth"]
 
@@ -72,8 +73,16 @@ class PaymentAuth(httpx.Auth):
         if payment is not None:
             response.extensions[PAYMENT_EXTENSION] = payment
 
-    def _bounded(self, response: httpx.Response, chunks: list[bytes]) -> bytes | None:
-        return b"".join(chunks) if sum(map(len, chunks)) <= self.max_body else None
+    def _check_size(self, response: httpx.Response) -> None:
+        # httpx reads every intermediate response of an auth flow in full itself, so refuse a
+        # declared giant here; a chunked one is read, then ignored past the limit.
+        length = response.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > 16 * self.max_body:
+            response.close()
+            raise PaymentError("payload_too_large", "the 402 response body is too large")
+
+    def _bounded(self, body: bytes) -> bytes | None:
+        return body if len(body) <= self.max_body else None
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -84,13 +93,8 @@ class PaymentAuth(httpx.Auth):
             response = yield outgoing
             body: bytes | None = None
             if _wants_body(response):
-                chunks: list[bytes] = []
-                for chunk in response.iter_bytes():
-                    chunks.append(chunk)
-                    if sum(map(len, chunks)) > self.max_body:
-                        break
-                response.close()
-                body = self._bounded(response, chunks)
+                self._check_size(response)
+                body = self._bounded(response.read())
             try:
                 outgoing = flow.send((response, body))
             except StopIteration:
@@ -105,13 +109,8 @@ class PaymentAuth(httpx.Auth):
             response = yield outgoing
             body: bytes | None = None
             if _wants_body(response):
-                chunks: list[bytes] = []
-                async for chunk in response.aiter_bytes():
-                    chunks.append(chunk)
-                    if sum(map(len, chunks)) > self.max_body:
-                        break
-                await response.aclose()
-                body = self._bounded(response, chunks)
+                self._check_size(response)
+                body = self._bounded(await response.aread())
             try:
                 outgoing = flow.send((response, body))
             except StopIteration:

@@ -35,3 +35,8 @@ class LocalFacilitator:
 
     async def settle(self, verified: VerifiedProof) -> Settlement:
         return await self.ledger_for(verified.offer.network).settle(verified)
+
+    async def aclose(self) -> None:
+        """Close the ledgers' node connections."""
+        for ledger in self._ledgers.values():
+            await ledger.aclose()

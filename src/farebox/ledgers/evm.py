@@ -148,6 +148,12 @@ class EvmLedger:
         self._nonce: int | None = None
         self._send_lock = anyio.Lock()
 
+    async def aclose(self) -> None:
+        """Close the connection to the node, if the RPC holds one."""
+        close = getattr(self.rpc, "aclose", None)
+        if close is not None:
+            await close()
+
     # --- checking before the resource is served -------------------------------------------------
 
     async def simulate(self, proof: VerifiedProof) -> None:

@@ -60,6 +60,9 @@ class PaymentMiddleware:
         self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._closing(receive), send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -70,6 +73,16 @@ class PaymentMiddleware:
             await _send_reply(send, decision)
         else:
             await self._paid(decision, scope, receive, send)
+
+    def _closing(self, receive: Receive) -> Receive:
+        # The gate's connections (store, node) close when the server shuts down.
+        async def receive_lifespan() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.gate.aclose()
+            return message
+
+        return receive_lifespan
 
     async def _paid(self, admission: Admission, scope: Scope, receive: Receive, send: Send) -> None:
         state = "waiting"  # -> "passing" (settled or not charged) | "replaced" (refusal sent)

@@ -131,6 +131,13 @@ class Gate:
         self.log_challenges = log_challenges
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
 
+    async def aclose(self) -> None:
+        """Close the store and the facilitator's connections."""
+        close = getattr(self.facilitator, "aclose", None)
+        if close is not None:
+            await close()
+        await self.store.aclose()
+
     # --- before the app ------------------------------------------------------------------------
 
     async def admit(self, request: RequestInfo) -> Reply | Admission | None:

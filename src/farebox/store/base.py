@@ -1,0 +1,212 @@
+"""What a server's store keeps: payment claims (each proof accepted once ever) and an append-only log.
+
+:class:`Store` is the protocol the gate codes against; :class:`~farebox.store.memory.MemoryStore`
+and :class:`~farebox.store.sqlite.SqliteStore` implement it. The helpers here (payer keys, event
+data encoding, the query limit) are shared by the implementations so that every store answers the
+same questions the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import orjson
+
+from farebox.errors import ConfigError, PaymentError
+
+__all__ = [
+    "MAX_EVENTS",
+    "Claim",
+    "ClaimState",
+    "Event",
+    "Store",
+    "claim_not_held",
+    "clamp_limit",
+    "decode_event_data",
+    "encode_event_data",
+    "payer_key",
+]
+
+ClaimState = Literal["held", "settled", "pending"]
+
+#: The most events one query returns.
+MAX_EVENTS = 10_000
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _frozen(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if not value:
+        return _EMPTY
+    if isinstance(value, MappingProxyType):
+        return value
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of the append-only log.
+
+    ``kind`` is a short word (``"challenge"``, ``"proof"``, ``"settlement"``, ``"receipt"``,
+    ``"refusal"``); ``at`` is unix seconds; ``route`` the route pattern (``"GET /weather"``);
+    ``payer`` a checksummed address or other payer id; ``reference`` a challenge reference, a
+    transaction hash or a receipt reference; ``data`` JSON-serialisable details. ``id`` is assigned
+    by the store and is ``None`` until the event was stored.
+    """
+
+    kind: str
+    at: int
+    route: str = ""
+    payer: str | None = None
+    reference: str | None = None
+    data: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _frozen(self.data))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A payment proof's claim: who took it (``owner``, one request attempt), when, and its state.
+
+    ``held`` while the request runs, ``settled`` once the money moved (with the ledger's
+    ``transaction``), ``pending`` when a settlement was broadcast but not confirmed.
+    """
+
+    key: str
+    owner: str
+    state: ClaimState
+    at: int
+    transaction: str | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Claims and the log. Every method is safe to call concurrently from one event loop."""
+
+    async def claim(self, key: str, *, owner: str, now: int) -> Claim | None:
+        """Atomically take ``key`` for ``owner``.
+
+        Returns the new claim (state ``held``), or ``None`` if the key is already held, pending or
+        settled (by anyone, including an earlier attempt of this owner). Once ever: a settled key
+        can never be claimed again, across processes sharing the store.
+        """
+        ...
+
+    async def release(self, key: str, *, owner: str) -> bool:
+        """Give back a held claim (nothing was settled).
+
+        Only ``owner``'s claim in state ``held`` is removed; returns whether it was. A settled or
+        pending claim is never released.
+        """
+        ...
+
+    async def finish(
+        self,
+        key: str,
+        *,
+        owner: str,
+        state: Literal["settled", "pending"],
+        transaction: str | None,
+        events: Sequence[Event] = (),
+    ) -> None:
+        """Record the outcome of ``owner``'s held claim and append ``events``, in one transaction.
+
+        A settlement and its log lines are both stored or neither is. Raises
+        :class:`~farebox.errors.PaymentError` ``invalid_transaction_state`` when the claim is not
+        held by ``owner``.
+        """
+        ...
+
+    async def get_claim(self, key: str) -> Claim | None:
+        """The claim on ``key``, if any."""
+        ...
+
+    async def append(self, *events: Event) -> None:
+        """Append ``events`` to the log, all in one transaction."""
+        ...
+
+    async def events(
+        self,
+        *,
+        kind: str | None = None,
+        payer: str | None = None,
+        route: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        reference: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """Logged events, newest first.
+
+        Filters combine with AND; ``payer`` is compared case-insensitively for ``0x`` addresses;
+        ``since`` is inclusive and ``until`` exclusive; ``limit`` is capped at :data:`MAX_EVENTS`.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's resources; later calls raise ``store_unavailable``."""
+        ...
+
+
+def payer_key(payer: str) -> str:
+    """The form a payer is looked up by: ``0x`` addresses lowercased, other ids as they are."""
+    if payer[:2] in ("0x", "0X"):
+        return payer.lower()
+    return payer
+
+
+def clamp_limit(limit: int) -> int:
+    """A query ``limit`` within ``0..MAX_EVENTS``."""
+    return max(0, min(int(limit), MAX_EVENTS))
+
+
+def claim_not_held() -> PaymentError:
+    """The error :meth:`Store.finish` raises for a claim the caller does not hold.
+
+    Only the attempt that claimed a key finishes it, so this is a bug in the caller (status 500),
+    never the client's fault.
+    """
+    return PaymentError(
+        "invalid_transaction_state", "the payment claim is not held by this request", status=500
+    )
+
+
+def _plain(value: Any) -> Any:
+    # orjson knows dict but not the read-only mappings events hold.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def encode_event_data(data: Mapping[str, Any]) -> str:
+    """``data`` as compact JSON text; :class:`~farebox.errors.ConfigError` if it is not JSON.
+
+    Integers beyond 64 bits (uint256 amounts) are written exactly, through the standard library,
+    because orjson refuses them.
+    """
+    if not data:
+        return "{}"
+    try:
+        return orjson.dumps(data, default=_plain).decode()
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise ConfigError(f"event data is not JSON-serialisable: {exc}") from None
+    try:
+        return json.dumps(data, default=_plain, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"event data is not JSON-serialisable: {exc}") from None
+
+
+def decode_event_data(text: str) -> Mapping[str, Any]:
+    """The inverse of :func:`encode_event_data`, read-only."""
+    if text == "{}":
+        return _EMPTY
+    # The standard library, not orjson: orjson reads integers beyond 64 bits as floats.
+    value = json.loads(text)
+    return MappingProxyType(value) if isinstance(value, dict) else _EMPTY

@@ -1,0 +1,143 @@
+"""A store in this process's memory: for tests, demos and single-process servers that may forget.
+
+Claims are not shared with other processes and are lost on restart, so a proof could be replayed
+against another worker or after a restart: production servers use
+:class:`~farebox.store.sqlite.SqliteStore` or another shared store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
+
+from farebox.errors import ConfigError, PaymentError
+from farebox.store.base import (
+    Claim,
+    Event,
+    claim_not_held,
+    clamp_limit,
+    decode_event_data,
+    encode_event_data,
+    payer_key,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """A :class:`~farebox.store.base.Store` in a dict.
+
+    Every operation is a few dict operations under a lock and never awaits, so it is atomic for
+    tasks of any event loop and for threads. Event data is stored as JSON, like a database would,
+    so what comes back is exactly what a persistent store would return.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: dict[str, Claim] = {}
+        # (event, its payer key, its data as JSON) in id order.
+        self._log: list[tuple[Event, str | None, str]] = []
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PaymentError("store_unavailable", "the payment store is closed")
+
+    async def claim(self, key: str, *, owner: str, now: int) -> Claim | None:
+        """See :meth:`farebox.store.base.Store.claim`."""
+        with self._lock:
+            self._check_open()
+            if key in self._claims:
+                return None
+            claim = Claim(key, owner, "held", now)
+            self._claims[key] = claim
+            return claim
+
+    async def release(self, key: str, *, owner: str) -> bool:
+        """See :meth:`farebox.store.base.Store.release`."""
+        with self._lock:
+            self._check_open()
+            claim = self._claims.get(key)
+            if claim is None or claim.owner != owner or claim.state != "held":
+                return False
+            del self._claims[key]
+            return True
+
+    async def finish(
+        self,
+        key: str,
+        *,
+        owner: str,
+        state: Literal["settled", "pending"],
+        transaction: str | None,
+        events: Sequence[Event] = (),
+    ) -> None:
+        """See :meth:`farebox.store.base.Store.finish`."""
+        if state not in ("settled", "pending"):
+            raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
+        # Everything that can fail happens before the first change, so a failure changes nothing.
+        encoded = [encode_event_data(event.data) for event in events]
+        with self._lock:
+            self._check_open()
+            claim = self._claims.get(key)
+            if claim is None or claim.owner != owner or claim.state != "held":
+                raise claim_not_held()
+            self._claims[key] = replace(claim, state=state, transaction=transaction)
+            self._add(events, encoded)
+
+    async def get_claim(self, key: str) -> Claim | None:
+        """See :meth:`farebox.store.base.Store.get_claim`."""
+        with self._lock:
+            self._check_open()
+            return self._claims.get(key)
+
+    async def append(self, *events: Event) -> None:
+        """See :meth:`farebox.store.base.Store.append`."""
+        encoded = [encode_event_data(event.data) for event in events]
+        with self._lock:
+            self._check_open()
+            self._add(events, encoded)
+
+    def _add(self, events: Sequence[Event], encoded: list[str]) -> None:
+        for event, data in zip(events, encoded, strict=True):
+            stored = replace(event, id=len(self._log) + 1, data={})
+            key = payer_key(event.payer) if event.payer is not None else None
+            self._log.append((stored, key, data))
+
+    async def events(
+        self,
+        *,
+        kind: str | None = None,
+        payer: str | None = None,
+        route: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        reference: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """See :meth:`farebox.store.base.Store.events`."""
+        wanted_payer = payer_key(payer) if payer is not None else None
+        with self._lock:
+            self._check_open()
+            found = [
+                (event, data)
+                for event, key, data in self._log
+                if (kind is None or event.kind == kind)
+                and (wanted_payer is None or key == wanted_payer)
+                and (route is None or event.route == route)
+                and (since is None or event.at >= since)
+                and (until is None or event.at < until)
+                and (reference is None or event.reference == reference)
+            ]
+        found.sort(key=lambda pair: (pair[0].at, pair[0].id or 0), reverse=True)
+        return [
+            replace(event, data=decode_event_data(data))
+            for event, data in found[: clamp_limit(limit)]
+        ]
+
+    async def aclose(self) -> None:
+        """Forget nothing, but refuse further use (like a closed database)."""
+        with self._lock:
+            self._closed = True
