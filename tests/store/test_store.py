@@ -312,6 +312,26 @@ async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
         await SqliteStore.open(path)
 
 
+async def test_sqlite_runs_short_operations_in_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hop to a worker thread costs more than the operations themselves (see SqliteStore).
+    store = await SqliteStore.open(tmp_path / "store.db")
+
+    async def no_threads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ran in a worker thread")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_threads)
+    assert await store.claim("k", owner="a", now=1) is not None
+    assert await store.release("k", owner="a") is True
+    assert await store.claim("k", owner="a", now=1) is not None
+    await store.finish("k", owner="a", state="settled", transaction="0x1", events=[Event("x", 1)])
+    await store.append(Event("y", 2))
+    assert await store.get_claim("k") is not None
+    monkeypatch.undo()
+    await store.aclose()
+
+
 async def test_sqlite_waits_for_another_writer(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     store = await SqliteStore.open(path, busy_timeout=5)

@@ -298,6 +298,15 @@ class EvmLedger:
         if not isinstance(receipt, dict):
             return outcome("settlement_pending", "broadcast, not confirmed in time")
         if receipt.get("status") != "0x1":
+            # A node mines a reverting transaction; replaying the call names the reason.
+            try:
+                await self.simulate(evm)
+            except PaymentError as exc:
+                if exc.code != "ledger_unavailable":
+                    code = exc.code
+                    if code == "invalid_exact_evm_transaction_simulation_failed":
+                        code = "transaction_failed"
+                    return outcome(code, f"the transaction reverted: {exc.message}")
             return outcome("transaction_failed", "the transaction reverted")
         if not _has_transfer(receipt, evm):
             return outcome(

@@ -1,0 +1,197 @@
+"""The ASGI middleware under other frameworks, at the message level, and when settlement stalls."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar, get
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from farebox.agent.agent import Agent
+from farebox.agent.httpx_auth import PaymentAuth
+from farebox.errors import PaymentError
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.devchain import DevChain
+from farebox.ledgers.evm import EvmLedger
+from farebox.protocol.challenge import read_challenge
+from farebox.protocol.x402 import decode_settlement, encode_proof
+from farebox.schemes.evm_exact import make_proof
+from farebox.server.asgi import PaymentMiddleware
+from tests.e2e.conftest import ISSUER, PRICE, Paid, fund, make_gate
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_starlette_app(chain: DevChain) -> None:
+    paid = make_gate(chain)
+
+    async def weather(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("cloudy")
+
+    app = Starlette(routes=[Route("/weather", weather)])
+    app.add_middleware(PaymentMiddleware, gate=paid.gate)
+    payer = fund(chain)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=ISSUER, auth=PaymentAuth(Agent(payer))
+    ) as client:
+        response = await client.get("/weather")
+    assert response.text == "cloudy"
+    assert chain.balance_of(payer.address) == 1_000_000 - PRICE
+
+
+async def test_litestar_app(chain: DevChain) -> None:
+    paid = make_gate(chain)
+
+    @get("/weather", sync_to_thread=False)
+    def weather() -> dict[str, str]:
+        return {"forecast": "windy"}
+
+    app = Litestar([weather])
+    payer = fund(chain)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=PaymentMiddleware(app, paid.gate)),
+        base_url=ISSUER,
+        auth=PaymentAuth(Agent(payer)),
+    ) as client:
+        response = await client.get("/weather")
+    assert response.json() == {"forecast": "windy"}
+    assert chain.balance_of(payer.address) == 1_000_000 - PRICE
+
+
+async def call(
+    app: Any, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "https",
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"api.test"), *headers],
+        "server": ("api.test", 443),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def chunked_app(scope: Any, receive: Any, send: Any) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    for i in range(3):
+        await send({"type": "http.response.body", "body": f"part {i}".encode(), "more_body": i < 2})
+
+
+async def proof_header(app: Any, payer: Any, path: str) -> tuple[bytes, bytes]:
+    [start, body] = await call(app, path)
+    assert start["status"] == 402
+    challenge = read_challenge({k.decode(): v.decode() for k, v in start["headers"]}, body["body"])
+    proof = make_proof(
+        payer,
+        challenge.accepts[0],
+        now=int(time.time()),
+        nonce=os.urandom(32),
+        resource=challenge.resource,
+    )
+    return (b"payment-signature", encode_proof(proof).encode())
+
+
+async def test_body_streams_through_as_the_app_sends_it(chain: DevChain) -> None:
+    paid = make_gate(chain)
+    app = PaymentMiddleware(chunked_app, paid.gate)
+    payer = fund(chain)
+    sent = await call(app, "/stream", [await proof_header(app, payer, "/stream")])
+    # The start is held for settlement and gains the payment headers; each chunk passes on its own.
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 3
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    assert decode_settlement(headers["payment-response"]).success
+    assert headers["cache-control"] == "private"
+    assert [m["body"] for m in sent[1:]] == [b"part 0", b"part 1", b"part 2"]
+
+
+async def test_app_raising_releases_the_claim(chain: DevChain) -> None:
+    paid = make_gate(chain)
+    calls = {"n": 0}
+
+    async def fragile(scope: Any, receive: Any, send: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("app bug")
+        await chunked_app(scope, receive, send)
+
+    app = PaymentMiddleware(fragile, paid.gate)
+    payer = fund(chain)
+    header = await proof_header(app, payer, "/weather")
+    with pytest.raises(RuntimeError):
+        await call(app, "/weather", [header])
+    assert chain.balance_of(payer.address) == 1_000_000
+    sent = await call(app, "/weather", [header])
+    assert sent[0]["status"] == 200
+    assert chain.balance_of(payer.address) == 1_000_000 - PRICE
+
+
+class HiddenReceipts:
+    def __init__(self, chain: DevChain) -> None:
+        self.inner = chain.rpc
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_getTransactionReceipt":
+            return None
+        return await self.inner.request(method, params)
+
+
+async def test_pending_settlement_withholds_the_body_and_keeps_the_claim(chain: DevChain) -> None:
+    paid: Paid = make_gate(chain)
+    slow = EvmLedger(
+        HiddenReceipts(chain), chain.accounts[1].account, network=chain.network, confirm_timeout=0.2
+    )
+    paid.gate.facilitator = LocalFacilitator([slow])
+    app = PaymentMiddleware(chunked_app, paid.gate)
+    payer = fund(chain)
+    header = await proof_header(app, payer, "/weather")
+    sent = await call(app, "/weather", [header])
+    assert sent[0]["status"] == 402
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    settlement = decode_settlement(headers["payment-response"])
+    assert settlement.pending
+    assert settlement.transaction
+    assert b"part" not in b"".join(m.get("body", b"") for m in sent)
+    # Broadcast means the money may move: the proof is never accepted again.
+    again = await call(app, "/weather", [header])
+    assert again[0]["status"] == 402
+    [event] = await paid.store.events(kind="settlement", payer=payer.address)
+    assert event.reference == settlement.transaction
+    # The agent reports the pending transaction and counts it against its budget.
+    agent = Agent(fund(chain))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=ISSUER, auth=PaymentAuth(agent)
+    ) as client:
+        with pytest.raises(PaymentError) as pending:
+            await client.get("/weather")
+    assert pending.value.code == "settlement_pending"
+    assert agent.budget.spent(now=int(time.time())).today > 0
