@@ -1,15 +1,31 @@
 """farebox: charge AI agents per request with HTTP 402, and let agents pay within limits.
 
-The public surface. Servers price a route with an :class:`Asset` and an :class:`Offer`, answer
-with :func:`render_challenge`, read a proof with :func:`decode_proof`, match it with
-:func:`find_offer` and verify it with its scheme (:mod:`farebox.schemes.evm_exact`). Agents read
-a 402 with :func:`read_challenge` and sign with an :class:`EvmAccount`. Every paid response can
-carry a PEAC record: :func:`issue_receipt`, :func:`verify_receipt`.
+The public surface. A server lists its prices in a :class:`RouteTable`, puts a :class:`Gate` (a
+facilitator such as :class:`LocalFacilitator` over an :class:`EvmLedger`, a store such as
+:class:`SqliteStore`, a receipt :class:`SigningKey`) in front of its app with
+:class:`PaymentMiddleware` (ASGI) or :class:`WsgiPaymentMiddleware`. An :class:`Agent` pays within
+its :class:`Policy` and :class:`Budget`, through httpx (:class:`PaymentAuth`) or requests
+(``farebox.agent.requests_adapter.PaymentSession``). :class:`DevChain` is the embedded EVM.
+
+The wire layer stays importable on its own: :func:`render_challenge`, :func:`read_challenge`,
+:func:`decode_proof`, :func:`find_offer`, the ``exact`` scheme (:mod:`farebox.schemes.evm_exact`),
+and PEAC records (:func:`issue_receipt`, :func:`verify_receipt`). Importing ``farebox`` loads no
+I/O library: the server, agent and ledger names load on first use.
 """
+
+import typing as _typing
 
 from farebox.errors import ConfigError, FareboxError, PaymentError, ReceiptError
 from farebox.eth import EvmAccount
-from farebox.money import ASSETS, BASE_SEPOLIA_USDC, BASE_USDC, Asset, AssetRegistry, parse_price
+from farebox.money import (
+    ASSETS,
+    BASE_SEPOLIA_USDC,
+    BASE_USDC,
+    DEVCHAIN_USDC,
+    Asset,
+    AssetRegistry,
+    parse_price,
+)
 from farebox.protocol.challenge import Rendered402, read_challenge, render_challenge
 from farebox.protocol.models import Challenge, Offer, Proof, Resource, Settlement, VerifiedProof
 from farebox.protocol.x402 import (
@@ -30,29 +46,100 @@ from farebox.receipts import (
     verify_receipt,
 )
 
+if _typing.TYPE_CHECKING:
+    from farebox.agent.agent import Agent, Payment
+    from farebox.agent.book import ReceiptBook
+    from farebox.agent.budget import Budget, Limits
+    from farebox.agent.httpx_auth import PaymentAuth
+    from farebox.agent.policy import Policy
+    from farebox.agent.wallet import load_wallet
+    from farebox.facilitator.local import LocalFacilitator
+    from farebox.ledgers.devchain import DevChain
+    from farebox.ledgers.evm import EvmLedger
+    from farebox.ledgers.rpc import HttpRpc
+    from farebox.server.asgi import PaymentMiddleware
+    from farebox.server.gate import Gate
+    from farebox.server.routes import RouteTable
+    from farebox.server.wsgi import WsgiPaymentMiddleware
+    from farebox.store.memory import MemoryStore
+    from farebox.store.sqlite import SqliteStore
+
 __version__ = "0.1.0"
+
+# Names whose modules do I/O (anyio, httpx, sqlite3, py-evm): imported when first used, so that
+# `import farebox` stays as light as the protocol core.
+_LAZY = {
+    "Agent": "farebox.agent.agent",
+    "Budget": "farebox.agent.budget",
+    "DevChain": "farebox.ledgers.devchain",
+    "EvmLedger": "farebox.ledgers.evm",
+    "Gate": "farebox.server.gate",
+    "HttpRpc": "farebox.ledgers.rpc",
+    "Limits": "farebox.agent.budget",
+    "LocalFacilitator": "farebox.facilitator.local",
+    "MemoryStore": "farebox.store.memory",
+    "Payment": "farebox.agent.agent",
+    "PaymentAuth": "farebox.agent.httpx_auth",
+    "PaymentMiddleware": "farebox.server.asgi",
+    "Policy": "farebox.agent.policy",
+    "ReceiptBook": "farebox.agent.book",
+    "RouteTable": "farebox.server.routes",
+    "SqliteStore": "farebox.store.sqlite",
+    "WsgiPaymentMiddleware": "farebox.server.wsgi",
+    "load_wallet": "farebox.agent.wallet",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'farebox' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ASSETS",
     "BASE_SEPOLIA_USDC",
     "BASE_USDC",
+    "DEVCHAIN_USDC",
+    "Agent",
     "Asset",
     "AssetRegistry",
+    "Budget",
     "Challenge",
     "ConfigError",
+    "DevChain",
     "EvmAccount",
+    "EvmLedger",
     "FareboxError",
+    "Gate",
+    "HttpRpc",
     "IssuedReceipt",
+    "Limits",
+    "LocalFacilitator",
+    "MemoryStore",
     "Offer",
+    "Payment",
+    "PaymentAuth",
     "PaymentError",
+    "PaymentMiddleware",
+    "Policy",
     "Proof",
+    "ReceiptBook",
     "ReceiptError",
     "Rendered402",
     "Resource",
+    "RouteTable",
     "Settlement",
     "SigningKey",
+    "SqliteStore",
     "VerifiedProof",
     "VerifiedReceipt",
+    "WsgiPaymentMiddleware",
     "__version__",
     "decode_proof",
     "decode_settlement",
@@ -61,6 +148,7 @@ __all__ = [
     "find_offer",
     "issue_receipt",
     "load_signing_key",
+    "load_wallet",
     "parse_price",
     "payment_claims",
     "read_challenge",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import httpx
@@ -323,3 +324,41 @@ async def test_well_known_documents(paid: Paid) -> None:
     assert policy["version"] == "peac-policy/0.1"
     weather = next(r for r in policy["routes"] if r["path"] == "/weather")
     assert weather["methods"][0]["amount"] == str(PRICE)
+
+
+async def test_issuer_keys_are_discovered_once_and_cached(paid: Paid, chain: DevChain) -> None:
+    fetched: list[str] = []
+    app = fastapi_app(paid)
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/.well-known/"):
+            fetched.append(scope["path"])
+        await app(scope, receive, send)
+
+    agent = Agent(fund(chain))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=counting), base_url=ISSUER, auth=PaymentAuth(agent)
+    ) as c:
+        for _ in range(3):
+            response = await c.get("/weather")
+            assert response.extensions[PAYMENT_EXTENSION].receipt is not None
+    assert fetched == ["/.well-known/peac-issuer.json", "/.well-known/jwks.json"]
+
+
+async def test_a_receipt_from_another_issuer_is_refused_but_the_spend_counts(
+    paid: Paid, chain: DevChain
+) -> None:
+    payer = fund(chain)
+    agent = Agent(payer)
+    # The server signs as https://api.test but is reached as https://elsewhere.test.
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=fastapi_app(paid)),
+        base_url="https://elsewhere.test",
+        auth=PaymentAuth(agent),
+    ) as c:
+        with pytest.raises(PaymentError) as refused:
+            await c.get("/weather")
+    assert refused.value.code == "receipt_invalid"
+    assert "E_VERIFY_ISSUER_MISMATCH" in refused.value.message
+    assert chain.balance_of(payer.address) == 1_000_000 - PRICE
+    assert agent.budget.spent(now=int(time.time())).today_committed > 0

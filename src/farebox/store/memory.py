@@ -84,7 +84,7 @@ class MemoryStore:
             claim = self._claims.get(key)
             if claim is None or claim.owner != owner or claim.state != "held":
                 raise claim_not_held()
-            self._claims[key] = replace(claim, state=state, transaction=transaction)
+            self._claims[key] = Claim(key, owner, state, claim.at, transaction)
             self._add(events, encoded)
 
     async def get_claim(self, key: str) -> Claim | None:
@@ -102,7 +102,16 @@ class MemoryStore:
 
     def _add(self, events: Sequence[Event], encoded: list[str]) -> None:
         for event, data in zip(events, encoded, strict=True):
-            stored = replace(event, id=len(self._log) + 1, data={})
+            # Without its data (kept as JSON beside it), and built directly: replace() is slow.
+            stored = Event(
+                event.kind,
+                event.at,
+                event.route,
+                event.payer,
+                event.reference,
+                {},
+                len(self._log) + 1,
+            )
             key = payer_key(event.payer) if event.payer is not None else None
             self._log.append((stored, key, data))
 
