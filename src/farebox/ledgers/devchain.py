@@ -85,7 +85,7 @@ from eth_utils.exceptions import ValidationError
 from farebox.eth import EvmAccount, address_bytes, checksum_address, keccak256
 from farebox.ledgers.contracts import load_token
 from farebox.ledgers.rpc import RpcError
-from farebox.money import Asset
+from farebox.money import DEVCHAIN_USDC, Asset
 
 __all__ = [
     "CHAIN_ID",
@@ -97,18 +97,19 @@ __all__ = [
     "DevAccount",
     "DevChain",
     "DevChainRpc",
+    "revert_error",
 ]
 
 _log = logging.getLogger(__name__)
 
 MNEMONIC: Final = "test test test test test test test test test test test junk"
 HD_PATH: Final = "m/44'/60'/0'/0"
-# eth-tester's fixed chain id (py-evm's MainnetTesterPosChain).
-CHAIN_ID: Final = 131277322940537
-DEVCHAIN_NETWORK: Final = f"eip155:{CHAIN_ID}"
-# Where every DevChain deploys its token: account 0's first contract (the address anvil and
-# hardhat give it too), so another process can name the token of a `farebox devchain`.
-DEVCHAIN_TOKEN: Final = "0x5FbDB2315678afecb367f032d93F642f64180aa3"  # noqa: S105 - an address
+# eth-tester's fixed chain id (py-evm's MainnetTesterPosChain), and where every DevChain deploys
+# its token: account 0's first contract (the address anvil and hardhat give it too). Both are in
+# farebox.money.DEVCHAIN_USDC, so another process knows the token of a `farebox devchain`.
+CHAIN_ID: Final = DEVCHAIN_USDC.chain_id
+DEVCHAIN_NETWORK: Final = DEVCHAIN_USDC.network
+DEVCHAIN_TOKEN: Final = DEVCHAIN_USDC.address
 ETH_PER_ACCOUNT: Final = 10_000 * 10**18
 USDC_PER_ACCOUNT: Final = 1_000 * 10**6
 TOKEN_NAME: Final = "USD Coin"  # noqa: S105 - a token name, not a secret
@@ -438,7 +439,7 @@ class DevChain:
         self._methods = self._method_table()
         self.asset: Asset = self.deploy_token(TOKEN_NAME, TOKEN_SYMBOL, mint=USDC_PER_ACCOUNT)
         """The token as a farebox :class:`~farebox.money.Asset` ("USD Coin", version "2", USD)."""
-        if self.asset.address != DEVCHAIN_TOKEN:
+        if self.asset != DEVCHAIN_USDC:
             raise RuntimeError("the devchain token was not deployed at its usual address")
 
     # --- the public face ----------------------------------------------------------------------
@@ -514,7 +515,8 @@ class DevChain:
                         nonce=nonce,
                         gas=3_000_000,
                     )
-                ]
+                ],
+                "deploying the token",
             )
             address = deployed
             if at is not None:
@@ -532,7 +534,8 @@ class DevChain:
                             nonce=nonce + 1 + index,
                         )
                         for index, holder in enumerate(self.accounts)
-                    ]
+                    ],
+                    "minting",
                 )
         return Asset(
             network=DEVCHAIN_NETWORK,
@@ -545,13 +548,21 @@ class DevChain:
         )
 
     def mint(self, to: str, amount: int, token: str | None = None) -> None:
-        """Mint ``amount`` atomic units of the token (the dev USDC by default) to ``to``."""
+        """Mint ``amount`` atomic units of the token (the dev USDC by default) to ``to``.
+
+        ``token`` must be a token of :meth:`deploy_token` (account 0 is its owner).
+        """
+        if amount <= 0 or int(address_bytes(to).hex(), 16) == 0:
+            raise ValueError("mint a positive amount to a non-zero address")
         call = _MINT_SELECTOR + abi_encode(["address", "uint256"], [to, amount])
         with self._lock:
             owner = self.accounts[0].address
             nonce = self._pending_state().get_nonce(Address(address_bytes(owner)))
             target = address_bytes(token or self.token)
-            self._mine_checked([self._sign_as(owner, to=target, data=call, nonce=nonce)])
+            self._mine_checked(
+                [self._sign_as(owner, to=target, data=call, nonce=nonce)],
+                f"minting on {checksum_address(target)}",
+            )
 
     def handle(self, method: str, params: Sequence[Any] | None = None) -> Any:
         """Answer one Ethereum JSON-RPC call: its ``result`` (JSON-ready), or raise ``RpcError``.
@@ -615,20 +626,19 @@ class DevChain:
     def _pending_state(self) -> StateAPI:
         return self._chain.get_vm(self._pending_header()).state
 
-    def _mine(self, transactions: Sequence[SignedTransactionAPI]) -> tuple[BlockAPI, ...]:
+    def _mine(self, transactions: Sequence[SignedTransactionAPI]) -> None:
         """Mine one block with ``transactions``; py-evm raises ``ValidationError`` for an invalid one."""
-        self._pending_header()
-        result, _receipts, _computations = self._chain.mine_all(transactions)
+        self._pending_header()  # dates the block now
+        self._chain.mine_all(transactions)
         self._exact_next_timestamp = None
-        return (result.imported_block,)
 
-    def _mine_checked(self, transactions: Sequence[SignedTransactionAPI]) -> None:
-        # The chain's own setup transactions must succeed; a failure here is a bug.
+    def _mine_checked(self, transactions: Sequence[SignedTransactionAPI], what: str) -> None:
+        """Mine the chain's own transactions, which must all succeed."""
         self._mine(transactions)
         block = self._chain.get_canonical_block_by_number(self._head().block_number)
         for receipt in block.get_receipts(self._chain.chaindb):
             if receipt.state_root != b"\x01":
-                raise RuntimeError("a DevChain setup transaction failed")
+                raise RuntimeError(f"{what} reverted")
 
     def _modify_state(self, edit: Callable[[StateAPI], None]) -> None:
         """Apply a cheat-code edit to the pending state; ``latest`` reads see it at once."""

@@ -126,11 +126,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(body)
 
-    def do_POST(self) -> None:
+    def _declared_length(self) -> int | None:
+        """The body's length if it is acceptable; else answer the client and return ``None``."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             body = orjson.dumps(_error(None, -32600, "chunked bodies are not supported"))
             self._send(HTTPStatus.LENGTH_REQUIRED, body, close=True)
-            return
+            return None
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -138,12 +139,24 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if length < 0:
             body = orjson.dumps(_error(None, -32600, "a Content-Length header is required"))
             self._send(HTTPStatus.LENGTH_REQUIRED, body, close=True)
-            return
+            return None
         if length > MAX_BODY_BYTES:
             # Not read: the connection is closed instead.
             message = f"request body exceeds {MAX_BODY_BYTES} bytes"
             body = orjson.dumps(_error(None, -32600, message))
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, body, close=True)
+            return None
+        return length
+
+    def handle_expect_100(self) -> bool:
+        # "Expect: 100-continue" (curl's habit for large bodies): refuse before the body is sent.
+        if self._declared_length() is None:
+            return False
+        return super().handle_expect_100()
+
+    def do_POST(self) -> None:
+        length = self._declared_length()
+        if length is None:
             return
         request = self.rfile.read(length)
         if len(request) < length:
@@ -180,6 +193,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
             _log.debug("%s - %s", self.address_string(), format % args)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-request is not worth a traceback on stderr.
+        _log.debug("devchain rpc: connection from %s failed", client_address, exc_info=True)
+
+
 class DevChainServer:
     """A JSON-RPC HTTP server for a chain, bound at construction (``port=0`` picks a free one).
 
@@ -189,8 +210,7 @@ class DevChainServer:
 
     def __init__(self, chain: Handler, host: str = "127.0.0.1", port: int = 8545) -> None:
         handler = type("DevChainRequestHandler", (_RequestHandler,), {"chain": chain})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), handler)
         self._thread: threading.Thread | None = None
 
     @property

@@ -77,13 +77,13 @@ class MemoryStore:
         """See :meth:`farebox.store.base.Store.finish`."""
         if state not in ("settled", "pending"):
             raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
-        # Everything that can fail happens before the first change, so a failure changes nothing.
-        encoded = [encode_event_data(event.data) for event in events]
         with self._lock:
             self._check_open()
             claim = self._claims.get(key)
             if claim is None or claim.owner != owner or claim.state != "held":
                 raise claim_not_held()
+            # Everything that can fail happens before the first change: a failure changes nothing.
+            encoded = [encode_event_data(event.data) for event in events]
             self._claims[key] = Claim(key, owner, state, claim.at, transaction)
             self._add(events, encoded)
 
