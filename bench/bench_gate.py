@@ -28,6 +28,7 @@ from farebox.protocol.x402 import encode_proof
 from farebox.sample import AGENT, build_sample_api
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
+from farebox.store.memory import MemoryStore
 from farebox.store.sqlite import SqliteStore
 
 HOST = "api.bench"
@@ -118,6 +119,12 @@ async def _bench() -> None:
         gate_only = await _timed(
             "gate", lambda i: _call(instant.app, "/weather", gate_proofs[i]), 3000
         )
+        in_memory = build_sample_api(api.chain, store=MemoryStore())
+        in_memory.gate.facilitator = _InstantLedger()
+        memory_proofs = proofs(3000)
+        gate_memory = await _timed(
+            "gate-memory", lambda i: _call(in_memory.app, "/weather", memory_proofs[i]), 3000
+        )
 
         # The ledger alone: simulate + settle one verified proof on the embedded chain.
         from farebox.schemes.evm_exact import verify
@@ -144,10 +151,18 @@ async def _bench() -> None:
         f"  paid route, instant ledger        {fmt_time(gate_only)}  ({1 / gate_only:,.0f}/s)"
         f"  {gate_only / free:6.1f}x the free route's time"
     )
+    print(
+        f"  same, memory store                {fmt_time(gate_memory)}  ({1 / gate_memory:,.0f}/s)"
+        f"  {gate_memory / free:6.1f}x the free route's time"
+    )
     print(f"  ledger alone (simulate + settle)  {fmt_time(ledger)}")
-    overhead = gate_only - free
-    verdict = "meets" if overhead < 0.5e-3 else "MISSES"
-    print(f"  gate overhead (paid without ledger - free): {fmt_time(overhead)}  {verdict} < 0.5 ms")
+    for label, paid_time in (("SQLite store", gate_only), ("memory store", gate_memory)):
+        overhead = paid_time - free
+        verdict = "meets" if overhead < 0.5e-3 else "MISSES"
+        print(
+            f"  gate overhead, {label} (paid without ledger - free): {fmt_time(overhead)}"
+            f"  {verdict} the 0.5 ms target"
+        )
 
 
 def run() -> None:

@@ -148,7 +148,8 @@ class Gate:
             document = self.wellknown.reply(request)
             return Reply(*document) if document is not None else None
         route = found.route
-        request = replace(request, path_params=found.params)
+        if found.params:
+            request = replace(request, path_params=found.params)
         now = int(self.clock())
         challenge = Challenge(
             resource=route.resource(request),
@@ -329,13 +330,14 @@ class Gate:
                 transaction=settlement.transaction or None,
                 events=events,
             )
-        except PaymentError:
+        except PaymentError as exc:
             # The money moved and the client paid: it gets what it paid for. The claim stays
             # held (never released), so the proof cannot be used again; the log line is lost.
             logger.error(
-                "store unavailable while recording settlement %s of %s",
+                "could not record settlement %s of %s: %s",
                 settlement.transaction,
                 admission.route.name,
+                exc.code,
             )
 
     async def _log(self, *events: Event, quiet: bool) -> None:

@@ -58,6 +58,7 @@ class Route:
     max_timeout_seconds: int = 300
     _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _static: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+    _static_offers: tuple[Offer, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         method = self.method.upper()
@@ -79,6 +80,9 @@ class Route:
         if not callable(self.price):
             static = tuple(parse_price(self.price, asset) for asset in self.assets)
         object.__setattr__(self, "_static", static)
+        object.__setattr__(self, "_static_offers", None)
+        if static is not None:
+            object.__setattr__(self, "_static_offers", self._make_offers(static))
 
     @property
     def name(self) -> str:
@@ -94,6 +98,11 @@ class Route:
 
     def offers(self, request: RequestInfo) -> tuple[Offer, ...]:
         """One x402 ``exact`` offer per accepted asset."""
+        if self._static_offers is not None:
+            return self._static_offers
+        return self._make_offers(self.amounts(request))
+
+    def _make_offers(self, amounts: tuple[int, ...]) -> tuple[Offer, ...]:
         return tuple(
             Offer(
                 scheme=SCHEME,
@@ -104,7 +113,7 @@ class Route:
                 max_timeout_seconds=self.max_timeout_seconds,
                 extra={"name": asset.name, "version": asset.version},
             )
-            for asset, amount in zip(self.assets, self.amounts(request), strict=True)
+            for asset, amount in zip(self.assets, amounts, strict=True)
         )
 
     def resource(self, request: RequestInfo) -> Resource:
