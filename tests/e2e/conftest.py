@@ -7,8 +7,9 @@ from a development account) so tests running in parallel never share a balance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,18 @@ def make_gate(chain: DevChain, *, routes: RouteTable | None = None) -> Paid:
     key = SigningKey.generate()
     gate = Gate(routes, LocalFacilitator([ledger]), store, signing_key=key, issuer=ISSUER)
     return Paid(chain, gate, store, merchant, key)
+
+
+class HiddenReceipts:
+    """The chain mines, but the node never reports a receipt (a node far behind, or a lost answer).
+
+    A fault injected in front of the real chain: everything else is answered by it.
+    """
+
+    def __init__(self, chain: DevChain) -> None:
+        self.inner = chain.rpc
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_getTransactionReceipt":
+            return None
+        return await self.inner.request(method, params)

@@ -24,7 +24,7 @@ from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
-from tests.e2e.conftest import ISSUER, PRICE, Paid, fund, make_gate
+from tests.e2e.conftest import ISSUER, PRICE, HiddenReceipts, Paid, fund, make_gate
 
 pytestmark = pytest.mark.anyio
 
@@ -155,14 +155,10 @@ async def test_app_raising_releases_the_claim(chain: DevChain) -> None:
     assert chain.balance_of(payer.address) == 1_000_000 - PRICE
 
 
-class HiddenReceipts:
-    def __init__(self, chain: DevChain) -> None:
-        self.inner = chain.rpc
-
-    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
-        if method == "eth_getTransactionReceipt":
-            return None
-        return await self.inner.request(method, params)
+async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+    if method == "eth_getTransactionReceipt":
+        return None
+    return await self.inner.request(method, params)
 
 
 async def test_pending_settlement_withholds_the_body_and_keeps_the_claim(chain: DevChain) -> None:

@@ -16,7 +16,7 @@ from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import HttpRpc
 from farebox.protocol.models import Offer
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
-from tests.e2e.conftest import fund
+from tests.e2e.conftest import HiddenReceipts, fund
 
 pytestmark = pytest.mark.anyio
 
@@ -51,16 +51,10 @@ def verified(
     return verify(proof, offer, now=now)
 
 
-class HiddenReceipts:
-    """The chain mines, but the node never reports a receipt (a node far behind, or a lost answer)."""
-
-    def __init__(self, chain: DevChain) -> None:
-        self.inner = chain.rpc
-
-    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
-        if method == "eth_getTransactionReceipt":
-            return None
-        return await self.inner.request(method, params)
+async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+    if method == "eth_getTransactionReceipt":
+        return None
+    return await self.inner.request(method, params)
 
 
 async def test_settles_and_checks_the_transfer_log(chain: DevChain) -> None:

@@ -12,20 +12,23 @@ from types import MappingProxyType
 from typing import Any
 
 __all__ = [
+    "EMPTY",
     "Challenge",
     "Offer",
     "Proof",
     "Resource",
     "Settlement",
     "VerifiedProof",
+    "frozen",
 ]
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-def _frozen(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def frozen(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A read-only view of ``value`` (a copy of it), shared :data:`EMPTY` for an empty one."""
     if not value:
-        return _EMPTY
+        return EMPTY
     if isinstance(value, MappingProxyType):
         return value
     return MappingProxyType(dict(value))
@@ -44,10 +47,10 @@ class Offer:
     asset: str
     pay_to: str
     max_timeout_seconds: int = 300
-    extra: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    extra: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extra", _frozen(self.extra))
+        object.__setattr__(self, "extra", frozen(self.extra))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +74,12 @@ class Challenge:
     accepts: tuple[Offer, ...]
     error: str = "Payment required"
     reference: str | None = None
-    extensions: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    extensions: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     x402_version: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accepts", tuple(self.accepts))
-        object.__setattr__(self, "extensions", _frozen(self.extensions))
+        object.__setattr__(self, "extensions", frozen(self.extensions))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +97,11 @@ class Proof:
     payload: Mapping[str, Any]
     accepted: Offer | None = None
     resource: Resource | None = None
-    extensions: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    extensions: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "payload", _frozen(self.payload))
-        object.__setattr__(self, "extensions", _frozen(self.extensions))
+        object.__setattr__(self, "payload", frozen(self.payload))
+        object.__setattr__(self, "extensions", frozen(self.extensions))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +135,10 @@ class Settlement:
     error_reason: str | None = None
     error_message: str | None = None
     amount: int | None = None
-    extensions: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    extensions: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extensions", _frozen(self.extensions))
+        object.__setattr__(self, "extensions", frozen(self.extensions))
 
     @property
     def pending(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import orjson
 
 from farebox.errors import ConfigError, PaymentError
+from farebox.protocol.models import EMPTY, frozen
 
 __all__ = [
     "MAX_EVENTS",
@@ -36,15 +37,7 @@ ClaimState = Literal["held", "settled", "pending"]
 #: The most events one query returns.
 MAX_EVENTS = 10_000
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-def _frozen(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    if not value:
-        return _EMPTY
-    if isinstance(value, MappingProxyType):
-        return value
-    return MappingProxyType(dict(value))
+_EMPTY = EMPTY
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +60,7 @@ class Event:
     id: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data", _frozen(self.data))
+        object.__setattr__(self, "data", frozen(self.data))
 
 
 @dataclass(frozen=True, slots=True)
