@@ -191,3 +191,28 @@ async def test_pending_settlement_withholds_the_body_and_keeps_the_claim(chain: 
             await client.get("/weather")
     assert pending.value.code == "settlement_pending"
     assert agent.budget.spent(now=int(time.time())).today > 0
+
+
+async def test_unreachable_ledger_is_a_503_and_the_proof_stays_good(chain: DevChain) -> None:
+    from farebox.ledgers.rpc import HttpRpc
+
+    paid = make_gate(chain)
+    down = EvmLedger(
+        HttpRpc("http://127.0.0.1:9", timeout=2), chain.accounts[1].account, network=chain.network
+    )
+    working = paid.gate.facilitator
+    paid.gate.facilitator = LocalFacilitator([down])
+    app = PaymentMiddleware(chunked_app, paid.gate)
+    payer = fund(chain)
+    header = await proof_header(app, payer, "/weather")
+    sent = await call(app, "/weather", [header])
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    assert sent[0]["status"] == 503
+    assert headers["retry-after"]
+    assert b"part" not in b"".join(m.get("body", b"") for m in sent)
+    assert chain.balance_of(payer.address) == 1_000_000
+    # The node is back: the same proof pays, once.
+    paid.gate.facilitator = working
+    assert (await call(app, "/weather", [header]))[0]["status"] == 200
+    assert chain.balance_of(payer.address) == 1_000_000 - PRICE
+    await down.aclose()

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from farebox.agent.book import BookEntry, ReceiptBook
-from farebox.agent.budget import Budget, Limits, Reservation
+from farebox.agent.budget import Budget, Reservation
 from farebox.agent.policy import Policy
 from farebox.errors import PaymentError, ReceiptError
 from farebox.eth import EvmAccount
@@ -117,12 +117,15 @@ class _IssuerKeys:
 class Agent:
     """An agent that pays x402 APIs with ``account``, within ``policy`` and ``budget``.
 
+    The default budget allows $0.10 per request (in USD-pegged assets) and is not persisted.
+
     ``book`` keeps every receipt; ``require_receipt`` refuses a paid response without a verifiable
     PEAC record (the spend is still committed: the money moved). ``clock`` gives Unix seconds.
     """
 
     account: EvmAccount
-    budget: Budget = field(default_factory=lambda: Budget(None, Limits()))
+    # Without a budget of its own, an agent pays at most 10 cents a request and keeps no history.
+    budget: Budget = field(default_factory=lambda: Budget.from_prices(None, per_request="$0.10"))
     policy: Policy = field(default_factory=Policy)
     book: ReceiptBook | None = None
     assets: AssetRegistry = ASSETS
