@@ -39,6 +39,12 @@ __all__ = [
     "find_offer",
     "offer_from_json",
     "offer_to_json",
+    "proof_from_json",
+    "proof_to_json",
+    "requirements_from_json",
+    "requirements_to_json",
+    "settlement_from_json",
+    "settlement_to_json",
     "v1_body",
 ]
 
@@ -359,6 +365,12 @@ def decode_v1_challenge(
 
 def encode_proof(proof: Proof) -> str:
     """The header value for ``proof``: ``PAYMENT-SIGNATURE`` (v2) or ``X-PAYMENT`` (v1)."""
+    return b64json_encode(proof_to_json(proof))
+
+
+def proof_to_json(proof: Proof) -> dict[str, Any]:
+    """``proof`` as the x402 ``PaymentPayload`` JSON object of its version (what a facilitator's
+    ``/verify`` and ``/settle`` take as ``paymentPayload``)."""
     obj: dict[str, Any]
     if proof.x402_version == 1:
         obj = {
@@ -377,7 +389,7 @@ def encode_proof(proof: Proof) -> str:
         obj["payload"] = dict(proof.payload)
         if proof.extensions:
             obj["extensions"] = dict(proof.extensions)
-    return b64json_encode(obj)
+    return obj
 
 
 def _read_proof_v1(f: _Fields) -> Proof:
@@ -410,8 +422,34 @@ _PROOF_READERS: Mapping[int, Callable[[_Fields], Proof]] = {1: _read_proof_v1, 2
 
 def decode_proof(value: str, *, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Proof:
     """Read a ``PAYMENT-SIGNATURE`` or ``X-PAYMENT`` header; the version inside decides the shape."""
-    f = _Fields(b64json_decode(value, max_bytes=max_bytes), "PaymentPayload")
+    return proof_from_json(b64json_decode(value, max_bytes=max_bytes))
+
+
+def proof_from_json(data: Any) -> Proof:
+    """Read an x402 ``PaymentPayload`` JSON object (already parsed); the version decides the shape."""
+    f = _Fields(data, "PaymentPayload")
     return _PROOF_READERS[_version(f)](f)
+
+
+def requirements_to_json(
+    offer: Offer, resource: Resource, *, x402_version: int = 2
+) -> dict[str, Any]:
+    """``offer`` as ``PaymentRequirements`` of ``x402_version`` (v1 carries the resource inside)."""
+    if x402_version == 1:
+        v1 = _offer_to_v1(offer, resource)
+        if v1 is None:
+            raise PaymentError("invalid_network", f"x402 v1 has no name for {offer.network}")
+        return v1
+    return offer_to_json(offer)
+
+
+def requirements_from_json(data: Any, *, x402_version: int) -> Offer:
+    """Read ``PaymentRequirements`` of ``x402_version`` (a facilitator's ``paymentRequirements``)."""
+    if x402_version == 1:
+        return _read_offer_v1(data, "paymentRequirements")[0]
+    if x402_version == 2:
+        return offer_from_json(data, "paymentRequirements")
+    raise PaymentError("invalid_x402_version", f"x402 version {x402_version!r} is not supported")
 
 
 # --- settlements (server -> client) -------------------------------------------------------------------
@@ -419,6 +457,11 @@ def decode_proof(value: str, *, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Pr
 
 def encode_settlement(settlement: Settlement, *, x402_version: int = 2) -> str:
     """The ``PAYMENT-RESPONSE`` (v2) or ``X-PAYMENT-RESPONSE`` (v1) header value."""
+    return b64json_encode(settlement_to_json(settlement, x402_version=x402_version))
+
+
+def settlement_to_json(settlement: Settlement, *, x402_version: int = 2) -> dict[str, Any]:
+    """``settlement`` as the x402 ``SettleResponse`` JSON object of ``x402_version``."""
     network = settlement.network
     if x402_version == 1:
         network = _V1_NAMES.get(network, network)
@@ -435,12 +478,17 @@ def encode_settlement(settlement: Settlement, *, x402_version: int = 2) -> str:
         "extensions": dict(settlement.extensions) or None,
     }
     obj.update((k, v) for k, v in optional.items() if v is not None)
-    return b64json_encode(obj)
+    return obj
 
 
 def decode_settlement(value: str, *, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Settlement:
     """Read a ``PAYMENT-RESPONSE`` or ``X-PAYMENT-RESPONSE`` header."""
-    f = _Fields(b64json_decode(value, max_bytes=max_bytes), "SettleResponse")
+    return settlement_from_json(b64json_decode(value, max_bytes=max_bytes))
+
+
+def settlement_from_json(data: Any) -> Settlement:
+    """Read an x402 ``SettleResponse`` JSON object (already parsed)."""
+    f = _Fields(data, "SettleResponse")
     success = f.data.get("success")
     if not isinstance(success, bool):
         raise PaymentError("invalid_payload", "SettleResponse.success must be a boolean")
