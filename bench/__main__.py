@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.bench_verify", "bench.bench_receipts", "bench.bench_gate"]
+BENCHMARKS = [
+    "bench.bench_verify",
+    "bench.bench_receipts",
+    "bench.bench_gate",
+    "bench.bench_facilitator",
+]
 
 
 def main(names: list[str]) -> None:

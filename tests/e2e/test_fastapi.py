@@ -362,3 +362,34 @@ async def test_a_receipt_from_another_issuer_is_refused_but_the_spend_counts(
     assert "E_VERIFY_ISSUER_MISMATCH" in refused.value.message
     assert chain.balance_of(payer.address) == 1_000_000 - PRICE
     assert agent.budget.spent(now=int(time.time())).today_committed > 0
+
+
+async def test_a_missing_receipt_is_accepted_unless_required(paid: Paid, chain: DevChain) -> None:
+    app = fastapi_app(paid)
+
+    async def strip_receipt(scope: Any, receive: Any, send: Any) -> None:
+        async def send_without(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [(k, v) for k, v in message["headers"] if k != b"peac-receipt"]
+            await send(message)
+
+        await app(scope, receive, send_without)
+
+    for required in (False, True):
+        payer = fund(chain)
+        agent = Agent(payer, require_receipt=required)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=strip_receipt),
+            base_url=ISSUER,
+            auth=PaymentAuth(agent),
+        ) as c:
+            if required:
+                with pytest.raises(PaymentError) as refused:
+                    await c.get("/weather")
+                assert refused.value.code == "receipt_invalid"
+            else:
+                response = await c.get("/weather")
+                assert response.status_code == 200
+                assert response.extensions[PAYMENT_EXTENSION].receipt is None
+        assert chain.balance_of(payer.address) == 1_000_000 - PRICE  # paid either way

@@ -119,8 +119,10 @@ class Agent:
 
     The default budget allows $0.10 per request (in USD-pegged assets) and is not persisted.
 
-    ``book`` keeps every receipt; ``require_receipt`` refuses a paid response without a verifiable
-    PEAC record (the spend is still committed: the money moved). ``clock`` gives Unix seconds.
+    ``book`` keeps every receipt. A PEAC record that fails verification is always refused
+    (``receipt_invalid``; the spend is still committed: the money moved). A response without one
+    (most x402 servers send none) is accepted unless ``require_receipt`` is set.
+    ``clock`` gives Unix seconds.
     """
 
     account: EvmAccount
@@ -129,7 +131,7 @@ class Agent:
     policy: Policy = field(default_factory=Policy)
     book: ReceiptBook | None = None
     assets: AssetRegistry = ASSETS
-    require_receipt: bool = True
+    require_receipt: bool = False
     clock: Callable[[], float] = time.time
     _issuers: dict[str, _IssuerKeys] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -256,7 +258,8 @@ class Agent:
                     verified=receipt is not None,
                 )
             )
-        if problem is not None and self.require_receipt:
+        missing = jws is None
+        if problem is not None and (self.require_receipt or not missing):
             raise PaymentFailed(
                 "receipt_invalid",
                 f"paid (transaction {settlement.transaction}), but the receipt failed: {problem}",
