@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.text import Text
 
 from farebox.cli_devchain import devchain_command
+from farebox.cli_facilitator import facilitator_command
+from farebox.cli_serve import serve_command
 from farebox.errors import ConfigError, ReceiptError
 from farebox.receipts import SigningKey, parse_jwks, save_signing_key, verify_receipt
 from farebox.receipts.jws import MAX_JWS_BYTES, peek_compact
@@ -38,6 +40,8 @@ receipts_app = typer.Typer(help="Verify and inspect PEAC receipts.", no_args_is_
 app.add_typer(keys_app, name="keys")
 app.add_typer(receipts_app, name="receipts")
 app.command("devchain")(devchain_command)
+app.command("facilitator")(facilitator_command)
+app.command("serve")(serve_command)
 
 
 def _stderr() -> Console:

@@ -7,7 +7,7 @@ from a development account) so tests running in parallel never share a balance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ PRICE = 10_000  # $0.01 in 6-decimal USDC
 
 
 @pytest.fixture(scope="session")
-def chain() -> Iterator[DevChain]:
+def chain() -> DevChain:
     chain = DevChain()
     ASSETS.register(chain.asset)
     return chain

@@ -19,6 +19,11 @@ class LocalFacilitator:
         self._ledgers = {ledger.network: ledger for ledger in ledgers}
         self._simulate = simulate
 
+    @property
+    def ledgers(self) -> tuple[EvmLedger, ...]:
+        """The ledgers, one per network."""
+        return tuple(self._ledgers.values())
+
     def ledger_for(self, network: str) -> EvmLedger:
         ledger = self._ledgers.get(network)
         if ledger is None:

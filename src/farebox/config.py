@@ -1,0 +1,673 @@
+"""A paid API from a TOML file: the routes, their prices, who gets paid and how payments settle.
+
+:func:`load_config` reads and validates the file into a frozen :class:`ServerConfig` (every mistake
+is a :class:`~farebox.errors.ConfigError` naming its key, e.g. ``routes[2].price: ...``; unknown
+keys are mistakes too, so a typo never passes silently). :func:`build_app` turns it into an ASGI
+app: the gate in front of a reverse proxy to ``server.upstream``, or in front of a small built-in
+app. The schema::
+
+    [server]
+    issuer = "https://api.example.com"  # optional: an https origin; else records are signed as
+                                        #   the receipt key's did:key
+    receipt_key = "receipts.key"        # optional Ed25519 key file; created (0600) if missing.
+                                        #   Without it, a fresh key per start (needs no issuer).
+    store = "payments.sqlite"           # required: a SQLite file, or "memory"
+    upstream = "http://127.0.0.1:9000"  # optional: proxy every request to this URL
+    upstream_timeout = 30               # optional, seconds (connect, and each wait for bytes)
+
+    [payment]
+    network = "eip155:84532"            # CAIP-2, or "devchain" for the embedded chain
+    asset = "0x036C..."                 # optional: the network's default USDC
+    pay_to = "0x..."                    # required: the merchant's address
+
+    [settlement]                        # exactly one of ledger, rpc_url, facilitator
+    ledger = "embedded"                 # the in-process chain (network "devchain"), settling
+                                        #   with development account #1
+    rpc_url = "https://sepolia.base.org"  # a node; with settler_key = "settler.key" (hex key
+                                          #   file of the account paying the gas)
+    facilitator = "https://x402.org/facilitator"  # an x402 facilitator; token_env optionally
+                                                  #   names the variable holding its bearer token
+                                                  #   (default: FAREBOX_FACILITATOR_TOKEN if set)
+    timeout = 15                        # optional, seconds per call to the node or facilitator
+
+    [[routes]]                          # one or more
+    method = "GET"                      # optional, GET by default; "*" for any
+    path = "/reports/{id}"              # {name} is one segment, {name:path} the rest
+    price = "$0.01"                     # "$0.01", "0.01 USDC", or an int of atomic units
+    description = "A report"            # optional
+    mime_type = "application/json"      # optional
+    max_timeout_seconds = 300           # optional
+    content = '{"ok": true}'            # optional, without upstream: the paid body to serve
+
+Relative paths are resolved against the config file's folder. ``X402_FACILITATOR_URL`` (the x402
+tools' variable) supplies the facilitator when ``[settlement]`` is absent and overrides a
+configured ``facilitator``; it never replaces an explicit ``ledger`` or ``rpc_url`` (a stray
+variable must not move settlement elsewhere). ``load_config(..., facilitator=URL)`` (the
+``--facilitator`` option) overrides everything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from farebox.errors import ConfigError
+from farebox.eth import EvmAccount, checksum_address, is_address
+from farebox.facilitator.base import Facilitator
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.evm import EvmLedger
+from farebox.ledgers.rpc import HttpRpc
+from farebox.money import ASSETS, DEVCHAIN_USDC, Asset, AssetRegistry, parse_price
+from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, save_signing_key
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.gate import Gate
+from farebox.server.proxy import ReverseProxy
+from farebox.server.routes import Route, RouteTable
+from farebox.store.base import Store
+from farebox.store.memory import MemoryStore
+from farebox.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from farebox.ledgers.devchain import DevChain
+
+__all__ = [
+    "FACILITATOR_ENV",
+    "FACILITATOR_TOKEN_ENV",
+    "EmbeddedSettlement",
+    "FacilitatorSettlement",
+    "FareboxApp",
+    "RouteConfig",
+    "RpcSettlement",
+    "ServerConfig",
+    "Settlement",
+    "build_app",
+    "load_config",
+    "parse_config",
+]
+
+FACILITATOR_ENV = "X402_FACILITATOR_URL"
+# The remote facilitator client's own default for its bearer token (a variable name, not a secret).
+FACILITATOR_TOKEN_ENV = "FAREBOX_FACILITATOR_TOKEN"  # noqa: S105
+DEVCHAIN_ALIAS = "devchain"
+# Development account #1 of the embedded chain pays the gas, as in the sample API.
+EMBEDDED_SETTLER = 1
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
+
+
+# --- the validated configuration ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSettlement:
+    """Settle on an in-process :class:`~farebox.ledgers.devchain.DevChain`."""
+
+
+@dataclass(frozen=True, slots=True)
+class RpcSettlement:
+    """Settle through a node's JSON-RPC with the account in ``settler_key`` paying the gas."""
+
+    rpc_url: str = field(repr=False)  # URLs of hosted nodes often embed an API key
+    settler_key: Path
+    timeout: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitatorSettlement:
+    """Verify and settle through a remote x402 facilitator. ``source`` says who chose the URL:
+    ``"config"``, ``"env"`` (``X402_FACILITATOR_URL``) or ``"override"`` (``--facilitator``)."""
+
+    url: str
+    source: str = "config"
+    token: str | None = field(default=None, repr=False)
+    timeout: float = 15.0
+
+
+Settlement = EmbeddedSettlement | RpcSettlement | FacilitatorSettlement
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A validated paid route and, without an upstream, the body the built-in app serves for it."""
+
+    route: Route
+    content: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """A validated server configuration. ``store`` is ``None`` for the in-memory store;
+    ``receipt_key`` is ``None`` for a fresh key at each start."""
+
+    asset: Asset
+    pay_to: str
+    settlement: Settlement
+    routes: tuple[RouteConfig, ...]
+    store: Path | None
+    issuer: str | None = None
+    receipt_key: Path | None = None
+    upstream: str | None = None
+    upstream_timeout: float = 30.0
+    source: Path | None = None
+
+    @property
+    def network(self) -> str:
+        """The CAIP-2 network payments are made on."""
+        return self.asset.network
+
+    def route_table(self) -> RouteTable:
+        """A fresh :class:`RouteTable` of the configured routes, in file order."""
+        return RouteTable(entry.route for entry in self.routes)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    facilitator: str | None = None,
+    assets: AssetRegistry = ASSETS,
+) -> ServerConfig:
+    """Read and validate the TOML file at ``path``.
+
+    ``env`` is the environment to read ``X402_FACILITATOR_URL`` (and a facilitator token) from,
+    ``os.environ`` by default; ``facilitator`` overrides the settlement with that facilitator URL.
+    """
+    source = Path(path)
+    try:
+        with source.open("rb") as fh:
+            document = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_config(
+        document,
+        base_dir=source.resolve().parent,
+        env=env,
+        facilitator=facilitator,
+        assets=assets,
+        source=source,
+    )
+
+
+def parse_config(
+    document: Mapping[str, Any],
+    *,
+    base_dir: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    facilitator: str | None = None,
+    assets: AssetRegistry = ASSETS,
+    source: Path | None = None,
+) -> ServerConfig:
+    """Validate a parsed TOML document; relative paths resolve against ``base_dir``."""
+    env = os.environ if env is None else env
+    base = Path(base_dir)
+    _only(document, "", {"server", "payment", "settlement", "routes"})
+    server = _table(document, "server", required=False)
+    payment = _table(document, "payment", required=True)
+    _only(server, "server", {"issuer", "receipt_key", "store", "upstream", "upstream_timeout"})
+    _only(payment, "payment", {"network", "asset", "pay_to"})
+
+    issuer = _string(server, "server.issuer", "issuer")
+    if issuer is not None and https_origin(issuer) != issuer:
+        raise ConfigError(
+            f"server.issuer: {issuer!r} is not an https origin such as https://api.example.com "
+            "(omit it to sign records as the receipt key's did:key)"
+        )
+    receipt_key = _path(server, "server.receipt_key", "receipt_key", base)
+    if issuer is not None and receipt_key is None:
+        raise ConfigError(
+            "server.receipt_key: required with server.issuer (an https issuer publishes its keys, "
+            "so they must survive a restart)"
+        )
+    store_text = _string(server, "server.store", "store")
+    if store_text is None:
+        raise ConfigError('server.store: required: a SQLite file path, or "memory"')
+    store = None if store_text == "memory" else _resolve(store_text, base)
+    upstream = _string(server, "server.upstream", "upstream")
+    if upstream is not None:
+        _check_url(upstream, "server.upstream")
+        if urlsplit(upstream).query or urlsplit(upstream).fragment:
+            raise ConfigError("server.upstream: must not have a query or fragment")
+    upstream_timeout = _seconds(server, "server.upstream_timeout", "upstream_timeout", 30.0)
+
+    network = _string(payment, "payment.network", "network")
+    if network is None:
+        raise ConfigError('payment.network: required: a CAIP-2 network such as "eip155:84532"')
+    if network == DEVCHAIN_ALIAS:
+        network = DEVCHAIN_USDC.network
+    asset_address = _string(payment, "payment.asset", "asset")
+    asset = _asset(network, asset_address, assets)
+    pay_to = _string(payment, "payment.pay_to", "pay_to")
+    if pay_to is None:
+        raise ConfigError("payment.pay_to: required: the address that receives the payments")
+    if not is_address(pay_to):
+        raise ConfigError(f"payment.pay_to: {pay_to!r} is not a 0x-prefixed 20-byte address")
+    pay_to = checksum_address(pay_to)
+
+    settlement = _settlement(document, asset, base, env, facilitator)
+    routes = _routes(document, asset, pay_to, upstream is not None)
+    return ServerConfig(
+        asset=asset,
+        pay_to=pay_to,
+        settlement=settlement,
+        routes=routes,
+        store=store,
+        issuer=issuer,
+        receipt_key=receipt_key,
+        upstream=upstream,
+        upstream_timeout=upstream_timeout,
+        source=source,
+    )
+
+
+def _asset(network: str, address: str | None, assets: AssetRegistry) -> Asset:
+    if address is None:
+        try:
+            return assets.default_for(network)
+        except ConfigError:
+            raise ConfigError(
+                f"payment.network: no known asset on {network!r}; "
+                f'use "devchain" or one of {sorted({a.network for a in assets})}'
+            ) from None
+    if not is_address(address):
+        raise ConfigError(f"payment.asset: {address!r} is not a 0x-prefixed 20-byte address")
+    found = assets.find(network, address)
+    if found is None:
+        known = [a.address for a in assets if a.network == network]
+        raise ConfigError(
+            f"payment.asset: {address} is not a known asset on {network} (known: {known or 'none'})"
+        )
+    return found
+
+
+def _settlement(
+    document: Mapping[str, Any],
+    asset: Asset,
+    base: Path,
+    env: Mapping[str, str],
+    override: str | None,
+) -> Settlement:
+    table = _table(document, "settlement", required=False)
+    _only(
+        table,
+        "settlement",
+        {"ledger", "rpc_url", "settler_key", "facilitator", "token_env", "timeout"},
+    )
+    timeout = _seconds(table, "settlement.timeout", "timeout", 15.0)
+    ledger = _string(table, "settlement.ledger", "ledger")
+    rpc_url = _string(table, "settlement.rpc_url", "rpc_url")
+    url = _string(table, "settlement.facilitator", "facilitator")
+    settler_key = _path(table, "settlement.settler_key", "settler_key", base)
+    token_env = _string(table, "settlement.token_env", "token_env")
+    modes = (("ledger", ledger), ("rpc_url", rpc_url), ("facilitator", url))
+    chosen = [key for key, value in modes if value is not None]
+    if len(chosen) > 1:
+        raise ConfigError(
+            f"settlement: choose one of ledger, rpc_url, facilitator (got {', '.join(chosen)})"
+        )
+    if settler_key is not None and rpc_url is None:
+        raise ConfigError("settlement.settler_key: only used with settlement.rpc_url")
+    if ledger is not None and ledger != "embedded":
+        raise ConfigError(f'settlement.ledger: {ledger!r} is unknown; the one ledger is "embedded"')
+    if rpc_url is not None:
+        _check_url(rpc_url, "settlement.rpc_url", show=False)
+        if settler_key is None:
+            raise ConfigError("settlement.settler_key: required with settlement.rpc_url")
+    if url is not None:
+        _check_url(url, "settlement.facilitator")
+
+    # Which facilitator URL wins: --facilitator, then the environment (unless the file chose a
+    # ledger of its own), then the file.
+    from_env = env.get(FACILITATOR_ENV) or None
+    remote: FacilitatorSettlement | None = None
+    if override is not None:
+        _check_url(override, "--facilitator")
+        remote = FacilitatorSettlement(override, "override", timeout=timeout)
+    elif from_env is not None and ledger is None and rpc_url is None:
+        _check_url(from_env, FACILITATOR_ENV)
+        remote = FacilitatorSettlement(from_env, "env", timeout=timeout)
+    elif url is not None:
+        remote = FacilitatorSettlement(url, "config", timeout=timeout)
+    if remote is None:
+        if token_env is not None:
+            raise ConfigError("settlement.token_env: only used with a facilitator")
+        if rpc_url is not None and settler_key is not None:
+            return RpcSettlement(rpc_url, settler_key, timeout)
+        if ledger is None:
+            raise ConfigError(
+                f"settlement: required: ledger, rpc_url or facilitator (or set {FACILITATOR_ENV})"
+            )
+        if asset.network != DEVCHAIN_USDC.network:
+            raise ConfigError(
+                'settlement.ledger: "embedded" settles only on the embedded chain: '
+                'set payment.network = "devchain"'
+            )
+        return EmbeddedSettlement()
+    if token_env is not None:
+        # The file names the variable; the secret itself never sits in the file.
+        token = env.get(token_env)
+        if not token:
+            raise ConfigError(f"settlement.token_env: environment variable {token_env} is not set")
+        remote = replace(remote, token=token)
+    elif env.get(FACILITATOR_TOKEN_ENV):
+        remote = replace(remote, token=env[FACILITATOR_TOKEN_ENV])
+    return remote
+
+
+def _routes(
+    document: Mapping[str, Any], asset: Asset, pay_to: str, proxied: bool
+) -> tuple[RouteConfig, ...]:
+    raw = document.get("routes")
+    if raw is None:
+        raise ConfigError("routes: at least one [[routes]] table is required")
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError("routes: must be an array of tables ([[routes]])")
+    if not raw:
+        raise ConfigError("routes: at least one [[routes]] table is required")
+    out: list[RouteConfig] = []
+    seen: dict[tuple[str, str], int] = {}
+    allowed = {
+        "method",
+        "path",
+        "price",
+        "description",
+        "mime_type",
+        "max_timeout_seconds",
+        "content",
+    }
+    for index, item in enumerate(raw):
+        where = f"routes[{index}]"
+        _only(item, where, allowed)
+        method = (_string(item, f"{where}.method", "method") or "GET").upper()
+        if method not in _METHODS:
+            raise ConfigError(f"{where}.method: {method!r} is not one of {sorted(_METHODS)}")
+        path = _string(item, f"{where}.path", "path")
+        if path is None:
+            raise ConfigError(f'{where}.path: required, e.g. "/weather"')
+        if not path.startswith("/"):
+            raise ConfigError(f"{where}.path: {path!r} must start with '/'")
+        if (method, path) in seen:
+            raise ConfigError(f"{where}: {method} {path} is already routes[{seen[(method, path)]}]")
+        seen[(method, path)] = index
+        price = item.get("price")
+        if price is None:
+            raise ConfigError(f'{where}.price: required, e.g. "$0.01"')
+        if isinstance(price, float):
+            raise ConfigError(
+                f'{where}.price: write it as a string ("$0.01"): floats are not exact'
+            )
+        if isinstance(price, bool) or not isinstance(price, (str, int)):
+            raise ConfigError(f"{where}.price: must be a string or an integer of atomic units")
+        try:
+            parse_price(price, asset)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.price: {exc}") from None
+        description = _string(item, f"{where}.description", "description") or ""
+        mime_type = _string(item, f"{where}.mime_type", "mime_type") or ""
+        max_timeout = item.get("max_timeout_seconds", 300)
+        if isinstance(max_timeout, bool) or not isinstance(max_timeout, int):
+            raise ConfigError(f"{where}.max_timeout_seconds: must be an integer")
+        if not 6 < max_timeout <= 86_400:
+            raise ConfigError(f"{where}.max_timeout_seconds: must be between 7 and 86400")
+        content = _string(item, f"{where}.content", "content")
+        if content is not None and proxied:
+            raise ConfigError(
+                f"{where}.content: not used with server.upstream (the upstream answers)"
+            )
+        try:
+            route = Route(
+                method, path, price, (asset,), pay_to, description, mime_type, max_timeout
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        out.append(RouteConfig(route, content))
+    return tuple(out)
+
+
+# --- small readers: each names the key it reads ------------------------------------------------
+
+
+def _only(table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})"
+        )
+
+
+def _table(document: Mapping[str, Any], key: str, *, required: bool) -> Mapping[str, Any]:
+    value = document.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{key}: the [{key}] table is required")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table ([{key}])")
+    return value
+
+
+def _string(table: Mapping[str, Any], where: str, key: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _seconds(table: Mapping[str, Any], where: str, key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: must be a number of seconds")
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise ConfigError(f"{where}: must be more than 0 and at most 3600 seconds")
+    return float(value)
+
+
+def _resolve(text: str, base: Path) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _path(table: Mapping[str, Any], where: str, key: str, base: Path) -> Path | None:
+    text = _string(table, where, key)
+    return None if text is None else _resolve(text, base)
+
+
+def _check_url(url: str, where: str, *, show: bool = True) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        # A node URL may embed an API key: name the key, not the value.
+        shown = f" {url!r}" if show else ""
+        raise ConfigError(f"{where}:{shown} is not an http(s) URL")
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> FareboxApp:
+    """The ASGI app for ``config``: keys loaded (a missing receipt key file is created), store
+    opened lazily, ledger or facilitator connected lazily.
+
+    ``chain`` is the embedded chain to settle on (a new one by default); it is ignored by the other
+    settlement modes.
+    """
+    signing_key, created = _signing_key(config.receipt_key)
+    settlement = config.settlement
+    facilitator: Facilitator
+    used_chain: DevChain | None = None
+    if isinstance(settlement, EmbeddedSettlement):
+        if chain is None:
+            try:
+                from farebox.ledgers.devchain import DevChain
+            except ModuleNotFoundError as exc:
+                raise ConfigError(
+                    f"settlement.ledger: the embedded chain needs {exc.name}: "
+                    "pip install 'farebox[devchain]'"
+                ) from None
+            chain = DevChain()
+        used_chain = chain
+        settler = chain.accounts[EMBEDDED_SETTLER].account
+        facilitator = LocalFacilitator([EvmLedger(chain.rpc, settler, network=chain.network)])
+    elif isinstance(settlement, RpcSettlement):
+        try:
+            settler = EvmAccount.from_file(settlement.settler_key)
+        except ConfigError as exc:
+            raise ConfigError(f"settlement.settler_key: {exc}") from None
+        rpc = HttpRpc(settlement.rpc_url, timeout=settlement.timeout)
+        facilitator = LocalFacilitator([EvmLedger(rpc, settler, network=config.network)])
+    else:
+        facilitator = _remote_facilitator(settlement)
+    store: Store = MemoryStore() if config.store is None else SqliteStore(config.store)
+    gate = Gate(
+        config.route_table(), facilitator, store, signing_key=signing_key, issuer=config.issuer
+    )
+    proxy = None
+    inner: Callable[[Scope, Receive, Send], Awaitable[None]]
+    if config.upstream is not None:
+        proxy = ReverseProxy(config.upstream, timeout=config.upstream_timeout)
+        inner = proxy
+    else:
+        inner = _BuiltinApp(config.routes)
+    return FareboxApp(config, gate, PaymentMiddleware(inner, gate), proxy, used_chain, created)
+
+
+def _signing_key(path: Path | None) -> tuple[SigningKey, bool]:
+    if path is None:
+        return SigningKey.generate(), False
+    if not path.exists():
+        key = SigningKey.generate()
+        try:
+            save_signing_key(key, path)
+            return key, True
+        except ConfigError as exc:
+            if not path.exists():  # else another process created it first: read theirs
+                raise ConfigError(f"server.receipt_key: {exc}") from None
+    try:
+        return load_signing_key(path), False
+    except ConfigError as exc:
+        raise ConfigError(f"server.receipt_key: {exc}") from None
+
+
+def _remote_facilitator(settlement: FacilitatorSettlement) -> Facilitator:
+    # Imported by name when needed, so this module works on installs without the remote client.
+    try:
+        module = importlib.import_module("farebox.facilitator.remote")
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "settlement.facilitator: this farebox has no remote facilitator client"
+        ) from None
+    facilitator: Facilitator = module.RemoteFacilitator(
+        settlement.url, timeout=settlement.timeout, token=settlement.token
+    )
+    return facilitator
+
+
+class FareboxApp:
+    """The configured server as an ASGI app. Its resources (store, node or facilitator
+    connections, the proxy's pool) close on the lifespan shutdown, or with :meth:`aclose`."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        gate: Gate,
+        app: PaymentMiddleware,
+        proxy: ReverseProxy | None,
+        chain: DevChain | None,
+        receipt_key_created: bool,
+    ) -> None:
+        self.config = config
+        self.gate = gate
+        self.proxy = proxy
+        self.chain = chain
+        """The embedded chain, with ``ledger = "embedded"``."""
+        self.receipt_key_created = receipt_key_created
+        """Whether this start created the receipt key file."""
+        self._app = app
+        self._closed = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self._app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def aclose(self) -> None:
+        """Close the gate (store, facilitator) and the proxy's pool; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.gate.aclose()
+        finally:
+            if self.proxy is not None:
+                await self.proxy.aclose()
+
+
+class _BuiltinApp:
+    """What answers behind the gate without an upstream: a route's ``content`` (or a small JSON
+    note naming the route), a free ``GET /health``, and a 404 for everything else."""
+
+    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
+        self._table = RouteTable(entry.route for entry in routes)
+        self._content = {entry.route.name: entry for entry in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        found = self._table.match(method, path)
+        if found is not None:
+            entry = self._content[found.route.name]
+            if entry.content is not None:
+                mime = entry.route.mime_type or "text/plain; charset=utf-8"
+                await _answer(send, 200, mime, entry.content.encode(), method)
+                return
+            note = {"route": found.route.name, "path": path, "params": dict(found.params)}
+            await _answer(send, 200, "application/json", orjson.dumps(note), method)
+        elif path == "/health" and method in ("GET", "HEAD"):
+            await _answer(send, 200, "application/json", b'{"ok":true}', method)
+        else:
+            problem = {"type": "about:blank", "title": "Not Found", "status": 404}
+            await _answer(send, 404, "application/problem+json", orjson.dumps(problem), method)
+
+
+async def _answer(send: Send, status: int, content_type: str, body: bytes, method: str) -> None:
+    headers = [
+        (b"content-type", content_type.encode("latin-1")),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})

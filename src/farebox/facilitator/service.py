@@ -1,0 +1,662 @@
+"""The facilitator service: x402's ``/verify``, ``/settle`` and ``/supported`` as a pure ASGI app.
+
+Any x402 resource server (farebox's gate through
+:class:`~farebox.facilitator.remote.RemoteFacilitator`, or the official SDKs'
+``HTTPFacilitatorClient``) can verify and settle ``exact`` EVM payments through it. Requests are
+read the way the official client sends them (``{"x402Version", "paymentPayload",
+"paymentRequirements"}``, x402 v1 and v2) and answered in the official shapes.
+
+HTTP status rules: a refused payment is a 200 carrying ``isValid: false`` / ``success: false`` and
+the x402 reason code (what the reference facilitators do); a request that cannot be read at all is
+a 400 ``application/problem+json``; a body over the limit is a 413. Nothing raises out of the app.
+
+One authorization is settled at most once, even when ``/settle`` is asked twice at the same time:
+the proof's ``claim_key`` is claimed in the :class:`~farebox.store.base.Store` first, and a
+concurrent or repeated request answers the recorded outcome instead of broadcasting again.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import orjson
+
+from farebox.errors import PaymentError
+from farebox.eth import EvmAccount
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.evm import EvmLedger
+from farebox.protocol.models import Offer, Proof, Settlement, VerifiedProof
+from farebox.protocol.x402 import (
+    V1_NETWORKS,
+    find_offer,
+    proof_from_json,
+    requirements_from_json,
+    settlement_to_json,
+)
+from farebox.schemes import evm_exact
+from farebox.store.base import Event, Store
+
+__all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
+
+logger = logging.getLogger("farebox.facilitator")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_MAX_BODY = 64 * 1024
+
+# Offline verification per scheme (signature and terms, no I/O), as in the gate.
+_VERIFIERS: Mapping[str, Callable[..., VerifiedProof]] = {evm_exact.SCHEME: evm_exact.verify}
+
+_JSON = "application/json"
+_PROBLEM = "application/problem+json"
+_SETTLE_ROUTE = "POST /settle"
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """A readable ``/verify`` or ``/settle`` body."""
+
+    version: int
+    proof: Proof
+    offer: Offer
+
+
+class _BadRequest(Exception):
+    """The request cannot be read: answered with a problem document, never a refusal body."""
+
+    def __init__(self, error: PaymentError) -> None:
+        super().__init__(error.code)
+        self.error = error
+
+
+def _problem(error: PaymentError, status: int | None = None) -> PaymentError:
+    """``error`` answered with HTTP ``status`` (the problem's ``status`` must match the reply's)."""
+    return PaymentError(error.code, error.message, status=status or error.status, payer=error.payer)
+
+
+class FacilitatorApp:
+    """The ASGI app :func:`facilitator_app` returns; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        facilitator: LocalFacilitator,
+        store: Store,
+        *,
+        token: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        clock: Callable[[], float] = time.time,
+        settle_wait: float = 30.0,
+        poll_interval: float = 0.02,
+        close_on_shutdown: bool = False,
+    ) -> None:
+        if max_body <= 0:
+            raise ValueError("max_body must be positive")
+        self.facilitator = facilitator
+        self.store = store
+        self._token = token.encode("utf-8") if token else None
+        self.max_body = max_body
+        self.clock = clock
+        self.settle_wait = settle_wait
+        self.poll_interval = poll_interval
+        self.close_on_shutdown = close_on_shutdown
+        ledgers = list(facilitator.ledgers)
+        self._supported = _supported_document(ledgers)
+        self._openapi = orjson.dumps(openapi_document(bearer=self._token is not None))
+        self._routes: Mapping[
+            tuple[str, str], Callable[[Scope, Receive], Awaitable[tuple[int, str, bytes]]]
+        ] = {
+            ("POST", "/verify"): self._verify,
+            ("POST", "/settle"): self._settle,
+            ("GET", "/supported"): self._get_supported,
+            ("GET", "/openapi.json"): self._get_openapi,
+        }
+
+    # --- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            status, content_type, body = await self._dispatch(scope, receive, extra)
+        except Exception:
+            # A bug, never a payment outcome: say nothing about it to the caller.
+            logger.exception("facilitator: unexpected error on %s", scope.get("path", "?"))
+            error = PaymentError("unexpected_error", "internal error", status=500)
+            status, content_type, body = 500, _PROBLEM, orjson.dumps(error.to_problem())
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(body)).encode("latin-1")),
+            (b"cache-control", b"no-store"),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.close_on_shutdown:
+                    await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def aclose(self) -> None:
+        """Close the facilitator's node connections and the store."""
+        try:
+            await self.facilitator.aclose()
+        finally:
+            await self.store.aclose()
+
+    async def _dispatch(
+        self, scope: Scope, receive: Receive, extra: list[tuple[bytes, bytes]]
+    ) -> tuple[int, str, bytes]:
+        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        handler = self._routes.get((method, path))
+        if handler is None:
+            allowed = [m for (m, p) in self._routes if p == path]
+            if allowed:
+                extra.append((b"allow", ", ".join(allowed).encode("latin-1")))
+                error = PaymentError("method_not_allowed", f"use {allowed[0]}", status=405)
+            else:
+                error = PaymentError("not_found", "no such endpoint", status=404)
+            return error.status, _PROBLEM, orjson.dumps(error.to_problem())
+        if path == "/settle" and not self._authorized(scope):
+            extra.append((b"www-authenticate", b'Bearer realm="farebox-facilitator"'))
+            error = PaymentError("unauthorized", "a valid bearer token is required", status=401)
+            return 401, _PROBLEM, orjson.dumps(error.to_problem())
+        try:
+            return await handler(scope, receive)
+        except _BadRequest as bad:
+            return bad.error.status, _PROBLEM, orjson.dumps(bad.error.to_problem())
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._token is None:
+            return True
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                scheme, _, given = bytes(value).strip().partition(b" ")
+                # Constant time: the comparison must not tell how much of a guess was right.
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    given.strip(), self._token
+                )
+        return False
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise _BadRequest(
+                        PaymentError("invalid_payload", "bad Content-Length", status=400)
+                    ) from None
+                if declared > self.max_body:
+                    # Refused before reading a byte of it.
+                    raise _BadRequest(self._too_large())
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _BadRequest(PaymentError("invalid_payload", "client went away", status=400))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _BadRequest(self._too_large())
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> PaymentError:
+        return PaymentError(
+            "payload_too_large", f"the body exceeds {self.max_body} bytes", status=413
+        )
+
+    async def _request(self, scope: Scope, receive: Receive) -> _Request:
+        raw = await self._body(scope, receive)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _BadRequest(
+                PaymentError("invalid_payload", "the body is not JSON", status=400)
+            ) from None
+        if not isinstance(data, dict):
+            raise _BadRequest(
+                PaymentError("invalid_payload", "the body must be a JSON object", status=400)
+            )
+        version = data.get("x402Version")
+        if isinstance(version, bool) or version not in (1, 2):
+            raise _BadRequest(
+                PaymentError(
+                    "invalid_x402_version", "x402Version must be the number 1 or 2", status=400
+                )
+            )
+        try:
+            proof = proof_from_json(data.get("paymentPayload"))
+            if proof.x402_version != version:
+                raise PaymentError(
+                    "invalid_x402_version", "paymentPayload.x402Version differs from x402Version"
+                )
+            # An unknown network is unreadable here too (a v1 name has no CAIP-2 translation).
+            offer = requirements_from_json(data.get("paymentRequirements"), x402_version=version)
+        except PaymentError as exc:
+            raise _BadRequest(_problem(exc, 400)) from None
+        return _Request(version, proof, offer)
+
+    def _check_offline(self, request: _Request) -> VerifiedProof:
+        """The gate's checks: scheme and network served, proof matches, signature and terms."""
+        offer = request.offer
+        verify = _VERIFIERS.get(offer.scheme)
+        if verify is None:
+            raise PaymentError("unsupported_scheme", f"cannot settle scheme {offer.scheme[:32]!r}")
+        if not self.facilitator.supports(offer):
+            raise PaymentError("invalid_network", f"no ledger for {offer.network[:64]}")
+        find_offer(request.proof, (offer,))
+        return verify(request.proof, offer, now=int(self.clock()))
+
+    # --- /verify -----------------------------------------------------------------------------------
+
+    async def _verify(self, scope: Scope, receive: Receive) -> tuple[int, str, bytes]:
+        request = await self._request(scope, receive)
+        try:
+            verified = self._check_offline(request)
+            await self.facilitator.verify(verified)
+        except PaymentError as exc:
+            answer: dict[str, Any] = {
+                "isValid": False,
+                "invalidReason": exc.code,
+                "invalidMessage": exc.message,
+            }
+            payer = exc.payer or _payer_of(request.proof)
+            if payer:
+                answer["payer"] = payer
+            return 200, _JSON, orjson.dumps(answer)
+        return 200, _JSON, orjson.dumps({"isValid": True, "payer": verified.payer})
+
+    # --- /settle -----------------------------------------------------------------------------------
+
+    async def _settle(self, scope: Scope, receive: Receive) -> tuple[int, str, bytes]:
+        request = await self._request(scope, receive)
+        try:
+            verified = self._check_offline(request)
+        except PaymentError as exc:
+            settlement = self._refused(request, exc)
+        else:
+            # Once a claim is taken, a caller hanging up must not interrupt the bookkeeping.
+            with anyio.CancelScope(shield=True):
+                settlement = await self._settle_once(verified)
+        body = settlement_to_json(settlement, x402_version=request.version)
+        return 200, _JSON, orjson.dumps(body)
+
+    def _refused(self, request: _Request, exc: PaymentError) -> Settlement:
+        return Settlement(
+            success=False,
+            network=request.offer.network,
+            payer=exc.payer or _payer_of(request.proof),
+            error_reason=exc.code,
+            error_message=exc.message,
+        )
+
+    async def _settle_once(self, verified: VerifiedProof) -> Settlement:
+        """Settle ``verified`` unless its authorization was (or is being) settled already."""
+        key = verified.claim_key
+        deadline = time.monotonic() + self.settle_wait
+        while True:
+            owner = secrets.token_hex(8)
+            try:
+                if await self.store.claim(key, owner=owner, now=int(self.clock())) is not None:
+                    return await self._settle_claimed(verified, owner)
+                existing = await self.store.get_claim(key)
+            except PaymentError as exc:  # the store is down: nothing was broadcast
+                return self._outcome(verified, exc.code, exc.message)
+            if existing is not None and existing.state == "settled":
+                # The same answer as the first time: the caller may be retrying a lost reply.
+                return Settlement(
+                    success=True,
+                    network=verified.offer.network,
+                    transaction=existing.transaction or "",
+                    payer=verified.payer,
+                    amount=verified.offer.amount,
+                )
+            if existing is not None and existing.state == "pending":
+                return self._outcome(
+                    verified,
+                    "settlement_pending",
+                    "an earlier settlement was broadcast but is not confirmed",
+                    existing.transaction or "",
+                )
+            # Held by a request in flight (or released just now: then claim again at once).
+            if time.monotonic() >= deadline:
+                # It may still broadcast: not settled, not failed, so the caller keeps its claim.
+                return self._outcome(
+                    verified, "settlement_pending", "another settlement of it is in progress"
+                )
+            # A claim released between our two calls is claimed again at once (after a yield).
+            await anyio.sleep(self.poll_interval if existing is not None else 0)
+
+    def _outcome(
+        self, verified: VerifiedProof, code: str, message: str, transaction: str = ""
+    ) -> Settlement:
+        return Settlement(
+            success=False,
+            network=verified.offer.network,
+            transaction=transaction,
+            payer=verified.payer,
+            error_reason=code,
+            error_message=message,
+        )
+
+    async def _settle_claimed(self, verified: VerifiedProof, owner: str) -> Settlement:
+        key = verified.claim_key
+        try:
+            # Re-check against the chain first: a transfer that would revert is refused without
+            # spending gas on it (the official facilitators re-verify inside settle too).
+            await self.facilitator.verify(verified)
+            settlement = await self.facilitator.settle(verified)
+        except PaymentError as exc:
+            # Nothing was broadcast (settle raises only then): the authorization stays usable.
+            await self.store.release(key, owner=owner)
+            return self._outcome(verified, exc.code, exc.message)
+        except BaseException:
+            # Unknown whether anything was sent: keep the claim, never settle it a second time.
+            logger.exception("facilitator: settlement of %s failed unexpectedly", key)
+            await self._finish(verified, owner, "pending", None, ())
+            raise
+        event = Event(
+            "settlement",
+            int(self.clock()),
+            _SETTLE_ROUTE,
+            payer=verified.payer,
+            reference=settlement.transaction or None,
+            data={
+                "claim": key,
+                "success": settlement.success,
+                "error": settlement.error_reason,
+                "network": verified.offer.network,
+                "asset": verified.offer.asset,
+                "pay_to": verified.offer.pay_to,
+                "amount": str(verified.offer.amount),
+            },
+        )
+        if settlement.success:
+            await self._finish(verified, owner, "settled", settlement.transaction, (event,))
+        elif (
+            settlement.pending
+            or settlement.error_reason == "invalid_exact_evm_transfer_event_mismatch"
+        ):
+            # The money may have moved: the claim stays until someone reconciles it.
+            await self._finish(verified, owner, "pending", settlement.transaction, (event,))
+        else:
+            # Mined and reverted: no money moved, the payer may try again.
+            await self.store.release(key, owner=owner)
+            try:
+                await self.store.append(event)
+            except PaymentError:
+                logger.warning("facilitator: store unavailable, settlement event not recorded")
+        return settlement
+
+    async def _finish(
+        self,
+        verified: VerifiedProof,
+        owner: str,
+        state: str,
+        transaction: str | None,
+        events: Iterable[Event],
+    ) -> None:
+        try:
+            await self.store.finish(
+                verified.claim_key,
+                owner=owner,
+                state="settled" if state == "settled" else "pending",
+                transaction=transaction or None,
+                events=tuple(events),
+            )
+        except PaymentError as exc:
+            # The claim stays held (never released), so the authorization cannot settle twice.
+            logger.error(
+                "facilitator: could not record settlement %s: %s", transaction or "-", exc.code
+            )
+
+    # --- documents ---------------------------------------------------------------------------------
+
+    async def _get_supported(self, scope: Scope, receive: Receive) -> tuple[int, str, bytes]:
+        return 200, _JSON, self._supported
+
+    async def _get_openapi(self, scope: Scope, receive: Receive) -> tuple[int, str, bytes]:
+        return 200, _JSON, self._openapi
+
+
+def facilitator_app(
+    facilitator: LocalFacilitator,
+    store: Store,
+    *,
+    token: str | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    clock: Callable[[], float] = time.time,
+    settle_wait: float = 30.0,
+    close_on_shutdown: bool = False,
+) -> FacilitatorApp:
+    """The x402 facilitator service over ``facilitator``'s ledgers, recording in ``store``.
+
+    ``token``, when set, is required as ``Authorization: Bearer <token>`` on ``/settle`` (the
+    endpoint that spends the settler's gas); ``/verify`` and ``/supported`` stay open. Bodies over
+    ``max_body`` bytes are refused with 413. ``settle_wait`` bounds how long a ``/settle`` waits for
+    a concurrent settlement of the same authorization. With ``close_on_shutdown`` the ASGI
+    lifespan shutdown closes the facilitator and the store.
+    """
+    return FacilitatorApp(
+        facilitator,
+        store,
+        token=token,
+        max_body=max_body,
+        clock=clock,
+        settle_wait=settle_wait,
+        close_on_shutdown=close_on_shutdown,
+    )
+
+
+def _payer_of(proof: Proof) -> str | None:
+    authorization = proof.payload.get("authorization")
+    if isinstance(authorization, Mapping):
+        payer = authorization.get("from")
+        if isinstance(payer, str) and len(payer) <= 64:
+            return payer
+    return None
+
+
+def _supported_document(ledgers: Iterable[EvmLedger]) -> bytes:
+    v1_names = {caip2: name for name, caip2 in V1_NETWORKS.items()}
+    kinds: list[dict[str, Any]] = []
+    signers: list[str] = []
+    ledgers = list(ledgers)
+    for ledger in ledgers:
+        kinds.append({"x402Version": 2, "scheme": evm_exact.SCHEME, "network": ledger.network})
+    for ledger in ledgers:
+        name = v1_names.get(ledger.network)
+        if name is not None:
+            kinds.append({"x402Version": 1, "scheme": evm_exact.SCHEME, "network": name})
+    for ledger in ledgers:
+        settler: EvmAccount = ledger.settler
+        if settler.address not in signers:
+            signers.append(settler.address)
+    return orjson.dumps(
+        {"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers} if signers else {}}
+    )
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------
+
+_STR = {"type": "string"}
+_OBJ = {"type": "object"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _content(schema: dict[str, Any], media: str = _JSON) -> dict[str, Any]:
+    return {media: {"schema": schema}}
+
+
+def openapi_document(*, bearer: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the service; ``bearer`` adds the token on ``/settle``."""
+    problem = {"description": "", "content": _content(_ref("Problem"), _PROBLEM)}
+
+    def problem_as(description: str) -> dict[str, Any]:
+        return {**problem, "description": description}
+
+    request_body = {"required": True, "content": _content(_ref("FacilitatorRequest"))}
+    settle: dict[str, Any] = {
+        "operationId": "settle",
+        "summary": "Settle a payment on chain (at most once per authorization)",
+        "requestBody": request_body,
+        "responses": {
+            "200": {
+                "description": "The outcome; a refused payment is success=false with a reason",
+                "content": _content(_ref("SettleResponse")),
+            },
+            "400": problem_as("The request cannot be read"),
+            "413": problem_as("The body is too large"),
+        },
+    }
+    if bearer:
+        settle["security"] = [{"bearer": []}]
+        settle["responses"]["401"] = problem_as("Missing or wrong bearer token")
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "farebox x402 facilitator",
+            "version": "1",
+            "description": "Verifies and settles x402 `exact` payments (EIP-3009) on EVM chains.",
+        },
+        "paths": {
+            "/verify": {
+                "post": {
+                    "operationId": "verify",
+                    "summary": "Check a payment against its requirements and the chain",
+                    "requestBody": request_body,
+                    "responses": {
+                        "200": {
+                            "description": "The verdict; a refused payment is isValid=false",
+                            "content": _content(_ref("VerifyResponse")),
+                        },
+                        "400": problem_as("The request cannot be read"),
+                        "413": problem_as("The body is too large"),
+                    },
+                }
+            },
+            "/settle": {"post": settle},
+            "/supported": {
+                "get": {
+                    "operationId": "supported",
+                    "summary": "The payment kinds this facilitator settles",
+                    "responses": {
+                        "200": {
+                            "description": "Kinds, extensions and signer addresses",
+                            "content": _content(_ref("SupportedResponse")),
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "FacilitatorRequest": {
+                    "type": "object",
+                    "required": ["x402Version", "paymentPayload", "paymentRequirements"],
+                    "properties": {
+                        "x402Version": {"type": "integer", "enum": [1, 2]},
+                        "paymentPayload": {
+                            **_OBJ,
+                            "description": "An x402 PaymentPayload of that version",
+                        },
+                        "paymentRequirements": {
+                            **_OBJ,
+                            "description": "An x402 PaymentRequirements of that version",
+                        },
+                    },
+                },
+                "VerifyResponse": {
+                    "type": "object",
+                    "required": ["isValid"],
+                    "properties": {
+                        "isValid": {"type": "boolean"},
+                        "invalidReason": _STR,
+                        "invalidMessage": _STR,
+                        "payer": _STR,
+                    },
+                },
+                "SettleResponse": {
+                    "type": "object",
+                    "required": ["success", "transaction", "network"],
+                    "properties": {
+                        "success": {"type": "boolean"},
+                        "errorReason": _STR,
+                        "errorMessage": _STR,
+                        "payer": _STR,
+                        "transaction": _STR,
+                        "network": _STR,
+                        "amount": {"type": "string", "pattern": "^[0-9]+$"},
+                        "extensions": _OBJ,
+                    },
+                },
+                "SupportedResponse": {
+                    "type": "object",
+                    "required": ["kinds", "extensions", "signers"],
+                    "properties": {
+                        "kinds": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["x402Version", "scheme", "network"],
+                                "properties": {
+                                    "x402Version": {"type": "integer", "enum": [1, 2]},
+                                    "scheme": _STR,
+                                    "network": _STR,
+                                    "extra": _OBJ,
+                                },
+                            },
+                        },
+                        "extensions": {"type": "array", "items": _STR},
+                        "signers": {
+                            "type": "object",
+                            "additionalProperties": {"type": "array", "items": _STR},
+                        },
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail", "code"],
+                    "properties": {
+                        "type": _STR,
+                        "title": _STR,
+                        "status": {"type": "integer"},
+                        "detail": _STR,
+                        "code": _STR,
+                    },
+                },
+            }
+        },
+    }
+    if bearer:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document
