@@ -81,3 +81,70 @@ def test_get_without_a_key_or_funds(demo_server: str) -> None:
     free = farebox_get(demo_server + "/health")
     assert free.returncode == 0
     assert json.loads(free.stdout) == {"ok": True}
+
+
+def test_serve_settles_through_a_facilitator_process(tmp_path: Path) -> None:
+    """Four processes, as an operator runs them: a node (`farebox devchain`), a facilitator on it
+    (`farebox facilitator`), a config-driven paid API settling through it (`farebox serve`, told
+    where by X402_FACILITATOR_URL), and an agent (`farebox get`)."""
+    from tests.e2e.test_processes import balance, rpc
+
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> None:
+        processes.append(
+            subprocess.Popen(
+                [*FAREBOX, *args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=dict(os.environ, **(env or {})),
+            )
+        )
+
+    node_port, facilitator_port, api_port = free_port(), free_port(), free_port()
+    node = f"http://127.0.0.1:{node_port}"
+    facilitator = f"http://127.0.0.1:{facilitator_port}"
+    api = f"http://127.0.0.1:{api_port}"
+    key_file = tmp_path / "settler.key"
+    key_file.write_text(DEV_KEYS[1])
+    merchant = "0x" + "5a" * 20
+    config = tmp_path / "api.toml"
+    config.write_text(
+        "[server]\nstore = 'payments.sqlite'\n"
+        f"[payment]\nnetwork = 'devchain'\npay_to = '{merchant}'\n"
+        "[[routes]]\npath = '/weather'\nprice = '$0.01'\ncontent = '{\"forecast\": \"fog\"}'\n"
+    )
+    try:
+        start("devchain", "--port", str(node_port))
+        wait_for(node, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
+        start(
+            "facilitator",
+            "--ledger",
+            node,
+            "--key",
+            str(key_file),
+            "--port",
+            str(facilitator_port),
+            "--store",
+            str(tmp_path / "facilitator.sqlite"),
+        )
+        wait_for(facilitator + "/supported")
+        start(
+            "serve", str(config), "--port", str(api_port), env={"X402_FACILITATOR_URL": facilitator}
+        )
+        wait_for(api + "/health")
+        supported = httpx.get(facilitator + "/supported").json()
+        assert any(kind["network"] == "eip155:131277322940537" for kind in supported["kinds"])
+        paid = farebox_get(api + "/weather")
+        assert paid.returncode == 0, paid.stderr
+        assert json.loads(paid.stdout) == {"forecast": "fog"}
+        transaction = json.loads(paid.stderr[paid.stderr.index("{") :])["transaction"]
+        receipt = rpc(node, "eth_getTransactionReceipt", transaction)
+        assert isinstance(receipt, dict)
+        assert receipt["status"] == "0x1"
+        token = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+        assert balance(node, token, merchant) == 10_000
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(timeout=10)
