@@ -6,13 +6,13 @@ modules are imported when the command runs.
 
 from __future__ import annotations
 
-import ipaddress
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from farebox.money import format_amount
+from farebox.net import is_loopback
 
 if TYPE_CHECKING:
     from farebox.ledgers.devchain import DevChain
@@ -49,15 +49,6 @@ def devchain_banner(chain: DevChain, url: str) -> str:
     return "\n".join(lines)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def devchain_command(
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="TCP port for JSON-RPC (0 picks a free one).")
@@ -77,7 +68,7 @@ def devchain_command(
     except OSError as exc:
         typer.echo(f"cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
-    if not _is_loopback(host):
+    if not is_loopback(host):
         typer.echo(
             f"warning: listening on {host}: anyone who reaches it can spend the dev accounts",
             err=True,

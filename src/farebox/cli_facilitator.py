@@ -9,7 +9,6 @@ never import uvicorn.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -17,17 +16,9 @@ from typing import Annotated
 import typer
 
 from farebox.errors import ConfigError, FareboxError
+from farebox.net import is_loopback
 
 __all__ = ["chain_network", "facilitator_command"]
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def chain_network(rpc_url: str, *, timeout: float = 10.0) -> str:
@@ -97,7 +88,7 @@ def facilitator_command(
         typer.echo(f"cannot start the facilitator: {exc}", err=True)
         raise typer.Exit(1) from None
     token = os.environ.get(token_env) or None
-    if token is None and not _is_loopback(host):
+    if token is None and not is_loopback(host):
         typer.echo(
             f"warning: listening on {host} without ${token_env}: anyone who reaches it can "
             "make the settler spend gas on /settle",

@@ -68,7 +68,7 @@ from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import HttpRpc
 from farebox.money import ASSETS, DEVCHAIN_USDC, Asset, AssetRegistry, parse_price
 from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, save_signing_key
-from farebox.server.asgi import PaymentMiddleware
+from farebox.server.asgi import PaymentMiddleware, run_lifespan
 from farebox.server.gate import Gate
 from farebox.server.proxy import ReverseProxy
 from farebox.server.routes import Route, RouteTable
@@ -615,14 +615,7 @@ class FareboxApp:
         if scope["type"] != "lifespan":
             await self._app(scope, receive, send)
             return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send, self.aclose)
 
     async def aclose(self) -> None:
         """Close the gate (store, facilitator) and the proxy's pool; later calls do nothing."""

@@ -17,7 +17,7 @@ from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.money import ASSETS
 from farebox.receipts import SigningKey
-from farebox.server.asgi import PaymentMiddleware
+from farebox.server.asgi import PaymentMiddleware, run_lifespan
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.base import Store
@@ -44,13 +44,8 @@ async def weather_app(
 ) -> None:
     """A plain ASGI app that knows nothing of payments."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     path = scope["path"]

@@ -8,12 +8,10 @@ from urllib.parse import urlsplit
 
 from farebox.errors import PaymentError
 from farebox.money import Asset
+from farebox.net import is_loopback
 from farebox.protocol.models import Offer
 
 __all__ = ["Policy"]
-
-
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _lowered(values: Iterable[str] | None) -> frozenset[str] | None:
@@ -58,7 +56,7 @@ class Policy:
         """Refuse to pay for ``url`` unless its scheme and host are allowed."""
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
-        plain_ok = self.allow_http or host in _LOOPBACK
+        plain_ok = self.allow_http or is_loopback(host)
         if parts.scheme != "https" and not (plain_ok and parts.scheme == "http"):
             raise PaymentError("policy_refused", f"will not pay over {parts.scheme or 'no'} scheme")
         if self.hosts is not None and not any(_host_matches(host, h) for h in self.hosts):

@@ -41,6 +41,7 @@ from farebox.protocol.x402 import (
     settlement_to_json,
 )
 from farebox.schemes import evm_exact
+from farebox.server.asgi import run_lifespan
 from farebox.store.base import Event, Store
 
 __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
@@ -147,15 +148,7 @@ class FacilitatorApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                if self.close_on_shutdown:
-                    await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send, self.aclose if self.close_on_shutdown else None)
 
     async def aclose(self) -> None:
         """Close the facilitator's node connections and the store."""

@@ -14,7 +14,7 @@ import anyio
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.routes import RequestInfo
 
-__all__ = ["PaymentMiddleware", "request_info"]
+__all__ = ["PaymentMiddleware", "request_info", "run_lifespan"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,6 +43,22 @@ def request_info(scope: Scope) -> RequestInfo:
     query = scope.get("query_string", b"").decode("latin-1")
     url = f"{scheme}://{host}{scope.get('root_path', '')}{path}" + (f"?{query}" if query else "")
     return RequestInfo(scope.get("method", "GET"), path, url, headers)
+
+
+async def run_lifespan(
+    receive: Receive, send: Send, on_shutdown: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Answer an ASGI ``lifespan`` scope for an app that needs no start-up work, running
+    ``on_shutdown`` (closing connections) before it reports the shutdown complete."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            if on_shutdown is not None:
+                await on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:

@@ -19,6 +19,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
+from farebox.server.asgi import run_lifespan
+
 __all__ = ["HOP_BY_HOP", "STRIPPED_REQUEST_HEADERS", "ReverseProxy"]
 
 logger = logging.getLogger("farebox.proxy")
@@ -107,14 +109,8 @@ class ReverseProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await self.aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await run_lifespan(receive, send, self.aclose)
+            return
         if scope["type"] != "http":
             return
         request = self._request(scope, receive)
