@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 TRANSFER_WITH_AUTHORIZATION = bytes.fromhex("e3ee160e")
+AUTHORIZATION_STATE = bytes.fromhex("e94a0102")  # authorizationState(address,bytes32)
+AUTHORIZATION_USED_TOPIC = "0x" + keccak256(b"AuthorizationUsed(address,bytes32)").hex()
 TRANSFER_TOPIC = "0x" + keccak256(b"Transfer(address,address,uint256)").hex()
 _ERROR_SELECTOR = bytes.fromhex("08c379a0")
 
@@ -153,6 +155,54 @@ class EvmLedger:
         close = getattr(self.rpc, "aclose", None)
         if close is not None:
             await close()
+
+    # --- what the chain says about an authorization (for reconciliation) -----------------------
+
+    async def authorization_used(self, token: str, authorizer: bytes, nonce: bytes) -> bool:
+        """Whether the token has consumed (or canceled) ``authorizer``'s ``nonce``."""
+        data = AUTHORIZATION_STATE + authorizer.rjust(32, b"\0") + nonce
+        try:
+            answer = await self.rpc.request(
+                "eth_call", [{"to": checksum_address(token), "data": "0x" + data.hex()}, "latest"]
+            )
+        except (RpcError, RpcUnavailable) as exc:
+            raise PaymentError("ledger_unavailable", f"authorizationState failed: {exc}") from None
+        return _quantity(answer, "authorization state") != 0
+
+    async def authorization_transaction(
+        self, token: str, authorizer: bytes, nonce: bytes
+    ) -> str | None:
+        """The transaction in which the token logged ``AuthorizationUsed(authorizer, nonce)``."""
+        query = {
+            "address": checksum_address(token),
+            "fromBlock": "earliest",
+            "toBlock": "latest",
+            "topics": [
+                AUTHORIZATION_USED_TOPIC,
+                "0x" + authorizer.rjust(32, b"\0").hex(),
+                "0x" + nonce.hex(),
+            ],
+        }
+        try:
+            logs = await self.rpc.request("eth_getLogs", [query])
+        except (RpcError, RpcUnavailable) as exc:
+            raise PaymentError("ledger_unavailable", f"eth_getLogs failed: {exc}") from None
+        if isinstance(logs, list):
+            for log in logs:
+                if isinstance(log, dict) and isinstance(log.get("transactionHash"), str):
+                    return str(log["transactionHash"])
+        return None
+
+    async def transaction_status(self, tx_hash: str) -> str:
+        """``"success"``, ``"reverted"``, ``"pending"`` (known, not mined) or ``"unknown"``."""
+        try:
+            receipt = await self.rpc.request("eth_getTransactionReceipt", [tx_hash])
+            if isinstance(receipt, dict):
+                return "success" if receipt.get("status") == "0x1" else "reverted"
+            known = await self.rpc.request("eth_getTransactionByHash", [tx_hash])
+        except (RpcError, RpcUnavailable) as exc:
+            raise PaymentError("ledger_unavailable", f"transaction lookup failed: {exc}") from None
+        return "pending" if isinstance(known, dict) else "unknown"
 
     # --- checking before the resource is served -------------------------------------------------
 

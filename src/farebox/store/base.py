@@ -24,7 +24,9 @@ __all__ = [
     "Claim",
     "ClaimState",
     "Event",
+    "IdempotencyEntry",
     "Store",
+    "StoredResponse",
     "claim_not_held",
     "clamp_limit",
     "decode_event_data",
@@ -76,6 +78,30 @@ class Claim:
     state: ClaimState
     at: int
     transaction: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response kept for idempotent retries: status, headers (in order) and the body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyEntry:
+    """What a store knows of an idempotency key.
+
+    ``fingerprint`` names the request that first used the key (method, URL, body digest);
+    ``response`` is ``None`` while that request runs, then what it answered.
+    """
+
+    key: str
+    fingerprint: str
+    owner: str
+    at: int
+    response: StoredResponse | None = None
 
 
 @runtime_checkable
@@ -140,6 +166,52 @@ class Store(Protocol):
         Filters combine with AND; ``payer`` is compared case-insensitively for ``0x`` addresses;
         ``since`` is inclusive and ``until`` exclusive; ``limit`` is capped at :data:`MAX_EVENTS`.
         """
+        ...
+
+    # --- recovery: claims left pending or held ------------------------------------------------
+
+    async def unfinished(self, *, held_before: int, limit: int = 100) -> list[Claim]:
+        """Claims whose outcome is unknown, oldest first: every ``pending`` claim (broadcast, not
+        confirmed) and every ``held`` claim taken before ``held_before`` (its request died between
+        claiming and recording an outcome)."""
+        ...
+
+    async def resolve(
+        self,
+        key: str,
+        *,
+        settled: bool,
+        transaction: str | None,
+        events: Sequence[Event] = (),
+    ) -> bool:
+        """Record what reconciliation found for a ``pending`` or ``held`` claim, with ``events``,
+        in one transaction: ``settled`` (state ``settled`` with its transaction; the proof stays
+        used) or not (the claim is removed: the authorization never moved money and may be used
+        again). Returns False, changing nothing, when the claim is not pending or held any more
+        (someone else resolved or finished it)."""
+        ...
+
+    # --- idempotency --------------------------------------------------------------------------
+
+    async def begin_idempotent(
+        self, key: str, *, fingerprint: str, owner: str, now: int
+    ) -> IdempotencyEntry | None:
+        """Atomically take idempotency ``key`` for ``owner``: ``None`` means the caller now runs
+        the request; otherwise the existing entry is returned unchanged (running or done, with
+        whatever fingerprint it has). Once ever per key, across processes sharing the store."""
+        ...
+
+    async def complete_idempotent(self, key: str, *, owner: str, response: StoredResponse) -> None:
+        """Record the response of ``owner``'s request for later retries of ``key``."""
+        ...
+
+    async def abandon_idempotent(self, key: str, *, owner: str) -> bool:
+        """Forget ``owner``'s running entry (the request charged nothing and stored nothing), so
+        that a retry runs again; returns whether it was removed. A completed entry stays."""
+        ...
+
+    async def get_idempotent(self, key: str) -> IdempotencyEntry | None:
+        """The entry for ``key``, if any."""
         ...
 
     async def aclose(self) -> None:

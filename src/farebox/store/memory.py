@@ -16,6 +16,8 @@ from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
     Claim,
     Event,
+    IdempotencyEntry,
+    StoredResponse,
     claim_not_held,
     clamp_limit,
     decode_event_data,
@@ -37,6 +39,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._claims: dict[str, Claim] = {}
+        self._idempotent: dict[str, IdempotencyEntry] = {}
         # (event, its payer key, its data as JSON) in id order.
         self._log: list[tuple[Event, str | None, str]] = []
         self._closed = False
@@ -86,6 +89,77 @@ class MemoryStore:
             encoded = [encode_event_data(event.data) for event in events]
             self._claims[key] = Claim(key, owner, state, claim.at, transaction)
             self._add(events, encoded)
+
+    async def unfinished(self, *, held_before: int, limit: int = 100) -> list[Claim]:
+        """See :meth:`farebox.store.base.Store.unfinished`."""
+        with self._lock:
+            self._check_open()
+            found = [
+                claim
+                for claim in self._claims.values()
+                if claim.state == "pending" or (claim.state == "held" and claim.at < held_before)
+            ]
+        found.sort(key=lambda claim: claim.at)
+        return found[: clamp_limit(limit)]
+
+    async def resolve(
+        self,
+        key: str,
+        *,
+        settled: bool,
+        transaction: str | None,
+        events: Sequence[Event] = (),
+    ) -> bool:
+        """See :meth:`farebox.store.base.Store.resolve`."""
+        encoded = [encode_event_data(event.data) for event in events]
+        with self._lock:
+            self._check_open()
+            claim = self._claims.get(key)
+            if claim is None or claim.state not in ("pending", "held"):
+                return False
+            if settled:
+                self._claims[key] = Claim(key, claim.owner, "settled", claim.at, transaction)
+            else:
+                del self._claims[key]
+            self._add(events, encoded)
+            return True
+
+    async def begin_idempotent(
+        self, key: str, *, fingerprint: str, owner: str, now: int
+    ) -> IdempotencyEntry | None:
+        """See :meth:`farebox.store.base.Store.begin_idempotent`."""
+        with self._lock:
+            self._check_open()
+            existing = self._idempotent.get(key)
+            if existing is not None:
+                return existing
+            self._idempotent[key] = IdempotencyEntry(key, fingerprint, owner, now)
+            return None
+
+    async def complete_idempotent(self, key: str, *, owner: str, response: StoredResponse) -> None:
+        """See :meth:`farebox.store.base.Store.complete_idempotent`."""
+        with self._lock:
+            self._check_open()
+            entry = self._idempotent.get(key)
+            if entry is None or entry.owner != owner or entry.response is not None:
+                raise claim_not_held()
+            self._idempotent[key] = replace(entry, response=response)
+
+    async def abandon_idempotent(self, key: str, *, owner: str) -> bool:
+        """See :meth:`farebox.store.base.Store.abandon_idempotent`."""
+        with self._lock:
+            self._check_open()
+            entry = self._idempotent.get(key)
+            if entry is None or entry.owner != owner or entry.response is not None:
+                return False
+            del self._idempotent[key]
+            return True
+
+    async def get_idempotent(self, key: str) -> IdempotencyEntry | None:
+        """See :meth:`farebox.store.base.Store.get_idempotent`."""
+        with self._lock:
+            self._check_open()
+            return self._idempotent.get(key)
 
     async def get_claim(self, key: str) -> Claim | None:
         """See :meth:`farebox.store.base.Store.get_claim`."""

@@ -1,0 +1,131 @@
+"""Reconciliation against the embedded chain: unfinished claims end settled or released, by what
+the chain says, and nothing is broadcast twice."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from farebox.eth import EvmAccount
+from farebox.ledgers.devchain import DevChain
+from farebox.ledgers.evm import EvmLedger
+from farebox.protocol.models import Offer
+from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
+from farebox.server.reconcile import Reconciler, parse_claim_key
+from farebox.store.memory import MemoryStore
+from tests.e2e.conftest import HiddenReceipts, chain, fund
+
+__all__ = ["chain"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def proof_for(chain: DevChain, payer: EvmAccount, merchant: str) -> VerifiedEvmProof:
+    asset = chain.asset
+    offer = Offer(
+        "exact",
+        asset.network,
+        10_000,
+        asset.address,
+        merchant,
+        extra={"name": asset.name, "version": asset.version},
+    )
+    now = int(time.time())
+    return verify(make_proof(payer, offer, now=now, nonce=os.urandom(32)), offer, now=now)
+
+
+def ledger_of(chain: DevChain, account: int = 1) -> EvmLedger:
+    return EvmLedger(chain.rpc, chain.accounts[account].account, network=chain.network)
+
+
+def test_claim_keys_parse() -> None:
+    key = f"eip155:1/0x{'ab' * 20}/{'cd' * 20}/{'ef' * 32}"
+    parsed = parse_claim_key(key)
+    assert parsed is not None
+    assert parsed[2] == bytes.fromhex("cd" * 20)
+    assert parse_claim_key("eip155:1/x/zz/00") is None
+    assert parse_claim_key("not a key") is None
+
+
+async def test_pending_broadcast_that_landed_becomes_settled(chain: DevChain) -> None:
+    store, merchant = MemoryStore(), EvmAccount.generate().address
+    proof = proof_for(chain, fund(chain), merchant)
+    slow = EvmLedger(
+        HiddenReceipts(chain), chain.accounts[2].account, network=chain.network, confirm_timeout=0.1
+    )
+    assert await store.claim(proof.claim_key, owner="o", now=int(time.time()))
+    settlement = await slow.settle(proof)
+    assert settlement.pending
+    await store.finish(
+        proof.claim_key, owner="o", state="pending", transaction=settlement.transaction
+    )
+    report = await Reconciler(store, [ledger_of(chain)]).run_once()
+    assert (report.settled, report.released, report.waiting) == (1, 0, 0)
+    claim = await store.get_claim(proof.claim_key)
+    assert claim is not None
+    assert claim.state == "settled"
+    assert claim.transaction == settlement.transaction
+    [event] = await store.events(kind="reconciliation")
+    assert event.data["outcome"] == "settled"
+    assert chain.balance_of(merchant) == 10_000  # once: reconciliation never sends anything
+
+
+async def test_a_process_that_died_after_settling_is_found_by_its_log(chain: DevChain) -> None:
+    store, merchant = MemoryStore(), EvmAccount.generate().address
+    proof = proof_for(chain, fund(chain), merchant)
+    # Claimed, settled on chain, then the process died before recording anything.
+    assert await store.claim(proof.claim_key, owner="dead", now=int(time.time()) - 600)
+    settlement = await ledger_of(chain, 3).settle(proof)
+    assert settlement.success
+    report = await Reconciler(store, [ledger_of(chain)], held_grace=60).run_once()
+    assert report.settled == 1
+    claim = await store.get_claim(proof.claim_key)
+    assert claim is not None
+    assert (claim.state, claim.transaction) == ("settled", settlement.transaction)
+
+
+async def test_a_claim_that_never_moved_money_is_released_and_the_proof_works_again(
+    chain: DevChain,
+) -> None:
+    store, merchant = MemoryStore(), EvmAccount.generate().address
+    proof = proof_for(chain, fund(chain), merchant)
+    assert await store.claim(proof.claim_key, owner="dead", now=int(time.time()) - 7200)
+    young = proof_for(chain, fund(chain), merchant)
+    assert await store.claim(young.claim_key, owner="busy", now=int(time.time()) - 600)
+    report = await Reconciler(
+        store, [ledger_of(chain)], held_grace=60, release_after=3600
+    ).run_once()
+    assert (report.settled, report.released, report.waiting) == (0, 1, 1)
+    assert await store.get_claim(proof.claim_key) is None
+    assert await store.claim(proof.claim_key, owner="retry", now=int(time.time()))
+    assert (await ledger_of(chain, 4).settle(proof)).success
+
+
+async def test_a_reverted_transaction_releases_its_claim(chain: DevChain) -> None:
+    store, merchant = MemoryStore(), EvmAccount.generate().address
+    proof = proof_for(chain, EvmAccount.generate(), merchant)  # an unfunded payer
+    assert await store.claim(proof.claim_key, owner="o", now=int(time.time()))
+    failed = await ledger_of(chain, 4).settle(proof)  # not simulated first: mined, reverted
+    assert not failed.success
+    assert failed.transaction
+    await store.finish(proof.claim_key, owner="o", state="pending", transaction=failed.transaction)
+    report = await Reconciler(store, [ledger_of(chain)]).run_once()
+    assert report.released == 1
+    assert await store.get_claim(proof.claim_key) is None
+
+
+async def test_unknown_networks_and_recent_unknowns_wait(chain: DevChain) -> None:
+    store = MemoryStore()
+    key = f"eip155:1/0x{'ab' * 20}/{'cd' * 20}/{'ef' * 32}"
+    assert await store.claim(key, owner="o", now=0)
+    await store.finish(key, owner="o", state="pending", transaction="0x" + "11" * 32)
+    report = await Reconciler(store, [ledger_of(chain)]).run_once()
+    assert report.waiting == 1
+    assert (await store.get_claim(key)) is not None
