@@ -21,6 +21,7 @@ from rich.text import Text
 
 from farebox.cli_devchain import devchain_command
 from farebox.cli_facilitator import facilitator_command
+from farebox.cli_reconcile import reconcile_command
 from farebox.cli_serve import serve_command
 from farebox.errors import ConfigError, ReceiptError
 from farebox.receipts import SigningKey, parse_jwks, save_signing_key, verify_receipt
@@ -42,6 +43,7 @@ app.add_typer(receipts_app, name="receipts")
 app.command("devchain")(devchain_command)
 app.command("facilitator")(facilitator_command)
 app.command("serve")(serve_command)
+app.command("reconcile")(reconcile_command)
 
 
 def _stderr() -> Console:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import anyio
 import orjson
 
 from farebox.errors import ConfigError
@@ -71,6 +72,7 @@ from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, sa
 from farebox.server.asgi import PaymentMiddleware, run_lifespan
 from farebox.server.gate import Gate
 from farebox.server.proxy import ReverseProxy
+from farebox.server.reconcile import Reconciler
 from farebox.server.routes import Route, RouteTable
 from farebox.store.base import Store
 from farebox.store.memory import MemoryStore
@@ -611,11 +613,36 @@ class FareboxApp:
         self._app = app
         self._closed = False
 
+    @property
+    def reconciler(self) -> Reconciler | None:
+        """The reconciler of this server's unfinished payments, when it settles on a ledger it
+        can read (a remote facilitator reconciles its own)."""
+        facilitator = self.gate.facilitator
+        if not isinstance(facilitator, LocalFacilitator):
+            return None
+        return Reconciler(self.gate.store, facilitator.ledgers)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
             await self._app(scope, receive, send)
             return
-        await run_lifespan(receive, send, self.aclose)
+        reconciler = self.reconciler
+        # Only the background task is cancelled at shutdown: the lifespan itself must still
+        # report the shutdown complete.
+        reconciling = anyio.CancelScope()
+
+        async def reconcile() -> None:
+            with reconciling:
+                if reconciler is not None:
+                    await reconciler.run_forever(interval=30.0)
+
+        async def shutdown() -> None:
+            reconciling.cancel()
+            await self.aclose()
+
+        async with anyio.create_task_group() as background:
+            background.start_soon(reconcile)
+            await run_lifespan(receive, send, shutdown)
 
     async def aclose(self) -> None:
         """Close the gate (store, facilitator) and the proxy's pool; later calls do nothing."""

@@ -148,3 +148,91 @@ def test_serve_settles_through_a_facilitator_process(tmp_path: Path) -> None:
         for process in reversed(processes):
             process.terminate()
             process.wait(timeout=10)
+
+
+def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) -> None:
+    """A server claimed a proof and the money moved, then it died before recording anything:
+    `farebox reconcile` finds the transaction on the chain and records the payment as settled."""
+    import time
+
+    import anyio
+
+    from farebox.eth import EvmAccount
+    from farebox.ledgers.evm import EvmLedger
+    from farebox.ledgers.rpc import HttpRpc
+    from farebox.money import DEVCHAIN_USDC as USDC
+    from farebox.protocol.models import Offer
+    from farebox.schemes.evm_exact import make_proof, verify
+    from farebox.store.sqlite import SqliteStore
+
+    node_port = free_port()
+    node = f"http://127.0.0.1:{node_port}"
+    (tmp_path / "settler.key").write_text(DEV_KEYS[1])
+    config = tmp_path / "api.toml"
+    config.write_text(
+        "[server]\nstore = 'payments.sqlite'\n"
+        f"[payment]\nnetwork = 'devchain'\npay_to = '0x{'5b' * 20}'\n"
+        f"[settlement]\nrpc_url = '{node}'\nsettler_key = 'settler.key'\n"
+        "[[routes]]\npath = '/weather'\nprice = '$0.01'\n"
+    )
+    process = subprocess.Popen(
+        [*FAREBOX, "devchain", "--port", str(node_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(node, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
+        offer = Offer(
+            "exact",
+            USDC.network,
+            10_000,
+            USDC.address,
+            "0x" + "5b" * 20,
+            extra={"name": USDC.name, "version": USDC.version},
+        )
+        now = int(time.time())
+        payer = EvmAccount.from_hex(DEV_KEYS[3])
+        proof = verify(make_proof(payer, offer, now=now, nonce=os.urandom(32)), offer, now=now)
+
+        async def die_after_settling() -> str:
+            store = SqliteStore(tmp_path / "payments.sqlite")
+            assert await store.claim(proof.claim_key, owner="dead", now=now - 600)
+            ledger = EvmLedger(
+                HttpRpc(node), EvmAccount.from_hex(DEV_KEYS[2]), network=USDC.network
+            )
+            settlement = await ledger.settle(proof)
+            await ledger.aclose()
+            await store.aclose()
+            assert settlement.success
+            return settlement.transaction
+
+        transaction = anyio.run(die_after_settling)
+        result = subprocess.run(
+            [*FAREBOX, "reconcile", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"settled": 1, "released": 0, "waiting": 0, "errors": 0}
+
+        async def recorded() -> tuple[str, str | None]:
+            store = SqliteStore(tmp_path / "payments.sqlite")
+            claim = await store.get_claim(proof.claim_key)
+            await store.aclose()
+            assert claim is not None
+            return claim.state, claim.transaction
+
+        assert anyio.run(recorded) == ("settled", transaction)
+        again = subprocess.run(
+            [*FAREBOX, "reconcile", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert json.loads(again.stdout)["settled"] == 0  # nothing left, nothing done twice
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
