@@ -7,6 +7,7 @@ and never a key: key files are named by path and the receipt key by its public k
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -14,7 +15,9 @@ from urllib.parse import urlsplit
 import typer
 
 from farebox.config import (
+    CONFIG_ENV,
     EMBEDDED_SETTLER,
+    FACILITATOR_ENV,
     EmbeddedSettlement,
     FacilitatorSettlement,
     FareboxApp,
@@ -60,7 +63,7 @@ def serve_banner(app: FareboxApp, url: str) -> str:
         f"Asset       {asset.symbol} {asset.address} ({asset.name!r}, version {asset.version!r})",
         f"Pay to      {config.pay_to}",
         f"Settlement  {_settlement(app)}",
-        f"Store       {config.store if config.store is not None else 'memory (lost on exit)'}",
+        f"Store       {_store_shown(config.store)}",
         f"Issuer      {app.gate.issuer}",
     ]
     key = app.gate.signing_key
@@ -105,6 +108,14 @@ def serve_command(
             "X402_FACILITATOR_URL).",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes (more than one needs a shared store: PostgreSQL or Redis).",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the paid API described by a TOML config file (see examples/)."""
     try:
@@ -119,4 +130,35 @@ def serve_command(
         raise typer.Exit(1) from None
     display_host = f"[{host}]" if ":" in host else host
     typer.echo(serve_banner(app, f"http://{display_host}:{port}"))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+        return
+    if not isinstance(app.config.store, str):
+        typer.echo(
+            "E_CONFIG: server.store: several workers must share a PostgreSQL or Redis store "
+            "(a memory store is per process, and SQLite is for one machine's few processes)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    # Each worker process builds its own app from the same file (uvicorn imports the factory).
+    os.environ[CONFIG_ENV] = str(config.resolve())
+    if facilitator is not None:
+        os.environ[FACILITATOR_ENV] = facilitator
+    uvicorn.run(
+        "farebox.config:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+def _store_shown(store: Path | str | None) -> str:
+    # A database URL may carry a password: show its scheme and host only.
+    if store is None:
+        return "memory (lost on exit)"
+    if isinstance(store, Path):
+        return str(store)
+    parts = urlsplit(store)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"

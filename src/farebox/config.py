@@ -11,7 +11,8 @@ app. The schema::
                                         #   the receipt key's did:key
     receipt_key = "receipts.key"        # optional Ed25519 key file; created (0600) if missing.
                                         #   Without it, a fresh key per start (needs no issuer).
-    store = "payments.sqlite"           # required: a SQLite file, or "memory"
+    store = "payments.sqlite"           # required: a SQLite file, "memory", or a shared store's URL:
+                                        # postgresql://... or redis://... (for many instances)
     upstream = "http://127.0.0.1:9000"  # optional: proxy every request to this URL
     upstream_timeout = 30               # optional, seconds (connect, and each wait for bytes)
 
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from farebox.ledgers.devchain import DevChain
 
 __all__ = [
+    "CONFIG_ENV",
     "FACILITATOR_ENV",
     "FACILITATOR_TOKEN_ENV",
     "EmbeddedSettlement",
@@ -91,6 +93,7 @@ __all__ = [
     "RpcSettlement",
     "ServerConfig",
     "Settlement",
+    "app_from_env",
     "build_app",
     "load_config",
     "parse_config",
@@ -159,7 +162,7 @@ class ServerConfig:
     pay_to: str
     settlement: Settlement
     routes: tuple[RouteConfig, ...]
-    store: Path | None
+    store: Path | str | None
     issuer: str | None = None
     receipt_key: Path | None = None
     upstream: str | None = None
@@ -241,8 +244,17 @@ def parse_config(
         )
     store_text = _string(server, "server.store", "store")
     if store_text is None:
-        raise ConfigError('server.store: required: a SQLite file path, or "memory"')
-    store = None if store_text == "memory" else _resolve(store_text, base)
+        raise ConfigError(
+            'server.store: required: a SQLite file path, "memory", or a postgresql:// or '
+            "redis:// URL"
+        )
+    store: Path | str | None
+    if store_text == "memory":
+        store = None
+    elif urlsplit(store_text).scheme in _SHARED_STORES:
+        store = store_text
+    else:
+        store = _resolve(store_text, base)
     upstream = _string(server, "server.upstream", "upstream")
     if upstream is not None:
         _check_url(upstream, "server.upstream")
@@ -545,7 +557,7 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
         facilitator = LocalFacilitator([EvmLedger(rpc, settler, network=config.network)])
     else:
         facilitator = _remote_facilitator(settlement)
-    store: Store = MemoryStore() if config.store is None else SqliteStore(config.store)
+    store = _open_store(config.store)
     gate = Gate(
         config.route_table(), facilitator, store, signing_key=signing_key, issuer=config.issuer
     )
@@ -588,6 +600,49 @@ def _remote_facilitator(settlement: FacilitatorSettlement) -> Facilitator:
         settlement.url, timeout=settlement.timeout, token=settlement.token
     )
     return facilitator
+
+
+# URL schemes of the stores many server instances can share.
+_SHARED_STORES = {
+    "postgresql": "postgres",
+    "postgres": "postgres",
+    "redis": "redis",
+    "rediss": "redis",
+}
+
+
+def _open_store(store: Path | str | None) -> Store:
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, Path):
+        return SqliteStore(store)
+    # Imported only when configured: psycopg and redis are optional extras.
+    kind = _SHARED_STORES[urlsplit(store).scheme]
+    try:
+        if kind == "postgres":
+            from farebox.store.postgres import PostgresStore
+
+            return PostgresStore(store)
+        from farebox.store.redis import RedisStore
+
+        return RedisStore(store)
+    except ImportError as exc:
+        raise ConfigError(
+            f"server.store: a {kind} store needs {exc.name}: pip install 'farebox[{kind}]'"
+        ) from None
+
+
+#: The config file a worker process builds its app from (``farebox serve --workers N``).
+CONFIG_ENV = "FAREBOX_CONFIG"
+
+
+def app_from_env() -> FareboxApp:
+    """The app of the config named by ``$FAREBOX_CONFIG``: the factory each worker of
+    ``farebox serve --workers N`` (or ``uvicorn --factory``) calls in its own process."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"{CONFIG_ENV} names no config file")
+    return build_app(load_config(Path(path)))
 
 
 class FareboxApp:
