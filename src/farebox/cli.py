@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from farebox.cli_db import db_migrate_command
 from farebox.cli_devchain import devchain_command
 from farebox.cli_facilitator import facilitator_command
 from farebox.cli_reconcile import reconcile_command
@@ -40,6 +41,9 @@ keys_app = typer.Typer(help="Ed25519 signing keys for PEAC receipts.", no_args_i
 receipts_app = typer.Typer(help="Verify and inspect PEAC receipts.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(receipts_app, name="receipts")
+db_app = typer.Typer(help="The PostgreSQL payment store.", no_args_is_help=True)
+db_app.command("migrate")(db_migrate_command)
+app.add_typer(db_app, name="db")
 app.command("devchain")(devchain_command)
 app.command("facilitator")(facilitator_command)
 app.command("serve")(serve_command)

@@ -13,7 +13,7 @@ from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
-from farebox.ledgers.rpc import HttpRpc
+from farebox.ledgers.rpc import HttpRpc, RpcUnavailable
 from farebox.protocol.models import Offer
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
 from tests.e2e.conftest import HiddenReceipts, fund
@@ -133,3 +133,41 @@ async def test_unreachable_node_is_ledger_unavailable(chain: DevChain) -> None:
         assert down.value.status == 503
         assert "127.0.0.1" not in down.value.message  # the node's URL may hold an API key
     await ledger.aclose()
+
+
+class LostAnswers:
+    """The node receives every broadcast, but its answer never comes back."""
+
+    def __init__(self, chain: DevChain) -> None:
+        self.inner = chain.rpc
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        answer = await self.inner.request(method, params)
+        if method == "eth_sendRawTransaction":
+            raise RpcUnavailable("eth_sendRawTransaction: ReadTimeout talking to the node")
+        return answer
+
+
+async def test_a_lost_broadcast_answer_is_pending_with_the_right_hash(chain: DevChain) -> None:
+    payer, merchant = fund(chain), EvmAccount.generate().address
+    ledger = EvmLedger(LostAnswers(chain), chain.accounts[4].account, network=chain.network)
+    settlement = await ledger.settle(verified(chain, payer, offer_on(chain, merchant)))
+    # Not "failed", not "not sent": the money may move (and here it did), so it is pending.
+    assert settlement.pending
+    receipt = chain.handle("eth_getTransactionReceipt", [settlement.transaction])
+    assert receipt["status"] == "0x1"
+    assert chain.balance_of(merchant) == 10_000
+
+
+async def test_two_processes_settling_with_one_account_both_land(chain: DevChain) -> None:
+    # Two ledgers with their own nonce counters stand for two server processes sharing a key.
+    account = chain.accounts[6].account
+    first = EvmLedger(chain.rpc, account, network=chain.network)
+    second = EvmLedger(chain.rpc, account, network=chain.network)
+    merchant = EvmAccount.generate().address
+    proofs = [verified(chain, fund(chain), offer_on(chain, merchant)) for _ in range(4)]
+    assert (await first.settle(proofs[0])).success
+    assert (await second.settle(proofs[1])).success  # its nonce was taken: resynchronised
+    assert (await first.settle(proofs[2])).success
+    assert (await second.settle(proofs[3])).success
+    assert chain.balance_of(merchant) == 40_000

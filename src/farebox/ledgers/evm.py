@@ -111,6 +111,24 @@ def _rlp_length(length: int, offset: int) -> bytes:
     return bytes([offset + 55 + len(encoded)]) + encoded
 
 
+# A nonce taken by another process settling with the same account: resynchronise and retry.
+_SEND_ATTEMPTS = 4
+_NONCE_RACE = ("nonce too low", "already known", "replacement transaction underpriced", "nonce")
+
+
+def _is_nonce_race(error: RpcError) -> bool:
+    lowered = error.message.lower()
+    return any(text in lowered for text in _NONCE_RACE)
+
+
+class _MaybeSent(Exception):
+    """The broadcast's answer was lost: the signed transaction may be on its way."""
+
+    def __init__(self, transaction: str) -> None:
+        super().__init__(transaction)
+        self.transaction = transaction
+
+
 def _quantity(value: Any, what: str) -> int:
     if isinstance(value, str) and value.startswith("0x"):
         try:
@@ -244,6 +262,16 @@ class EvmLedger:
         data = encode_transfer_with_authorization(evm)
         try:
             tx_hash = await self._send(checksum_address(evm.offer.asset), data)
+        except _MaybeSent as lost:
+            return Settlement(
+                success=False,
+                network=self.network,
+                transaction=lost.transaction,
+                payer=evm.payer,
+                error_reason="settlement_pending",
+                error_message="the node's answer to the broadcast was lost",
+                amount=evm.authorization.value,
+            )
         except RpcError as exc:
             reason = revert_reason(exc)
             return Settlement(
@@ -260,31 +288,39 @@ class EvmLedger:
 
     async def _send(self, to: str, data: bytes) -> str:
         async with self._send_lock:
-            if self._nonce is None:
-                self._nonce = _quantity(
-                    await self.rpc.request(
-                        "eth_getTransactionCount", [self.settler.address, "pending"]
-                    ),
-                    "nonce",
-                )
-            max_fee, priority = await self._fees_now()
-            raw = self._sign_1559(self._nonce, max_fee, priority, to, data)
-            try:
-                tx_hash = await self.rpc.request("eth_sendRawTransaction", ["0x" + raw.hex()])
-            except RpcError as exc:
-                if revert_reason(exc) is None:
-                    # Refused before execution (nonce, fees): the node is the truth, ask it again.
+            for attempt in range(_SEND_ATTEMPTS):
+                if self._nonce is None:
+                    self._nonce = _quantity(
+                        await self.rpc.request(
+                            "eth_getTransactionCount", [self.settler.address, "pending"]
+                        ),
+                        "nonce",
+                    )
+                max_fee, priority = await self._fees_now()
+                raw = self._sign_1559(self._nonce, max_fee, priority, to, data)
+                # Known before sending: if the answer is lost, the transaction can still be found.
+                signed_hash = "0x" + keccak256(raw).hex()
+                try:
+                    tx_hash = await self.rpc.request("eth_sendRawTransaction", ["0x" + raw.hex()])
+                except RpcError as exc:
+                    if revert_reason(exc) is not None:
+                        self._nonce += 1  # the node mined it and it reverted: the nonce is used
+                        raise
+                    # Refused before execution: the node is the truth, ask it again. Another
+                    # process settling with the same account took this nonce: try the next one.
                     self._nonce = None
-                else:
-                    self._nonce += 1  # the node mined it and it reverted: the nonce is used
-                raise
-            except RpcUnavailable:
-                # Unknown whether it reached the node: resynchronise rather than guess.
-                self._nonce = None
-                raise
-            self._nonce += 1
+                    if _is_nonce_race(exc) and attempt + 1 < _SEND_ATTEMPTS:
+                        continue
+                    raise
+                except RpcUnavailable as exc:
+                    # It may have reached the node: resynchronise rather than guess, and report
+                    # the hash so that the payment is treated as pending, never as not sent.
+                    self._nonce = None
+                    raise _MaybeSent(signed_hash) from exc
+                self._nonce += 1
+                break
         if not isinstance(tx_hash, str) or len(tx_hash) != 66:
-            raise RpcUnavailable("the node returned a malformed transaction hash")
+            raise _MaybeSent(signed_hash)
         return tx_hash
 
     async def _fees_now(self) -> tuple[int, int]:
