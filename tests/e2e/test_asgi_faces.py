@@ -216,3 +216,32 @@ async def test_unreachable_ledger_is_a_503_and_the_proof_stays_good(chain: DevCh
     assert (await call(app, "/weather", [header]))[0]["status"] == 200
     assert chain.balance_of(payer.address) == 1_000_000 - PRICE
     await down.aclose()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis", "closed"])
+async def test_unreachable_store_is_a_503_and_nothing_moves(chain: DevChain, kind: str) -> None:
+    from farebox.store.memory import MemoryStore
+    from farebox.store.postgres import PostgresStore
+    from farebox.store.redis import RedisStore
+
+    paid = make_gate(chain)
+    app = PaymentMiddleware(chunked_app, paid.gate)
+    payer = fund(chain)
+    header = await proof_header(app, payer, "/weather")
+    if kind == "postgres":
+        paid.gate.store = PostgresStore("postgresql://127.0.0.1:1/nowhere", timeout=1)
+    elif kind == "redis":
+        paid.gate.store = RedisStore("redis://127.0.0.1:1/0", timeout=1)
+    else:
+        closed = MemoryStore()
+        await closed.aclose()
+        paid.gate.store = closed
+    sent = await call(app, "/weather", [header])
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    assert sent[0]["status"] == 503
+    assert headers["retry-after"]
+    body = b"".join(m.get("body", b"") for m in sent)
+    assert b"part" not in body
+    assert b"store_unavailable" in body
+    assert b"127.0.0.1:1" not in body  # the store's address is nobody's business
+    assert chain.balance_of(payer.address) == 1_000_000
