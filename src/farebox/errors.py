@@ -91,6 +91,7 @@ REASONS: Mapping[str, Reason] = _table(
     ("no_payable_offer", 402, "No offer the agent can pay"),
     ("receipt_invalid", 502, "Server receipt failed verification"),
     ("idempotency_conflict", 409, "Idempotency key reused with another request"),
+    ("idempotency_in_progress", 409, "A request with this idempotency key is still running"),
     ("ledger_unavailable", 503, "Ledger unavailable"),
     ("store_unavailable", 503, "Store unavailable"),
     ("facilitator_unavailable", 503, "Facilitator unavailable"),

@@ -180,6 +180,9 @@ async def test_pending_settlement_withholds_the_body_and_keeps_the_claim(chain: 
     # Broadcast means the money may move: the proof is never accepted again.
     again = await call(app, "/weather", [header])
     assert again[0]["status"] == 402
+    refusal = b"".join(m.get("body", b"") for m in again)
+    assert b"settlement_pending" in refusal
+    assert settlement.transaction.encode() in refusal  # names where the money may have gone
     [event] = await paid.store.events(kind="settlement", payer=payer.address)
     assert event.reference == settlement.transaction
     # The agent reports the pending transaction and counts it against its budget.

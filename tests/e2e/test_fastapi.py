@@ -170,6 +170,9 @@ async def test_replayed_proof_is_refused(paid: Paid, chain: DevChain) -> None:
     assert first.status_code == 200
     assert again.status_code == 402
     assert again.json()["code"] == "proof_replayed"
+    # A client whose first answer was lost learns where its money went.
+    transaction = decode_settlement(first.headers["payment-response"]).transaction
+    assert transaction in again.json()["detail"]
     assert again.headers["content-type"] == "application/problem+json"
     assert "forecast" not in again.text
     assert chain.balance_of(payer.address) == balance

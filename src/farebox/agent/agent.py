@@ -7,6 +7,15 @@ drive it. The flow reads the challenge (v2 header, v1 body, plain body), picks t
 the policy and budget allow, reserves the budget, signs, retries, checks the settlement and the
 PEAC record, then commits the spend and books the receipt; on any refusal it releases the
 reservation and raises with the server's code or its own.
+
+Idempotent retries: each logical request gets one id (``pay_`` + 32 hex digits), sent as the
+``Idempotency-Key`` header and, when the challenge declares the x402 ``payment-identifier``
+extension, inside the proof's ``extensions`` too. When the paid retry fails in transport (the
+driver throws the error into the flow), the flow yields the very same :class:`Retry` again (same
+signed payment, same id, one budget reservation) up to ``resends`` times, so a server that already
+settled answers with its stored response instead of charging again. When the resends run out, or
+the driver abandons the flow after sending the proof, the reservation is committed: the signed
+authorization left the agent and the server may still settle it until it expires.
 """
 
 from __future__ import annotations
@@ -41,7 +50,21 @@ from farebox.receipts import Jwks, VerifiedReceipt, parse_issuer_config, parse_j
 from farebox.receipts.keys import https_origin
 from farebox.schemes import evm_exact
 
-__all__ = ["Agent", "Answer", "Fetch", "Payment", "PaymentFailed", "Retry"]
+__all__ = [
+    "IDEMPOTENCY_KEY",
+    "PAYMENT_IDENTIFIER",
+    "Agent",
+    "Answer",
+    "Fetch",
+    "Payment",
+    "PaymentFailed",
+    "Retry",
+    "new_request_id",
+]
+
+#: The x402 extension carrying an idempotency id in the proof, and the HTTP header for it.
+PAYMENT_IDENTIFIER = "payment-identifier"
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 PEAC_RECEIPT = "peac-receipt"
 ISSUER_PATH = "/.well-known/peac-issuer.json"
@@ -51,9 +74,30 @@ _COMMERCE = "org.peacprotocol/commerce"
 
 
 class Retry(NamedTuple):
-    """Send the original request again with these headers added."""
+    """Send the original request again with these headers added.
+
+    When sending fails in transport (reset, timeout), the driver throws the error into the flow;
+    the flow then yields the same step again or raises.
+    """
 
     headers: Mapping[str, str]
+
+
+def new_request_id() -> str:
+    """A fresh idempotency id for one logical request (the ``payment-identifier`` format:
+    16 to 128 characters of ``[A-Za-z0-9_-]``)."""
+    return "pay_" + secrets.token_hex(16)
+
+
+def _with_request_id(challenge: Challenge, request_id: str) -> dict[str, Any] | None:
+    # The client echoes the server's declaration and adds its id to ``info`` (x402 v2 only).
+    declared = challenge.extensions.get(PAYMENT_IDENTIFIER)
+    if challenge.x402_version != 2 or not isinstance(declared, Mapping):
+        return None
+    entry = dict(declared)
+    info = entry.get("info")
+    entry["info"] = {**(dict(info) if isinstance(info, Mapping) else {}), "id": request_id}
+    return {PAYMENT_IDENTIFIER: entry}
 
 
 class Fetch(NamedTuple):
@@ -122,7 +166,8 @@ class Agent:
     ``book`` keeps every receipt. A PEAC record that fails verification is always refused
     (``receipt_invalid``; the spend is still committed: the money moved). A response without one
     (most x402 servers send none) is accepted unless ``require_receipt`` is set.
-    ``clock`` gives Unix seconds.
+    ``clock`` gives Unix seconds. ``resends`` is how many times a paid retry that failed in
+    transport is sent again, unchanged, before the error is raised.
     """
 
     account: EvmAccount
@@ -133,6 +178,7 @@ class Agent:
     assets: AssetRegistry = ASSETS
     require_receipt: bool = False
     clock: Callable[[], float] = time.time
+    resends: int = 2
     _issuers: dict[str, _IssuerKeys] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -177,8 +223,10 @@ class Agent:
         reservation = self.budget.reserve(
             offer.amount, asset=asset, now=now, payee=offer.pay_to, resource=url
         )
+        sent = False
         try:
             keys = yield from self._issuer_keys(url)
+            request_id = new_request_id()
             proof = evm_exact.make_proof(
                 self.account,
                 offer,
@@ -186,11 +234,28 @@ class Agent:
                 nonce=secrets.token_bytes(32),
                 resource=challenge.resource,
                 x402_version=challenge.x402_version,
+                extensions=_with_request_id(challenge, request_id),
             )
             header = PAYMENT_SIGNATURE if proof.x402_version == 2 else X_PAYMENT
-            answer = yield Retry({header: encode_proof(proof)})
+            step = Retry({header: encode_proof(proof), IDEMPOTENCY_KEY: request_id})
+            failures = 0
+            while True:
+                sent = True
+                try:
+                    answer = yield step
+                    break
+                except Exception:
+                    # A transport failure thrown in by the driver: the same proof and id again,
+                    # so a server that settled the first one replays instead of charging twice.
+                    failures += 1
+                    if failures > self.resends:
+                        raise
         except BaseException:
-            self.budget.release(reservation)
+            if sent:
+                # The signed authorization left the agent: it may settle until it expires.
+                self.budget.commit(reservation, now=int(self.clock()))
+            else:
+                self.budget.release(reservation)
             raise
         return self._conclude(method, url, offer, asset, reservation, keys, answer)
 

@@ -4,6 +4,12 @@
 response comes back with its :class:`~farebox.agent.agent.Payment` in
 ``response.extensions["farebox.payment"]``. Only refusals and discovery documents are read here;
 the paid response streams to the caller untouched.
+
+httpx gives an auth flow no say when sending fails, so resending a paid request after a transport
+error (same signed payment, same idempotency id) is the job of :class:`PaymentTransport`, wrapped
+around the client's transport: ``httpx.Client(auth=PaymentAuth(agent),
+transport=PaymentTransport(httpx.HTTPTransport()))``. It resends only the paid retries this auth
+marks, and only errors raised before the response arrived (a body cut mid-stream is not resent).
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import httpx
 from farebox.agent.agent import Agent, Answer, Fetch, Payment, Retry
 from farebox.errors import PaymentError
 
-__all__ = ["PAYMENT_EXTENSION", "PaymentAuth"]
+__all__ = ["PAYMENT_EXTENSION", "PaymentAuth", "PaymentTransport"]
 
 PAYMENT_EXTENSION = "farebox.payment"
 MAX_402_BODY = 64 * 1024
 _FETCH = "farebox.fetch"
+# Marks a paid retry, with how many times PaymentTransport may send it again.
+_RESENDS = "farebox.resends"
 
 Exchange = tuple[httpx.Response, bytes | None]
 
@@ -57,6 +65,7 @@ class PaymentAuth(httpx.Auth):
                 if isinstance(step, Retry):
                     for name, value in step.headers.items():
                         request.headers[name] = value
+                    request.extensions = {**request.extensions, _RESENDS: self.agent.resends}
                     response, body = yield request
                 else:
                     assert isinstance(step, Fetch)
@@ -115,3 +124,48 @@ class PaymentAuth(httpx.Auth):
                 outgoing = flow.send((response, body))
             except StopIteration:
                 return
+
+
+class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Wraps a transport (sync or async) to resend paid retries that failed in transport.
+
+    A request :class:`PaymentAuth` marked as a paid retry is sent again, unchanged, up to the
+    agent's ``resends`` times on :class:`httpx.TransportError` (connect, read, write, timeouts,
+    protocol errors); the server's idempotency then replays a response it already settled.
+    Everything else passes straight through.
+    """
+
+    def __init__(self, inner: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(self.inner, httpx.BaseTransport):
+            raise TypeError("PaymentTransport wraps an async transport: use httpx.AsyncClient")
+        resends = int(request.extensions.get(_RESENDS, 0))
+        while True:
+            try:
+                return self.inner.handle_request(request)
+            except httpx.TransportError:
+                if resends <= 0:
+                    raise
+                resends -= 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(self.inner, httpx.AsyncBaseTransport):
+            raise TypeError("PaymentTransport wraps a sync transport: use httpx.Client")
+        resends = int(request.extensions.get(_RESENDS, 0))
+        while True:
+            try:
+                return await self.inner.handle_async_request(request)
+            except httpx.TransportError:
+                if resends <= 0:
+                    raise
+                resends -= 1
+
+    def close(self) -> None:
+        if isinstance(self.inner, httpx.BaseTransport):
+            self.inner.close()
+
+    async def aclose(self) -> None:
+        if isinstance(self.inner, httpx.AsyncBaseTransport):
+            await self.inner.aclose()

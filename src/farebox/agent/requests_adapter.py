@@ -1,7 +1,9 @@
 """The agent for ``requests``: a session that pays 402 challenges with the same flow as httpx.
 
 ``session = PaymentSession(agent)``; ``session.get(url)`` pays when asked to and returns the paid
-response, whose :class:`~farebox.agent.agent.Payment` is in ``response.farebox_payment``.
+response, whose :class:`~farebox.agent.agent.Payment` is in ``response.farebox_payment``. A paid
+retry that fails to connect or times out is handed back to the flow, which sends the same signed
+payment and idempotency id again (``Agent.resends`` times) before the error is raised.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ class PaymentSession(requests.Session):
                 if isinstance(step, Retry):
                     retry = request.copy()
                     retry.headers.update(step.headers)
-                    response = super().send(retry, stream=True, **kwargs)
+                    try:
+                        response = super().send(retry, stream=True, **kwargs)
+                    except (requests.ConnectionError, requests.Timeout) as exc:
+                        step = flow.throw(exc)  # the same step again, or the error raised
+                        continue
                     answer = Answer(
                         response.status_code,
                         {k.lower(): v for k, v in response.headers.items()},

@@ -2,6 +2,12 @@
 
 Only the app's ``http.response.start`` is held while the payment settles; the body then streams
 through unbuffered. If settlement fails, the app's body is dropped and the refusal is sent instead.
+
+For a paid request with an idempotency id the gate asks for the request body (to fingerprint it):
+it is read here, bounded by the gate's ``max_request_body``, and handed to the app through a
+wrapped ``receive`` exactly as it came. A settled response's body is copied as it streams by (up to
+``max_stored_body``) and stored for retries; if the client goes away mid-body after the money
+moved, the app's remaining body is still drained into the copy, so a retry gets all it paid for.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 import anyio
 
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
+from farebox.server.idempotency import BodyCapture
 from farebox.server.routes import RequestInfo
 
 __all__ = ["PaymentMiddleware", "request_info", "run_lifespan"]
@@ -82,13 +89,14 @@ class PaymentMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        decision = await self.gate.admit(request_info(scope))
+        body = _BufferedBody(receive, self.gate.max_request_body)
+        decision = await self.gate.admit(request_info(scope), body.read)
         if decision is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, body.receive, send)
         elif isinstance(decision, Reply):
             await _send_reply(send, decision)
         else:
-            await self._paid(decision, scope, receive, send)
+            await self._paid(decision, scope, body.receive, send)
 
     def _closing(self, receive: Receive) -> Receive:
         # The gate's connections (store, node) close when the server shuts down.
@@ -102,11 +110,16 @@ class PaymentMiddleware:
 
     async def _paid(self, admission: Admission, scope: Scope, receive: Receive, send: Send) -> None:
         state = "waiting"  # -> "passing" (settled or not charged) | "replaced" (refusal sent)
+        # A settled response under an idempotency id: what was sent, kept for its retries.
+        kept: tuple[int, list[tuple[str, str]], BodyCapture] | None = None
+        body_done = False
+        client_gone = False
 
         async def send_paid(message: Message) -> None:
-            nonlocal state
+            nonlocal state, kept, body_done, client_gone
             if message["type"] == "http.response.start":
-                outcome = await self.gate.complete(admission, int(message["status"]))
+                status = int(message["status"])
+                outcome = await self.gate.complete(admission, status)
                 if isinstance(outcome, Reply):
                     state = "replaced"
                     await _send_reply(send, outcome)
@@ -117,21 +130,88 @@ class PaymentMiddleware:
                         (k.decode("latin-1"), v.decode("latin-1"))
                         for k, v in message.get("headers", ())
                     ]
+                    merged = merge_headers(app_headers, outcome)
                     message = dict(message)
                     message["headers"] = [
-                        (k.lower().encode("latin-1"), v.encode("latin-1"))
-                        for k, v in merge_headers(app_headers, outcome)
+                        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in merged
                     ]
+                    if admission.idempotency is not None:
+                        kept = (status, merged, BodyCapture(self.gate.max_stored_body))
                 await send(message)
             elif state != "replaced":
-                await send(message)
+                if kept is not None and message["type"] == "http.response.body":
+                    kept[2].add(bytes(message.get("body", b"")))
+                    body_done = not message.get("more_body", False)
+                if client_gone:
+                    return
+                try:
+                    await send(message)
+                except Exception:
+                    # Paid for and still being copied: let the app finish into the copy, so
+                    # the client's retry gets the whole response instead of paying again.
+                    if kept is None or kept[2].overflow is not None:
+                        raise
+                    client_gone = True
 
         try:
             await self.app(scope, receive, send_paid)
         except BaseException:
-            if state == "waiting":
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if state == "waiting":
                     await self.gate.abandon(admission)
+                elif kept is not None:
+                    await self._remember(admission, kept, complete=body_done)
             raise
         if state == "waiting":  # the app returned without answering
             await self.gate.abandon(admission)
+        elif kept is not None:
+            await self._remember(admission, kept, complete=body_done)
+
+    async def _remember(
+        self,
+        admission: Admission,
+        kept: tuple[int, list[tuple[str, str]], BodyCapture],
+        *,
+        complete: bool,
+    ) -> None:
+        status, headers, capture = kept
+        if not complete:
+            # The app died mid-body after the money moved: a partial body must not be replayed
+            # as if whole, and the request must not run (and charge) again either.
+            capture.abandon()
+        await self.gate.remember(admission, status, headers, capture)
+
+
+class _BufferedBody:
+    """The request body, read once when the gate asks for it and then replayed to the app."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._pending: list[Message] = []
+
+    async def read(self) -> bytes | None:
+        """The whole body, or ``None`` past the limit (the gate then refuses the request)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                # The client went away before the body was complete: the app hears it too.
+                self._pending = [{"type": "http.request", "body": b"".join(chunks)}, message]
+                return b"".join(chunks)
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > self._limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                body = b"".join(chunks)
+                self._pending = [{"type": "http.request", "body": body, "more_body": False}]
+                return body
+
+    async def receive(self) -> Message:
+        """The app's ``receive``: what :meth:`read` took first, then the server's own."""
+        if self._pending:
+            return self._pending.pop(0)
+        return await self._receive()

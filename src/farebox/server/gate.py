@@ -5,6 +5,12 @@ it (a 402, a refusal, a well-known document), or run the app for an admitted pay
 has answered, :meth:`Gate.complete` settles and returns the headers to add, or a reply that replaces
 the app's response when the money did not move; :meth:`Gate.abandon` releases the claim when the app
 failed. The proof is claimed in the store before the app runs, so one payment serves one response.
+
+A paid request with an idempotency id (see :mod:`farebox.server.idempotency`) also takes that id in
+the store before its proof is claimed: a retry with the same id and the same request gets the stored
+response and claims nothing (its proof stays usable), a different request under the id gets a 409,
+and concurrent ones wait for the first. The face hands :meth:`Gate.admit` a reader for the request
+body (the fingerprint needs it) and :meth:`Gate.remember` the delivered response.
 """
 
 from __future__ import annotations
@@ -34,9 +40,26 @@ from farebox.protocol.x402 import (
 from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
 from farebox.receipts.records import receipt_ref
 from farebox.schemes import evm_exact
+from farebox.server.idempotency import (
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_STORED_BODY,
+    DEFAULT_WAIT,
+    PAYMENT_IDENTIFIER,
+    BodyCapture,
+    BodyReader,
+    IdempotentRun,
+    body_omitted,
+    declaration,
+    fingerprint,
+    read_id,
+    replay_headers,
+    scope_key,
+    stored_response,
+    wait_for,
+)
 from farebox.server.routes import RequestInfo, Route, RouteTable
 from farebox.server.wellknown import WellKnown
-from farebox.store.base import Event, Store
+from farebox.store.base import Event, Store, StoredResponse
 
 __all__ = [
     "EXPOSED_HEADERS",
@@ -77,6 +100,7 @@ class Admission:
     challenge: Challenge
     verified: VerifiedProof
     owner: str
+    idempotency: IdempotentRun | None = None
 
 
 def merge_headers(app_headers: Iterable[tuple[str, str]], added: Headers) -> list[tuple[str, str]]:
@@ -105,6 +129,11 @@ class Gate:
     ``signing_key`` signs the PEAC records; ``issuer`` is the records' ``iss``: the API's https
     origin when it has one (then ``/.well-known/peac-issuer.json`` is served), else the key's
     ``did:key``. ``clock`` returns Unix seconds and is the only place the gate reads time.
+
+    Idempotent retries: ``max_request_body`` bounds the request body read to fingerprint a paid
+    request that carries an id (larger is a 413), ``max_stored_body`` the response body kept for
+    its retries (larger is kept without the body: a retry gets a 409), and ``idempotency_wait`` how
+    long a concurrent request with the same id waits for the first before a 409.
     """
 
     def __init__(
@@ -119,6 +148,9 @@ class Gate:
         clock: Callable[[], float] = time.time,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         log_challenges: bool = True,
+        max_request_body: int = DEFAULT_MAX_REQUEST_BODY,
+        max_stored_body: int = DEFAULT_MAX_STORED_BODY,
+        idempotency_wait: float = DEFAULT_WAIT,
     ) -> None:
         self.routes = routes
         self.facilitator = facilitator
@@ -129,6 +161,11 @@ class Gate:
         self.clock = clock
         self.max_header_bytes = max_header_bytes
         self.log_challenges = log_challenges
+        self.max_request_body = max_request_body
+        self.max_stored_body = max_stored_body
+        self.idempotency_wait = idempotency_wait
+        # Every challenge declares payment-identifier: clients may send an id, none must.
+        self._extensions = {PAYMENT_IDENTIFIER: declaration(required=False)}
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
 
     async def aclose(self) -> None:
@@ -140,9 +177,16 @@ class Gate:
 
     # --- before the app ------------------------------------------------------------------------
 
-    async def admit(self, request: RequestInfo) -> Reply | Admission | None:
+    async def admit(
+        self, request: RequestInfo, body: BodyReader | None = None
+    ) -> Reply | Admission | None:
         """``None`` to pass the request to the app untouched, a :class:`Reply` to answer it, or an
-        :class:`Admission` to run the app for a verified, claimed payment."""
+        :class:`Admission` to run the app for a verified, claimed payment.
+
+        ``body`` reads the request body; it is called only for a paid request carrying an
+        idempotency id, and the face then gives the app the body it read. Without it, ids are
+        ignored (no fingerprint, so nothing could be replayed safely).
+        """
         found = self.routes.match(request.method, request.path)
         if found is None:
             document = self.wellknown.reply(request)
@@ -155,6 +199,7 @@ class Gate:
             resource=route.resource(request),
             accepts=route.offers(request),
             reference=uuid7(now * 1000),
+            extensions=self._extensions,
         )
         header = request.headers.get("payment-signature") or request.headers.get("x-payment")
         # A HEAD gets the GET's answer without a body; it is never charged (nothing is delivered).
@@ -166,7 +211,7 @@ class Gate:
                 )
             return self._challenge(challenge, request, None)
         try:
-            return await self._accept(route, request, challenge, header, now)
+            return await self._accept(route, request, challenge, header, now, body)
         except PaymentError as exc:
             await self._log(
                 Event(
@@ -182,8 +227,14 @@ class Gate:
             return self._challenge(challenge, request, exc)
 
     async def _accept(
-        self, route: Route, request: RequestInfo, challenge: Challenge, header: str, now: int
-    ) -> Admission:
+        self,
+        route: Route,
+        request: RequestInfo,
+        challenge: Challenge,
+        header: str,
+        now: int,
+        body: BodyReader | None,
+    ) -> Admission | Reply:
         proof = decode_proof(header, max_bytes=self.max_header_bytes)
         offer = find_offer(proof, challenge.accepts)
         verify = _VERIFIERS.get(offer.scheme)
@@ -191,26 +242,155 @@ class Gate:
             raise PaymentError(
                 "unsupported_scheme", f"cannot settle {offer.scheme} on {offer.network}"
             )
+        # Offline verification first: the payer it proves scopes the idempotency key.
         verified = verify(proof, offer, now=now)
         owner = secrets.token_hex(8)
-        if await self.store.claim(verified.claim_key, owner=owner, now=now) is None:
-            raise PaymentError(
-                "proof_replayed", "this payment was already used", payer=verified.payer
-            )
+        run: IdempotentRun | None = None
+        if body is not None:
+            request_id = read_id(proof, request.headers)
+            if request_id is not None:
+                taken = await self._begin(route, request, verified, request_id, owner, now, body)
+                if isinstance(taken, Reply):
+                    return taken
+                run = taken
         try:
-            await self.facilitator.verify(verified)
+            if await self.store.claim(verified.claim_key, owner=owner, now=now) is None:
+                raise await self._used(verified)
+            try:
+                await self.facilitator.verify(verified)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.store.release(verified.claim_key, owner=owner)
+                raise
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.store.release(verified.claim_key, owner=owner)
+            if run is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._forget(run)
             raise
-        return Admission(route, request, challenge, verified, owner)
+        return Admission(route, request, challenge, verified, owner, run)
+
+    # --- idempotency ---------------------------------------------------------------------------
+
+    async def _begin(
+        self,
+        route: Route,
+        request: RequestInfo,
+        verified: VerifiedProof,
+        request_id: str,
+        owner: str,
+        now: int,
+        body: BodyReader,
+    ) -> IdempotentRun | Reply:
+        """Take the id for this request, or answer it from (or despite) the request that has."""
+        raw = await body()
+        if raw is None:
+            raise PaymentError(
+                "payload_too_large",
+                f"a paid request with an idempotency id may carry at most "
+                f"{self.max_request_body} bytes of body (it is fingerprinted)",
+                status=413,
+                payer=verified.payer,
+            )
+        key = scope_key(self.issuer, route.name, verified.payer, request_id)
+        request_print = fingerprint(request.method, request.url, raw)
+        while True:
+            entry = await self.store.begin_idempotent(
+                key, fingerprint=request_print, owner=owner, now=now
+            )
+            if entry is None:
+                return IdempotentRun(key, owner, request_print)
+            if entry.fingerprint != request_print:
+                raise PaymentError(
+                    "idempotency_conflict",
+                    "this idempotency id was used for another request (method, URL or body)",
+                    payer=verified.payer,
+                )
+            if entry.response is None:
+                entry = await wait_for(self.store, key, timeout=self.idempotency_wait)
+                if entry is None:
+                    continue  # the first request charged nothing and gave the id back: run
+                if entry.response is None:
+                    raise PaymentError(
+                        "idempotency_in_progress",
+                        "a request with this idempotency id is still running; retry later",
+                        status=409,
+                        payer=verified.payer,
+                    )
+            stored = entry.response
+            if body_omitted(stored):
+                raise PaymentError(
+                    "idempotency_conflict",
+                    "the request with this idempotency id was served and paid for, but its "
+                    "response was too large to keep (or cut short) and cannot be replayed",
+                    payer=verified.payer,
+                )
+            await self._log(
+                Event(
+                    "replay",
+                    now,
+                    route.name,
+                    payer=verified.payer,
+                    data={"status": stored.status, "resource": request.url},
+                ),
+                quiet=True,
+            )
+            replayed = b"" if request.method == "HEAD" else stored.body
+            return Reply(stored.status, replay_headers(stored), replayed)
+
+    async def remember(
+        self,
+        admission: Admission,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        capture: BodyCapture,
+    ) -> None:
+        """Keep the settled response the face delivered (headers as sent, the captured body) for
+        retries of the admission's idempotency id; nothing to do without one."""
+        run = admission.idempotency
+        if run is None:
+            return
+        response = stored_response(status, tuple(headers), capture.body, overflow=capture.overflow)
+        with anyio.CancelScope(shield=True):
+            await self._keep(run, response)
+
+    async def _keep(self, run: IdempotentRun, response: StoredResponse) -> None:
+        try:
+            await self.store.complete_idempotent(run.key, owner=run.owner, response=response)
+        except PaymentError as exc:
+            # The response was delivered; its retries will wait and get a 409 instead of it.
+            logger.error("could not store the response for an idempotency id: %s", exc.code)
+
+    async def _forget(self, run: IdempotentRun) -> None:
+        try:
+            await self.store.abandon_idempotent(run.key, owner=run.owner)
+        except PaymentError as exc:
+            logger.warning("could not release an idempotency id: %s", exc.code)
+
+    async def _used(self, verified: VerifiedProof) -> PaymentError:
+        """Why a proof cannot be claimed, naming the transaction when one is known: a client
+        whose response was lost learns where its money went instead of paying again."""
+        claim = await self.store.get_claim(verified.claim_key)
+        if claim is not None and claim.state == "settled" and claim.transaction:
+            message = f"this payment was already used: settled in transaction {claim.transaction}"
+        elif claim is not None and claim.state == "pending" and claim.transaction:
+            return PaymentError(
+                "settlement_pending",
+                f"this payment's transaction {claim.transaction} is not confirmed yet",
+                payer=verified.payer,
+            )
+        else:
+            message = "this payment was already used"
+        return PaymentError("proof_replayed", message, payer=verified.payer)
 
     # --- after the app -------------------------------------------------------------------------
 
     async def abandon(self, admission: Admission) -> None:
-        """The app failed or answered an error: nothing is charged, the proof can be used again."""
+        """The app failed or answered an error: nothing is charged, the proof can be used again,
+        and a retry with the same idempotency id runs again."""
         with anyio.CancelScope(shield=True):
             await self.store.release(admission.verified.claim_key, owner=admission.owner)
+            if admission.idempotency is not None:
+                await self._forget(admission.idempotency)
 
     async def complete(self, admission: Admission, status: int) -> Headers | Reply:
         """Settle for an app that answered ``status``.
@@ -235,6 +415,7 @@ class Gate:
         except PaymentError as exc:
             # Nothing was broadcast: no money moved, the proof stays usable.
             await self.store.release(verified.claim_key, owner=admission.owner)
+            await self._unrun(admission)
             return self._refusal(admission, exc, None)
         now = int(self.clock())
         route_name = admission.route.name
@@ -269,18 +450,24 @@ class Gate:
             ),
         ]
         if not settlement.success:
+            code = settlement.error_reason or "transaction_failed"
+            error = PaymentError(code, settlement.error_message, payer=verified.payer)
+            refusal = self._refusal(admission, error, settlement)
             if (
                 settlement.pending
                 or settlement.error_reason == "invalid_exact_evm_transfer_event_mismatch"
             ):
-                # The money may have moved: the proof stays claimed until someone reconciles it.
+                # The money may have moved: the proof stays claimed until someone reconciles it,
+                # and a retry under the same id hears the same, rather than paying a second time.
                 await self._finish(admission, "pending", settlement, events)
+                if admission.idempotency is not None:
+                    stored = StoredResponse(refusal.status, refusal.headers, refusal.body)
+                    await self._keep(admission.idempotency, stored)
             else:
                 await self.store.release(verified.claim_key, owner=admission.owner)
+                await self._unrun(admission)
                 await self._log(*events, quiet=True)
-            code = settlement.error_reason or "transaction_failed"
-            error = PaymentError(code, settlement.error_message, payer=verified.payer)
-            return self._refusal(admission, error, settlement)
+            return refusal
         receipt = self._receipt(admission, settlement, now)
         events.append(
             Event(
@@ -299,6 +486,10 @@ class Gate:
         headers.append((PEAC_RECEIPT, receipt))
         headers.append(("access-control-expose-headers", EXPOSED_HEADERS))
         return tuple(headers)
+
+    async def _unrun(self, admission: Admission) -> None:
+        if admission.idempotency is not None:
+            await self._forget(admission.idempotency)
 
     def _receipt(self, admission: Admission, settlement: Settlement, now: int) -> str:
         offer = admission.verified.offer

@@ -3,19 +3,27 @@
 The gate is async; a WSGI server calls us on its own threads, so one event loop runs in a background
 thread (an anyio blocking portal) and each request hands its gate calls to it. There is no second
 copy of the payment logic here: only the translation between WSGI and the gate.
+
+For a paid request with an idempotency id the gate asks for the request body: ``wsgi.input`` is read
+(bounded by the gate's ``max_request_body``) and replaced by a ``BytesIO`` of what was read. A
+settled response's body is copied as the server iterates it and stored for retries; a server that
+closes the iterable early (the client went away) still gets the rest drained into the copy.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from http import HTTPStatus
 from typing import Any
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from farebox.server.gate import Gate, Reply, merge_headers
+from farebox.server.gate import Admission, Gate, Reply, merge_headers
+from farebox.server.idempotency import BodyCapture, BodyReader
 from farebox.server.routes import RequestInfo
 
 __all__ = ["WsgiPaymentMiddleware", "wsgi_request_info"]
@@ -87,7 +95,7 @@ class WsgiPaymentMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         portal = self.portal()
-        decision = portal.call(self.gate.admit, wsgi_request_info(environ))
+        decision = portal.call(self.gate.admit, wsgi_request_info(environ), self._reader(environ))
         if decision is None:
             return self.app(environ, start_response)
         if isinstance(decision, Reply):
@@ -117,7 +125,49 @@ class WsgiPaymentMiddleware:
             return self._reply(outcome, start_response)
         headers = merge_headers(app_headers, outcome) if outcome else app_headers
         start_response(status_text, headers)
+        if outcome and decision.idempotency is not None:
+            status = int(status_text.split(" ", 1)[0])
+            return _Stream(first, iterator, result, self._keeper(decision, status, headers))
         return _Stream(first, iterator, result)
+
+    def _reader(self, environ: Environ) -> BodyReader:
+        limit = self.gate.max_request_body
+
+        def read() -> bytes | None:
+            stream = environ.get("wsgi.input")
+            length = environ.get("CONTENT_LENGTH") or ""
+            if stream is None:
+                body = b""
+            elif length.strip().isdigit():
+                if int(length) > limit:
+                    return None
+                body = stream.read(int(length))
+            elif environ.get("wsgi.input_terminated"):
+                body = stream.read(limit + 1)
+                if len(body) > limit:
+                    return None
+            else:
+                body = b""  # PEP 3333: without a length (or a terminated input) there is none
+            # The app reads what was read here, as if it came from the server.
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
+            return body
+
+        async def read_off_loop() -> bytes | None:
+            # The gate's loop serves every request: the blocking read happens on a worker thread.
+            return await anyio.to_thread.run_sync(read)
+
+        return read_off_loop
+
+    def _keeper(self, admission: Admission, status: int, headers: list[tuple[str, str]]) -> _Keeper:
+        capture = BodyCapture(self.gate.max_stored_body)
+
+        def done(complete: bool) -> None:
+            if not complete:
+                capture.abandon()
+            self.portal().call(self.gate.remember, admission, status, headers, capture)
+
+        return _Keeper(capture, done)
 
     @staticmethod
     def _reply(reply: Reply, start_response: StartResponse) -> list[bytes]:
@@ -136,18 +186,73 @@ def _close(result: Iterable[bytes]) -> None:
         close()
 
 
-class _Stream:
-    """The app's body: the chunk already pulled, then the rest, closing the app's iterable."""
+class _Keeper:
+    """Where a settled body's copy goes: the capture, and what to call once the body ended."""
 
-    def __init__(self, first: bytes | None, rest: Iterator[bytes], result: Iterable[bytes]):
+    def __init__(self, capture: BodyCapture, done: Callable[[bool], None]) -> None:
+        self.capture = capture
+        self.done = done
+
+
+class _Stream:
+    """The app's body: the chunk already pulled, then the rest, closing the app's iterable.
+
+    With a keeper, every chunk is also copied, and the copy is handed over once: when the body
+    ended, or at ``close`` (after draining what the server did not read, within the limit).
+    """
+
+    def __init__(
+        self,
+        first: bytes | None,
+        rest: Iterator[bytes],
+        result: Iterable[bytes],
+        keeper: _Keeper | None = None,
+    ):
         self._first = first
         self._rest = rest
         self._result = result
+        self._keeper = keeper
+        self._ended = False
+        self._failed = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self._first is not None:
+            self._copy(self._first)
             yield self._first
-        yield from self._rest
+        try:
+            for chunk in self._rest:
+                self._copy(chunk)
+                yield chunk
+        except Exception:
+            # The app broke mid-body: its iterator is spent, so draining it would look complete.
+            self._failed = True
+            raise
+        self._ended = True
+
+    def _copy(self, chunk: bytes) -> None:
+        if self._keeper is not None:
+            self._keeper.capture.add(chunk)
 
     def close(self) -> None:
-        _close(self._result)
+        keeper, self._keeper = self._keeper, None
+        try:
+            if keeper is not None:
+                self._drain(keeper)
+        finally:
+            _close(self._result)
+
+    def _drain(self, keeper: _Keeper) -> None:
+        complete = self._ended
+        try:
+            if self._failed:
+                return
+            if not complete and self._first is not None and not keeper.capture.size:
+                keeper.capture.add(self._first)  # the server never even took the first chunk
+            while not complete and keeper.capture.overflow is None:
+                chunk = next(self._rest, None)
+                if chunk is None:
+                    complete = True
+                else:
+                    keeper.capture.add(chunk)
+        finally:
+            keeper.done(complete)
