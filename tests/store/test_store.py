@@ -1,6 +1,7 @@
 """Every store keeps the same promises: one suite, run over each implementation.
 
-A new store (PostgreSQL, Redis) joins by adding a case to the ``store`` fixture.
+The ``store`` fixture (conftest.py) runs each protocol test over memory, SQLite, PostgreSQL and
+Redis; a new store joins by adding a case there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from farebox.errors import ConfigError, PaymentError
-from farebox.store import Claim, Event, MemoryStore, SqliteStore, Store
+from farebox.store import Claim, Event, IdempotencyEntry, SqliteStore, Store, StoredResponse
 from farebox.store.base import (
     MAX_EVENTS,
     clamp_limit,
@@ -34,25 +34,6 @@ pytestmark = pytest.mark.anyio
 
 PAYER = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01"
 OTHER = "0x1111111111111111111111111111111111111111"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-StoreFactory = Callable[[Path], Store]
-FACTORIES: dict[str, StoreFactory] = {
-    "memory": lambda tmp: MemoryStore(),
-    "sqlite": lambda tmp: SqliteStore(tmp / "data" / "store.db"),
-}
-
-
-@pytest.fixture(params=sorted(FACTORIES))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    made = FACTORIES[request.param](tmp_path)
-    yield made
-    await made.aclose()
 
 
 # --- claims --------------------------------------------------------------------------------------
@@ -135,6 +116,132 @@ async def test_concurrent_claims_in_one_loop_have_one_winner(store: Store) -> No
         for n in range(50):
             tg.start_soon(attempt, f"o{n}")
     assert len(winners) == 1
+
+
+# --- recovery: unfinished claims ----------------------------------------------------------------
+
+
+async def test_unfinished_lists_pending_and_old_held_claims_oldest_first(store: Store) -> None:
+    for key, at in (("settled", 1), ("pending", 50), ("old-held", 10), ("new-held", 100)):
+        await store.claim(key, owner="o", now=at)
+    await store.finish("settled", owner="o", state="settled", transaction="0x1")
+    await store.finish("pending", owner="o", state="pending", transaction="0x2")
+    found = await store.unfinished(held_before=100)
+    assert found == [
+        Claim("old-held", "o", "held", 10),
+        Claim("pending", "o", "pending", 50, "0x2"),
+    ]
+    assert [c.key for c in await store.unfinished(held_before=101)] == [
+        "old-held",
+        "pending",
+        "new-held",
+    ]
+    assert [c.key for c in await store.unfinished(held_before=0)] == ["pending"]
+    assert [c.key for c in await store.unfinished(held_before=101, limit=1)] == ["old-held"]
+    assert await store.unfinished(held_before=101, limit=0) == []
+
+
+async def test_resolve_settles_or_frees_an_unfinished_claim(store: Store) -> None:
+    await store.claim("p", owner="o", now=1)
+    await store.finish("p", owner="o", state="pending", transaction="0xp")
+    await store.claim("h", owner="o", now=2)
+    line = Event("settlement", 9, "GET /x", payer=PAYER, reference="0xq", data={"v": 2**255})
+    assert await store.resolve("p", settled=True, transaction="0xq", events=[line]) is True
+    assert await store.get_claim("p") == Claim("p", "o", "settled", 1, "0xq")
+    [stored] = await store.events()
+    assert stored.data == {"v": 2**255}
+    # Not settled: the claim is removed and the proof may be used again.
+    assert await store.resolve("h", settled=False, transaction=None) is True
+    assert await store.get_claim("h") is None
+    assert await store.claim("h", owner="n", now=3) == Claim("h", "n", "held", 3)
+    assert await store.unfinished(held_before=3) == []
+
+
+async def test_resolve_changes_nothing_when_someone_else_resolved_first(store: Store) -> None:
+    await store.claim("k", owner="o", now=1)
+    await store.finish("k", owner="o", state="pending", transaction="0x1")
+    assert await store.resolve("k", settled=True, transaction="0x1", events=[Event("a", 1)])
+    assert not await store.resolve("k", settled=False, transaction=None, events=[Event("b", 2)])
+    assert not await store.resolve("gone", settled=True, transaction="0x", events=[Event("c", 3)])
+    assert await store.get_claim("k") == Claim("k", "o", "settled", 1, "0x1")
+    assert [event.kind for event in await store.events()] == ["a"]
+    # A held claim finished by its request before the reconciler got to it.
+    await store.claim("j", owner="o", now=1)
+    await store.finish("j", owner="o", state="settled", transaction="0x2")
+    assert not await store.resolve("j", settled=False, transaction=None)
+    assert await store.get_claim("j") == Claim("j", "o", "settled", 1, "0x2")
+
+
+async def test_concurrent_resolves_have_one_winner(store: Store) -> None:
+    await store.claim("k", owner="o", now=1)
+    await store.finish("k", owner="o", state="pending", transaction="0x1")
+    results: list[bool] = []
+
+    async def attempt(n: int) -> None:
+        results.append(
+            await store.resolve("k", settled=n % 2 == 0, transaction="0x1", events=[Event("r", n)])
+        )
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(attempt, n)
+    assert results.count(True) == 1
+    assert len(await store.events()) == 1
+
+
+# --- idempotency ---------------------------------------------------------------------------------
+
+RESPONSE = StoredResponse(
+    201, (("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")), b"\0ok"
+)
+
+
+async def test_idempotency_begin_complete_get(store: Store) -> None:
+    assert await store.get_idempotent("i") is None
+    assert await store.begin_idempotent("i", fingerprint="f1", owner="a", now=5) is None
+    running = IdempotencyEntry("i", "f1", "a", 5)
+    assert await store.get_idempotent("i") == running
+    # Anyone else, with any fingerprint, finds the entry unchanged.
+    assert await store.begin_idempotent("i", fingerprint="f2", owner="b", now=6) == running
+    assert await store.begin_idempotent("i", fingerprint="f1", owner="a", now=6) == running
+    with pytest.raises(PaymentError):
+        await store.complete_idempotent("i", owner="b", response=RESPONSE)
+    await store.complete_idempotent("i", owner="a", response=RESPONSE)
+    done = IdempotencyEntry("i", "f1", "a", 5, RESPONSE)
+    assert await store.get_idempotent("i") == done
+    assert await store.begin_idempotent("i", fingerprint="f1", owner="c", now=7) == done
+    with pytest.raises(PaymentError):
+        await store.complete_idempotent("i", owner="a", response=RESPONSE)
+    with pytest.raises(PaymentError):
+        await store.complete_idempotent("missing", owner="a", response=RESPONSE)
+
+
+async def test_idempotency_abandon(store: Store) -> None:
+    await store.begin_idempotent("i", fingerprint="f", owner="a", now=1)
+    assert await store.abandon_idempotent("i", owner="b") is False
+    assert await store.abandon_idempotent("i", owner="a") is True
+    assert await store.get_idempotent("i") is None
+    assert await store.abandon_idempotent("i", owner="a") is False
+    assert await store.begin_idempotent("i", fingerprint="g", owner="b", now=2) is None
+    await store.complete_idempotent("i", owner="b", response=RESPONSE)
+    assert await store.abandon_idempotent("i", owner="b") is False  # a completed entry stays
+    entry = await store.get_idempotent("i")
+    assert entry is not None
+    assert entry.response == RESPONSE
+
+
+async def test_concurrent_begin_idempotent_has_one_winner(store: Store) -> None:
+    results: dict[str, IdempotencyEntry | None] = {}
+
+    async def attempt(owner: str) -> None:
+        results[owner] = await store.begin_idempotent("i", fingerprint="f", owner=owner, now=1)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(50):
+            tg.start_soon(attempt, f"o{n}")
+    winners = [owner for owner, entry in results.items() if entry is None]
+    assert len(winners) == 1
+    assert {entry.owner for entry in results.values() if entry is not None} == set(winners)
 
 
 # --- the log -------------------------------------------------------------------------------------

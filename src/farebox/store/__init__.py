@@ -1,12 +1,54 @@
-"""Where a server keeps its payment claims and its log: in memory, or in a SQLite file.
+"""Where a server keeps its payment claims and its log: in memory, SQLite, PostgreSQL or Redis.
 
 A :class:`Store` accepts each payment proof once ever (:meth:`Store.claim`) and keeps an
 append-only log of :class:`Event` lines. :class:`SqliteStore` is the default and is shared safely
-by every process of a server; :class:`MemoryStore` is for tests and single-process demos.
+by every process of a server; :class:`MemoryStore` is for tests and single-process demos;
+:class:`~farebox.store.postgres.PostgresStore` (extra ``postgres``) and
+:class:`~farebox.store.redis.RedisStore` (extra ``redis``) are shared across hosts. Those two are
+imported on first access, so that their drivers are needed only by those who use them.
 """
 
-from farebox.store.base import Claim, ClaimState, Event, Store
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from farebox.store.base import (
+    Claim,
+    ClaimState,
+    Event,
+    IdempotencyEntry,
+    Store,
+    StoredResponse,
+)
 from farebox.store.memory import MemoryStore
 from farebox.store.sqlite import SqliteStore
 
-__all__ = ["Claim", "ClaimState", "Event", "MemoryStore", "SqliteStore", "Store"]
+if TYPE_CHECKING:
+    from farebox.store.postgres import PostgresStore
+    from farebox.store.redis import RedisStore
+
+__all__ = [
+    "Claim",
+    "ClaimState",
+    "Event",
+    "IdempotencyEntry",
+    "MemoryStore",
+    "PostgresStore",
+    "RedisStore",
+    "SqliteStore",
+    "Store",
+    "StoredResponse",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: psycopg and redis are optional dependencies.
+    if name == "PostgresStore":
+        from farebox.store.postgres import PostgresStore
+
+        return PostgresStore
+    if name == "RedisStore":
+        from farebox.store.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

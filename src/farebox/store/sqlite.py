@@ -8,6 +8,11 @@ never corrupt the file).
 
 :func:`open_database` is shared with the agent's budget and receipt book: a private (0600) file,
 WAL, and a schema created on open and versioned with ``PRAGMA user_version``.
+
+Schema versions of the store: 1 had claims and events; 2 adds the ``idempotency`` table and the
+``claims_unfinished`` index that reconciliation reads. Every statement of :data:`_SCHEMA` is
+idempotent (``IF NOT EXISTS``), so a version-1 file is migrated by running the whole list again,
+in the same ``BEGIN IMMEDIATE`` transaction that bumps ``user_version``.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
+import orjson
 
 from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
     Claim,
     ClaimState,
     Event,
+    IdempotencyEntry,
+    StoredResponse,
     claim_not_held,
     clamp_limit,
     decode_event_data,
@@ -34,11 +42,17 @@ from farebox.store.base import (
     payer_key,
 )
 
-__all__ = ["SqliteStore", "open_database", "store_unavailable"]
+__all__ = [
+    "SqliteStore",
+    "decode_headers",
+    "encode_headers",
+    "open_database",
+    "store_unavailable",
+]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     """
@@ -81,6 +95,21 @@ _SCHEMA = (
     CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'the payment log is append-only'); END
     """,
+    # Version 2. Partial: settled claims, nearly all of them, are never looked at again by
+    # reconciliation, and an index of only the few unfinished ones costs nothing to keep.
+    "CREATE INDEX IF NOT EXISTS claims_unfinished ON claims (at) WHERE state <> 'settled'",
+    # `status` is NULL while the first request runs; `headers` is a JSON list of [name, value].
+    """
+    CREATE TABLE IF NOT EXISTS idempotency (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        status INTEGER,
+        headers TEXT,
+        body BLOB
+    ) WITHOUT ROWID
+    """,
 )
 
 _CLAIM = (
@@ -90,6 +119,27 @@ _CLAIM = (
 _RELEASE = "DELETE FROM claims WHERE key = ? AND owner = ? AND state = 'held'"
 _FINISH = "UPDATE claims SET state = ?, txn = ? WHERE key = ? AND owner = ? AND state = 'held'"
 _GET_CLAIM = "SELECT key, owner, state, at, txn FROM claims WHERE key = ?"
+# `state <> 'settled'` is the partial index's own clause, spelled alike so that SQLite uses it.
+_UNFINISHED = (
+    "SELECT key, owner, state, at, txn FROM claims "
+    "WHERE state <> 'settled' AND (state = 'pending' OR at < ?) ORDER BY at, key LIMIT ?"
+)
+_RESOLVE_SETTLED = (
+    "UPDATE claims SET state = 'settled', txn = ? WHERE key = ? AND state IN ('held', 'pending')"
+)
+_RESOLVE_FAILED = "DELETE FROM claims WHERE key = ? AND state IN ('held', 'pending')"
+_BEGIN_IDEMPOTENT = (
+    "INSERT INTO idempotency (key, fingerprint, owner, at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (key) DO NOTHING"
+)
+_GET_IDEMPOTENT = (
+    "SELECT key, fingerprint, owner, at, status, headers, body FROM idempotency WHERE key = ?"
+)
+_COMPLETE_IDEMPOTENT = (
+    "UPDATE idempotency SET status = ?, headers = ?, body = ? "
+    "WHERE key = ? AND owner = ? AND status IS NULL"
+)
+_ABANDON_IDEMPOTENT = "DELETE FROM idempotency WHERE key = ? AND owner = ? AND status IS NULL"
 _INSERT_EVENT = (
     "INSERT INTO events (kind, at, route, payer, payer_key, reference, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -339,6 +389,90 @@ class SqliteStore:
         # A query may read thousands of rows: never in the event loop.
         return await self._call(run, inline=False)
 
+    async def unfinished(self, *, held_before: int, limit: int = 100) -> list[Claim]:
+        """See :meth:`farebox.store.base.Store.unfinished`."""
+        params = (held_before, clamp_limit(limit))
+
+        def run(conn: sqlite3.Connection) -> list[Claim]:
+            return [_claim(row) for row in conn.execute(_UNFINISHED, params)]
+
+        # Reconciliation runs in the background and may read many rows: never in the loop.
+        return await self._call(run, inline=False)
+
+    async def resolve(
+        self,
+        key: str,
+        *,
+        settled: bool,
+        transaction: str | None,
+        events: Sequence[Event] = (),
+    ) -> bool:
+        """See :meth:`farebox.store.base.Store.resolve`."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with _WriteTransaction(conn):
+                # The state test is in the statement itself: whoever changed the claim first
+                # (finish, another reconciler) wins, and this one changes nothing.
+                if settled:
+                    changed = conn.execute(_RESOLVE_SETTLED, (transaction, key)).rowcount
+                else:
+                    changed = conn.execute(_RESOLVE_FAILED, (key,)).rowcount
+                if changed != 1:
+                    return False
+                _insert_events(conn, events)
+                return True
+
+        return await self._call(run, write=True)
+
+    async def begin_idempotent(
+        self, key: str, *, fingerprint: str, owner: str, now: int
+    ) -> IdempotencyEntry | None:
+        """See :meth:`farebox.store.base.Store.begin_idempotent`."""
+
+        def run(conn: sqlite3.Connection) -> IdempotencyEntry | None:
+            # One write transaction: the entry read after a lost insert is the one that won it
+            # (it cannot be abandoned in between by another process).
+            with _WriteTransaction(conn):
+                if conn.execute(_BEGIN_IDEMPOTENT, (key, fingerprint, owner, now)).rowcount == 1:
+                    return None
+                row = conn.execute(_GET_IDEMPOTENT, (key,)).fetchone()
+                return None if row is None else _entry(row)
+
+        return await self._call(run, write=True)
+
+    async def complete_idempotent(self, key: str, *, owner: str, response: StoredResponse) -> None:
+        """See :meth:`farebox.store.base.Store.complete_idempotent`."""
+        params = (
+            response.status,
+            encode_headers(response.headers),
+            bytes(response.body),
+            key,
+            owner,
+        )
+
+        def run(conn: sqlite3.Connection) -> None:
+            if conn.execute(_COMPLETE_IDEMPOTENT, params).rowcount != 1:
+                raise claim_not_held()
+
+        await self._call(run, write=True)
+
+    async def abandon_idempotent(self, key: str, *, owner: str) -> bool:
+        """See :meth:`farebox.store.base.Store.abandon_idempotent`."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_ABANDON_IDEMPOTENT, (key, owner)).rowcount == 1
+
+        return await self._call(run, write=True)
+
+    async def get_idempotent(self, key: str) -> IdempotencyEntry | None:
+        """See :meth:`farebox.store.base.Store.get_idempotent`."""
+
+        def run(conn: sqlite3.Connection) -> IdempotencyEntry | None:
+            row = conn.execute(_GET_IDEMPOTENT, (key,)).fetchone()
+            return None if row is None else _entry(row)
+
+        return await self._call(run)
+
     async def aclose(self) -> None:
         """Close the file; later calls raise ``store_unavailable``."""
         if not self._closed:
@@ -498,6 +632,26 @@ def _insert_events(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
             for event in events
         ),
     )
+
+
+def encode_headers(headers: Sequence[tuple[str, str]]) -> str:
+    """Response headers as a JSON list of ``[name, value]`` pairs (order and repeats kept)."""
+    return orjson.dumps([[str(name), str(value)] for name, value in headers]).decode()
+
+
+def decode_headers(text: str | bytes) -> tuple[tuple[str, str], ...]:
+    """The inverse of :func:`encode_headers`."""
+    return tuple((str(name), str(value)) for name, value in orjson.loads(text))
+
+
+def _entry(row: tuple[Any, ...]) -> IdempotencyEntry:
+    key, fingerprint, owner, at, status, headers, body = row
+    response = (
+        None
+        if status is None
+        else StoredResponse(int(status), decode_headers(headers or "[]"), bytes(body or b""))
+    )
+    return IdempotencyEntry(key, fingerprint, owner, at, response)
 
 
 def _claim(row: tuple[Any, ...]) -> Claim:

@@ -1,0 +1,167 @@
+"""What only the shared stores (PostgreSQL, Redis) and SQLite's migration promise."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from farebox.errors import ConfigError, PaymentError
+from farebox.store import Claim, SqliteStore
+from farebox.store.postgres import PostgresStore, applied_migrations, migrate, migrations
+from farebox.store.redis import RedisStore
+from tests.store.conftest import REDIS_URL, drop_schema, recreate_schema, schema_dsn, worker_id
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def fresh_schema() -> Iterator[str]:
+    """A DSN on an empty schema of this worker's own, dropped afterwards."""
+    schema = f"farebox_fresh_{worker_id()}"
+    recreate_schema(schema)
+    yield schema_dsn(schema)
+    drop_schema(schema)
+
+
+async def test_postgres_migrations_apply_once_in_order(fresh_schema: str) -> None:
+    known = [version for version, _ in migrations()]
+    assert known[0] == "0001_initial"
+    assert known == sorted(known)
+    assert await applied_migrations(fresh_schema) == []
+    assert await migrate(fresh_schema) == known
+    assert await migrate(fresh_schema) == []  # idempotent
+    assert await applied_migrations(fresh_schema) == known
+    with psycopg.connect(fresh_schema) as conn:
+        rows = conn.execute("SELECT version, applied_at FROM farebox_migrations").fetchall()
+    assert sorted(version for version, _ in rows) == known
+    assert all(applied_at is not None for _, applied_at in rows)
+
+
+async def test_postgres_store_refuses_an_unmigrated_database(fresh_schema: str) -> None:
+    store = PostgresStore(fresh_schema)
+    with pytest.raises(ConfigError, match="farebox db migrate"):
+        await store.claim("k", owner="a", now=1)
+    await store.aclose()
+    async with await PostgresStore.open(fresh_schema, migrate=True) as migrating:
+        assert await migrating.claim("k", owner="a", now=1) is not None
+    assert await applied_migrations(fresh_schema) == [v for v, _ in migrations()]
+
+
+async def test_postgres_refuses_a_newer_database(fresh_schema: str) -> None:
+    await migrate(fresh_schema)
+    with psycopg.connect(fresh_schema) as conn:
+        conn.execute("INSERT INTO farebox_migrations (version) VALUES ('9999_future')")
+    with pytest.raises(PaymentError, match="newer"):
+        await migrate(fresh_schema)
+    with pytest.raises(PaymentError, match="newer"):
+        await PostgresStore.open(fresh_schema)
+
+
+async def test_postgres_log_is_append_only(fresh_schema: str) -> None:
+    await migrate(fresh_schema)
+    with psycopg.connect(fresh_schema, autocommit=True) as conn:
+        conn.execute("INSERT INTO events (kind, at) VALUES ('x', 1)")
+        with pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("DELETE FROM events")
+
+
+async def test_unreachable_services_are_store_unavailable_without_secrets() -> None:
+    for store in (
+        PostgresStore("postgresql://user:hunter2@127.0.0.1:1/db", timeout=1),
+        RedisStore("redis://:hunter2@127.0.0.1:1/0", timeout=1),
+    ):
+        with pytest.raises(PaymentError) as failed:
+            await store.claim("k", owner="a", now=1)
+        assert failed.value.code == "store_unavailable"
+        assert failed.value.status == 503
+        assert "hunter2" not in str(failed.value)
+        assert "hunter2" not in json.dumps(failed.value.to_problem())
+        assert "hunter2" not in repr(store)
+        await store.aclose()
+
+
+async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL,"
+            " at INTEGER NOT NULL, txn TEXT) WITHOUT ROWID"
+        )
+        conn.execute("INSERT INTO claims VALUES ('k', 'o', 'pending', 5, '0x1')")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    async with await SqliteStore.open(path) as store:
+        assert await store.unfinished(held_before=0) == [Claim("k", "o", "pending", 5, "0x1")]
+        assert await store.begin_idempotent("i", fingerprint="f", owner="o", now=1) is None
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import anyio
+    from farebox.store.postgres import PostgresStore
+    from farebox.store.redis import RedisStore
+
+    async def main(kind, target, extra, name):
+        if kind == "postgres":
+            store = await PostgresStore.open(target)
+        else:
+            store = await RedisStore.open(target, prefix=extra)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        won = []
+        async with anyio.create_task_group() as tg:
+            async def one(n):
+                if await store.claim("the-key", owner=f"{name}-{n}", now=1) is not None:
+                    won.append("the-key")
+                entry = await store.begin_idempotent(
+                    "the-idem", fingerprint="f", owner=f"{name}-{n}", now=1
+                )
+                if entry is None:
+                    won.append("the-idem")
+            for n in range(50):
+                tg.start_soon(one, n)
+        await store.aclose()
+        print(json.dumps(won), flush=True)
+
+    anyio.run(main, *sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_two_processes_racing_have_one_winner(kind: str, request: pytest.FixtureRequest) -> None:
+    if kind == "postgres":
+        target, extra = request.getfixturevalue("empty_postgres"), ""
+    else:
+        target, extra = REDIS_URL, request.getfixturevalue("redis_prefix")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, kind, target, extra, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("p1", "p2")
+    ]
+    for child in children:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    won: list[str] = []
+    for child in children:
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 0
+        won += json.loads(out)
+    assert sorted(won) == ["the-idem", "the-key"]
