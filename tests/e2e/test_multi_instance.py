@@ -156,3 +156,63 @@ def test_one_proof_across_workers_is_served_once(
     assert set(codes) <= {"proof_replayed"}, codes
     assert len(codes) == REQUESTS - 1
     assert balance(node, USDC.address, merchant) == 10_000  # one transfer, not fifty
+
+
+def fifty_fresh_proofs_one_id(base: str, payer_index: int) -> list[httpx.Response]:
+    payer = EvmAccount.from_hex(DEV_KEYS[payer_index])
+    unpaid = httpx.get(base + "/weather")
+    challenge = read_challenge(dict(unpaid.headers), unpaid.content)
+    key = "retry_" + secrets.token_hex(16)
+    headers = [
+        {
+            "payment-signature": encode_proof(
+                make_proof(
+                    payer,
+                    challenge.accepts[0],
+                    now=int(time.time()),
+                    nonce=os.urandom(32),
+                    resource=challenge.resource,
+                )
+            ),
+            "idempotency-key": key,
+        }
+        for _ in range(REQUESTS)
+    ]
+    responses: list[httpx.Response] = []
+
+    async def one(client: httpx.AsyncClient, header: dict[str, str]) -> None:
+        responses.append(await client.get(base + "/weather", headers=header))
+
+    async def all_at_once() -> None:
+        limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=0)
+        async with (
+            httpx.AsyncClient(timeout=60, limits=limits) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for header in headers:
+                tg.start_soon(one, client, header)
+
+    anyio.run(all_at_once)
+    return responses
+
+
+@pytest.mark.parametrize("backend", ["postgres", "redis"])
+def test_one_idempotency_key_with_fresh_payments_charges_once(
+    backend: str, node: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = request.getfixturevalue(f"{backend}_url")
+    merchant = "0x" + secrets.token_hex(20)
+    process, base = serve_workers(tmp_path, node, store, merchant)
+    try:
+        responses = fifty_fresh_proofs_one_id(base, 6 if backend == "postgres" else 7)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert [r.status_code for r in responses] == [200] * REQUESTS, [
+        r.text for r in responses if r.status_code != 200
+    ][:3]
+    assert {r.content for r in responses} == {b'{"forecast": "hail"}'}  # identical responses
+    receipts = {r.headers["peac-receipt"] for r in responses}
+    assert len(receipts) == 1  # one payment, one record, replayed
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == REQUESTS - 1
+    assert balance(node, USDC.address, merchant) == 10_000  # one charge for fifty requests

@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -291,7 +292,9 @@ class Gate:
                 status=413,
                 payer=verified.payer,
             )
-        key = scope_key(self.issuer, route.name, verified.payer, request_id)
+        origin = urlsplit(request.url)
+        api = f"{origin.scheme}://{origin.netloc} {verified.offer.pay_to.lower()}"
+        key = scope_key(api, route.name, verified.payer, request_id)
         request_print = fingerprint(request.method, request.url, raw)
         while True:
             entry = await self.store.begin_idempotent(

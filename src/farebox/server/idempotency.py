@@ -8,13 +8,16 @@ to the header too so that both spellings of one id behave alike); anything else 
 
 Design decisions:
 
-* **Scope.** The store key is a SHA-256 over the gate's issuer, the route and the payer address
+* **Scope.** The store key is a SHA-256 over the API (the request's origin and the offer's payTo),
+  the route and the payer address
   recovered from the verified proof, then the id. An ``Idempotency-Key`` is chosen by the client,
   so without the payer in the key anyone who saw (or guessed) a key could read another client's
   paid response by sending it with any cheap proof of their own. With it, reading a stored
   response requires a proof signed by the same payer. The id is therefore only honoured on
   requests with a readable, offline-verified proof; an unpaid request gets the 402 as always.
-  The issuer and route keep two APIs (or two routes) sharing one store apart.
+  Origin, payTo and route keep two APIs (or two routes) sharing one store apart. Not the
+  receipt issuer: workers started without a persistent receipt key each sign as their own
+  did:key, and one API behind a load balancer must find its retries on every worker.
 * **Fingerprint.** Method, full URL and the SHA-256 of the request body; never the payment
   headers, so a retry with a freshly signed payment is the same request.
 * **Limits.** The request body is read to fingerprint it, up to ``max_request_body`` (1 MiB by
@@ -159,9 +162,9 @@ def fingerprint(method: str, url: str, body: bytes) -> str:
     return hashlib.sha256(f"{method.upper()}\n{url}\n{digest}".encode()).hexdigest()
 
 
-def scope_key(issuer: str, route: str, payer: str, request_id: str) -> str:
+def scope_key(api: str, route: str, payer: str, request_id: str) -> str:
     """The store key of ``request_id``: scoped to one API, one route and one payer (see above)."""
-    parts = "\n".join((issuer, route, payer_key(payer), request_id))
+    parts = "\n".join((api, route, payer_key(payer), request_id))
     return "idem:" + hashlib.sha256(parts.encode()).hexdigest()
 
 
