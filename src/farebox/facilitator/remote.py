@@ -251,15 +251,18 @@ class RemoteFacilitator:
             payload = proof_to_json(proof)
         except ValueError as exc:
             raise PaymentError("invalid_payload", str(exc)) from None
-        return orjson.dumps(
-            {
-                "x402Version": version,
-                "paymentPayload": payload,
-                "paymentRequirements": requirements_to_json(
-                    verified.offer, resource, x402_version=version
-                ),
-            }
-        )
+        document = {
+            "x402Version": version,
+            "paymentPayload": payload,
+            "paymentRequirements": requirements_to_json(
+                verified.offer, resource, x402_version=version
+            ),
+        }
+        try:
+            return orjson.dumps(document)
+        except (TypeError, orjson.JSONEncodeError):
+            # A proof built in code (not decoded, so not depth-checked) may not be encodable.
+            raise PaymentError("invalid_payload", "the payment cannot be encoded as JSON") from None
 
     async def _call(self, method: str, path: str, body: bytes | None) -> _Reply:
         headers = {"accept": "application/json"}

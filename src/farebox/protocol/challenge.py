@@ -20,10 +20,12 @@ from farebox.protocol.models import Challenge
 from farebox.protocol.plain import decode_plain_body, plain_body
 from farebox.protocol.x402 import (
     DEFAULT_MAX_HEADER_BYTES,
+    MAX_JSON_DEPTH,
     PAYMENT_REQUIRED,
     decode_challenge_header,
     decode_v1_challenge,
     encode_challenge_header,
+    nests_deeper_than,
     v1_body,
 )
 
@@ -110,6 +112,9 @@ def read_challenge(
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             errors.append(PaymentError("invalid_payload", "402 body is not JSON"))
+        if data is not None and nests_deeper_than(data, MAX_JSON_DEPTH):
+            errors.append(PaymentError("invalid_payload", "402 body nests too deep"))
+            data = None
     if isinstance(data, dict):
         if data.get("x402Version") == 1:
             try:

@@ -21,6 +21,7 @@ from farebox.protocol.models import Challenge, Offer, Proof, Resource, Settlemen
 
 __all__ = [
     "DEFAULT_MAX_HEADER_BYTES",
+    "MAX_JSON_DEPTH",
     "PAYMENT_REQUIRED",
     "PAYMENT_RESPONSE",
     "PAYMENT_SIGNATURE",
@@ -37,6 +38,7 @@ __all__ = [
     "encode_proof",
     "encode_settlement",
     "find_offer",
+    "nests_deeper_than",
     "offer_from_json",
     "offer_to_json",
     "proof_from_json",
@@ -55,6 +57,9 @@ X_PAYMENT = "X-PAYMENT"
 X_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
 
 DEFAULT_MAX_HEADER_BYTES = 8192
+# Deep enough for any real requirements, extension schema or payload; shallow enough that every
+# document read can be written back (orjson writes at most 255 levels).
+MAX_JSON_DEPTH = 64
 
 # Bounds on free-form strings inside a payload: generous for real use, small enough that a hostile
 # header cannot make us hold or log much.
@@ -104,7 +109,28 @@ def _loads(data: bytes | str, max_bytes: int) -> dict[str, Any]:
         raise PaymentError("invalid_payload", f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise PaymentError("invalid_payload", "expected a JSON object")
+    if nests_deeper_than(obj, MAX_JSON_DEPTH):
+        # orjson reads 1023 levels but writes only 255: a proof nested deeper than that would be
+        # accepted here and fail later when forwarded to a facilitator.
+        raise PaymentError("invalid_payload", f"payment data nests deeper than {MAX_JSON_DEPTH}")
     return obj
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON containers in ``value`` nest more than ``limit`` deep (iteratively: a hostile
+    document cannot exhaust the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(
+                (child, depth + 1) for child in item.values() if isinstance(child, (dict, list))
+            )
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
 
 
 def b64json_decode(value: str, *, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
@@ -198,7 +224,8 @@ def _version(fields: _Fields) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise PaymentError("invalid_x402_version", "x402Version must be the number 1 or 2")
     if value not in (1, 2):
-        raise PaymentError("invalid_x402_version", f"x402Version {value} is not supported")
+        # Never the value itself in the message: a huge int cannot even be formatted.
+        raise PaymentError("invalid_x402_version", "x402Version must be 1 or 2")
     return value
 
 
@@ -449,7 +476,7 @@ def requirements_from_json(data: Any, *, x402_version: int) -> Offer:
         return _read_offer_v1(data, "paymentRequirements")[0]
     if x402_version == 2:
         return offer_from_json(data, "paymentRequirements")
-    raise PaymentError("invalid_x402_version", f"x402 version {x402_version!r} is not supported")
+    raise PaymentError("invalid_x402_version", "x402 version must be 1 or 2")
 
 
 # --- settlements (server -> client) -------------------------------------------------------------------

@@ -286,8 +286,10 @@ def jwks_document(keys: Iterable[SigningKey]) -> dict[str, list[dict[str, str]]]
 
 
 def _parse_document(data: bytes | str, code: str, what: str) -> dict[str, Any]:
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    if len(raw) > MAX_DOCUMENT_BYTES:
+    # A str of n characters encodes to at least n bytes: refuse a giant before copying it.
+    too_long = isinstance(data, str) and len(data) > MAX_DOCUMENT_BYTES
+    raw = b"" if too_long else data.encode("utf-8") if isinstance(data, str) else data
+    if too_long or len(raw) > MAX_DOCUMENT_BYTES:
         too_large = "E_VERIFY_JWKS_TOO_LARGE" if code == "E_VERIFY_JWKS_INVALID" else code
         raise ReceiptError(too_large, f"{what} exceeds {MAX_DOCUMENT_BYTES} bytes")
     try:

@@ -1,0 +1,148 @@
+"""Faults between the money moving and the answer arriving: the server dying, the client hanging
+up. Through each, money moves at most once and a retry learns what happened."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from farebox.facilitator.local import LocalFacilitator
+from farebox.ledgers.devchain import DevChain
+from farebox.ledgers.evm import EvmLedger
+from farebox.protocol.challenge import read_challenge
+from farebox.protocol.x402 import decode_settlement, encode_proof
+from farebox.receipts import SigningKey
+from farebox.schemes.evm_exact import make_proof
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.gate import Gate
+from farebox.server.routes import RouteTable
+from farebox.store.sqlite import SqliteStore
+from tests.e2e.conftest import PRICE, chain, fund
+from tests.e2e.test_asgi_faces import call, chunked_app
+
+__all__ = ["chain"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Died(Exception):
+    """Stands for the process dying: nothing after this point runs."""
+
+
+def server(chain: DevChain, path: Path, merchant: str, rpc: Any = None) -> PaymentMiddleware:
+    """A server process's gate: its own ledger and store connection on the shared SQLite file."""
+    routes = RouteTable()
+    routes.add("GET", "/weather", PRICE, assets=chain.asset, pay_to=merchant)
+    ledger = EvmLedger(rpc or chain.rpc, chain.accounts[1].account, network=chain.network)
+    gate = Gate(
+        routes, LocalFacilitator([ledger]), SqliteStore(path), signing_key=SigningKey.generate()
+    )
+    return PaymentMiddleware(chunked_app, gate)
+
+
+async def signed(app: PaymentMiddleware, payer: Any) -> tuple[bytes, bytes]:
+    [start, body] = await call(app, "/weather")
+    challenge = read_challenge({k.decode(): v.decode() for k, v in start["headers"]}, body["body"])
+    proof = make_proof(
+        payer,
+        challenge.accepts[0],
+        now=int(time.time()),
+        nonce=os.urandom(32),
+        resource=challenge.resource,
+    )
+    return (b"payment-signature", encode_proof(proof).encode())
+
+
+async def test_killed_after_settling_then_restarted(chain: DevChain, tmp_path: Path) -> None:
+    merchant = "0x" + os.urandom(20).hex()
+    first = server(chain, tmp_path / "payments.sqlite", merchant)
+    payer = fund(chain)
+    header = await signed(first, payer)
+
+    async def dies_on_answer(message: Any) -> None:
+        raise Died  # the process is killed as the settled response starts out
+
+    scope_call = first(
+        {
+            "type": "http",
+            "method": "GET",
+            "scheme": "https",
+            "path": "/weather",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"api.test"), header],
+            "server": ("api.test", 443),
+        },
+        _receive,
+        dies_on_answer,
+    )
+    with pytest.raises(Died):
+        await scope_call
+    assert chain.balance_of(merchant) == PRICE  # the money moved; the client got nothing
+    # A new process on the same store: the client's retry is refused, naming the transaction.
+    restarted = server(chain, tmp_path / "payments.sqlite", merchant)
+    sent = await call(restarted, "/weather", [header])
+    refusal = b"".join(m.get("body", b"") for m in sent)
+    assert sent[0]["status"] == 402
+    assert b"proof_replayed" in refusal
+    [settled] = await restarted.gate.store.events(kind="settlement")
+    assert settled.reference is not None
+    assert settled.reference.encode() in refusal
+    assert chain.balance_of(merchant) == PRICE  # one transfer, never a second
+
+
+class SlowBroadcast:
+    """A node that takes its time to accept a transaction."""
+
+    def __init__(self, chain: DevChain, delay: float) -> None:
+        self.inner = chain.rpc
+        self.delay = delay
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_sendRawTransaction":
+            await anyio.sleep(self.delay)
+        return await self.inner.request(method, params)
+
+
+@pytest.mark.parametrize("with_id", [False, True])
+async def test_client_hangs_up_while_settling(
+    chain: DevChain, tmp_path: Path, with_id: bool
+) -> None:
+    merchant = "0x" + os.urandom(20).hex()
+    app = server(chain, tmp_path / "payments.sqlite", merchant, SlowBroadcast(chain, 0.3))
+    payer = fund(chain)
+    header = await signed(app, payer)
+    headers = [header]
+    if with_id:
+        headers.append((b"idempotency-key", b"hangup_" + os.urandom(12).hex().encode()))
+    with anyio.move_on_after(0.1):  # the client is gone before the broadcast is accepted
+        await call(app, "/weather", headers)
+    await anyio.sleep(0.6)  # the shielded settlement finishes on its own
+    assert chain.balance_of(merchant) == PRICE
+    resent = await call(app, "/weather", headers)
+    body = b"".join(m.get("body", b"") for m in resent)
+    if with_id:
+        # The resend with the same id gets the settled response itself, charged once.
+        assert resent[0]["status"] == 200
+        replay_headers = {k.decode().lower(): v.decode() for k, v in resent[0]["headers"]}
+        assert decode_settlement(replay_headers["payment-response"]).success
+        assert body == b"part 0part 1part 2"
+    else:
+        assert resent[0]["status"] == 402
+        assert b"proof_replayed" in body
+    assert chain.balance_of(merchant) == PRICE
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
