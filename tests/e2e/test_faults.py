@@ -146,3 +146,64 @@ async def test_client_hangs_up_while_settling(
 
 async def _receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_slow_ledger_pending_then_reconciled_then_answered(
+    chain: DevChain, tmp_path: Path
+) -> None:
+    from farebox.server.reconcile import Reconciler
+    from tests.e2e.conftest import HiddenReceipts
+
+    merchant = "0x" + os.urandom(20).hex()
+    app = server(chain, tmp_path / "payments.sqlite", merchant, HiddenReceipts(chain))
+    ledger = app.gate.facilitator.ledger_for(chain.network)  # type: ignore[attr-defined]
+    ledger.confirm_timeout = 0.2
+    payer = fund(chain)
+    header = await signed(app, payer)
+    sent = await call(app, "/weather", [header])
+    pending = decode_settlement(
+        {k.decode().lower(): v.decode() for k, v in sent[0]["headers"]}["payment-response"]
+    )
+    assert sent[0]["status"] == 402
+    assert pending.pending
+    # The reconciler reads the real chain and finds the transfer landed.
+    truthful = EvmLedger(chain.rpc, chain.accounts[1].account, network=chain.network)
+    report = await Reconciler(app.gate.store, [truthful]).run_once()
+    assert report.settled == 1
+    again = await call(app, "/weather", [header])
+    body = b"".join(m.get("body", b"") for m in again)
+    assert again[0]["status"] == 402
+    assert b"proof_replayed" in body
+    assert pending.transaction.encode() in body
+    assert chain.balance_of(merchant) == PRICE  # one transfer for one payment
+
+
+async def test_a_paid_head_is_never_charged(chain: DevChain, tmp_path: Path) -> None:
+    merchant = "0x" + os.urandom(20).hex()
+    app = server(chain, tmp_path / "payments.sqlite", merchant)
+    header = await signed(app, fund(chain))
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    await app(
+        {
+            "type": "http",
+            "method": "HEAD",
+            "scheme": "https",
+            "path": "/weather",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"api.test"), header],
+            "server": ("api.test", 443),
+        },
+        _receive,
+        send,
+    )
+    assert sent[0]["status"] == 402
+    assert b"".join(m.get("body", b"") for m in sent) == b""
+    assert chain.balance_of(merchant) == 0
+    # The proof was not claimed: it still pays for a GET.
+    assert (await call(app, "/weather", [header]))[0]["status"] == 200
+    assert chain.balance_of(merchant) == PRICE
