@@ -15,7 +15,9 @@ def test_demo_tells_the_whole_story() -> None:
     commerce = facts["receipt_claims"]["extensions"]["org.peacprotocol/commerce"]
     assert commerce["event"] == "settlement"
     assert commerce["reference"] == facts["transaction"]
-    assert facts["replay"] == (402, "proof_replayed")
+    assert facts["retry"] == (200, "true")  # the same payment again: its stored answer
+    assert facts["replay"] == (402, "proof_replayed")  # the authorization in another request
+    assert facts["replays_charged"] == 0
     assert facts["budget"] == "budget_exceeded"
     assert facts["transfers"] == 2
 

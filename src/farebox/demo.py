@@ -22,7 +22,7 @@ from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
 from farebox.errors import PaymentError
 from farebox.money import format_amount
 from farebox.protocol.challenge import read_challenge
-from farebox.protocol.x402 import decode_settlement
+from farebox.protocol.x402 import b64json_encode, decode_proof, decode_settlement, proof_to_json
 from farebox.sample import AGENT, build_sample_api
 
 __all__ = ["run_demo"]
@@ -108,15 +108,28 @@ async def _story(console: Console) -> dict[str, Any]:
         )
         console.print(Panel(table, title="2. the agent pays"))
 
-        # 3. The same proof again: refused, nothing served, nothing charged.
+        # 3. The same payment again. Sent as it was (same payment id), it is a retry: the stored
+        # answer comes back and nothing is charged. The same authorization in another request
+        # (its id stripped) is a replay: refused, naming the transaction that spent it.
+        before_replays = chain.balance_of(agent_account.address)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as plain:
-            replay = await plain.get("/weather", headers={"payment-signature": proof_header})
+            retry = await plain.get("/weather", headers={"payment-signature": proof_header})
+            stripped = proof_to_json(decode_proof(proof_header))
+            stripped.pop("extensions", None)
+            replay = await plain.get(
+                "/weather", headers={"payment-signature": b64json_encode(stripped)}
+            )
+        facts["retry"] = (retry.status_code, retry.headers.get("idempotent-replayed"))
         facts["replay"] = (replay.status_code, replay.json().get("code"))
+        facts["replays_charged"] = before_replays - chain.balance_of(agent_account.address)
         console.print(
             Panel(
-                f"GET /weather with the same PAYMENT-SIGNATURE -> {replay.status_code}, "
-                f"code [bold]{facts['replay'][1]}[/]",
-                title="3. a replayed proof",
+                f"the same PAYMENT-SIGNATURE again -> {retry.status_code}, "
+                f"Idempotent-Replayed: {facts['retry'][1]} (the stored answer, not charged)\n"
+                f"the same authorization in another request -> {replay.status_code}, code "
+                f"[bold]{facts['replay'][1]}[/]: {replay.json().get('detail')}\n"
+                f"charged for both: {asset.format(facts['replays_charged'])} {asset.symbol}",
+                title="3. the payment sent again",
             )
         )
 
