@@ -207,3 +207,100 @@ async def test_a_paid_head_is_never_charged(chain: DevChain, tmp_path: Path) -> 
     # The proof was not claimed: it still pays for a GET.
     assert (await call(app, "/weather", [header]))[0]["status"] == 200
     assert chain.balance_of(merchant) == PRICE
+
+
+def test_a_real_server_process_killed_mid_response(tmp_path: Path) -> None:
+    """`farebox serve` as a paid proxy, SIGKILLed after settling while the body is on its way;
+    restarted on the same SQLite store, it refuses the retried payment naming the transaction.
+    One transfer, never two."""
+    import http.server
+    import signal
+    import subprocess
+    import threading
+
+    import httpx
+
+    from farebox.eth import EvmAccount
+    from farebox.ledgers.anvil import DEV_KEYS
+    from farebox.money import DEVCHAIN_USDC
+    from tests.e2e.test_cli import FAREBOX
+    from tests.e2e.test_processes import balance, free_port, wait_for
+
+    class SlowBody(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", "5")
+            self.end_headers()
+            self.wfile.flush()
+            if self.path.startswith("/slow"):
+                time.sleep(3)  # the body is late: the server dies before sending it
+            self.wfile.write(b"hello")
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowBody)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    node_port, api_port = free_port(), free_port()
+    node, api = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{api_port}"
+    merchant = "0x" + os.urandom(20).hex()
+    (tmp_path / "settler.key").write_text(DEV_KEYS[1])
+    config = tmp_path / "api.toml"
+    config.write_text(
+        f"[server]\nstore = 'payments.sqlite'\nupstream = 'http://127.0.0.1:{upstream.server_port}'\n"
+        f"[payment]\nnetwork = 'devchain'\npay_to = '{merchant}'\n"
+        f"[settlement]\nrpc_url = '{node}'\nsettler_key = 'settler.key'\n"
+        "[[routes]]\npath = '/slow'\nprice = '$0.01'\n"
+    )
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    chain_process = subprocess.Popen([*FAREBOX, "devchain", "--port", str(node_port)], **quiet)  # type: ignore[call-overload]
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_for(node, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
+
+        def start_server() -> None:
+            servers.append(
+                subprocess.Popen(
+                    [*FAREBOX, "serve", str(config), "--port", str(api_port)],
+                    **quiet,  # type: ignore[call-overload]
+                )
+            )
+            wait_for(api + "/health")
+
+        start_server()
+        unpaid = httpx.get(api + "/slow")
+        challenge = read_challenge(dict(unpaid.headers), unpaid.content)
+        payer = EvmAccount.from_hex(DEV_KEYS[8])
+        proof = make_proof(
+            payer,
+            challenge.accepts[0],
+            now=int(time.time()),
+            nonce=os.urandom(32),
+            resource=challenge.resource,
+        )
+        header = {"payment-signature": encode_proof(proof)}
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("GET", api + "/slow", headers=header) as response,
+        ):
+            assert response.status_code == 200  # settled: the headers carry the settlement
+            transaction = decode_settlement(response.headers["payment-response"]).transaction
+            servers[0].send_signal(signal.SIGKILL)  # dies before the body is delivered
+            servers[0].wait(timeout=10)
+            with pytest.raises(httpx.HTTPError):
+                response.read()
+        assert balance(node, DEVCHAIN_USDC.address, merchant) == PRICE
+        start_server()  # the same store file: it remembers the payment
+        retried = httpx.get(api + "/slow", headers=header)
+        assert retried.status_code == 402
+        assert retried.json()["code"] == "proof_replayed"
+        assert transaction in retried.json()["detail"]
+        assert balance(node, DEVCHAIN_USDC.address, merchant) == PRICE  # one transfer
+    finally:
+        for process in [*servers, chain_process]:
+            process.terminate()
+            process.wait(timeout=10)
+        upstream.shutdown()
+        upstream.server_close()
