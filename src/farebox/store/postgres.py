@@ -44,6 +44,7 @@ from farebox.store.base import (
     encode_event_data,
     payer_key,
 )
+from farebox.store.sql import events_query
 from farebox.store.sqlite import decode_headers, encode_headers, store_unavailable
 
 __all__ = ["MIGRATIONS_TABLE", "PostgresStore", "applied_migrations", "migrate", "migrations"]
@@ -306,26 +307,16 @@ class PostgresStore:
         limit: int = 100,
     ) -> list[Event]:
         """See :meth:`farebox.store.base.Store.events`."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("kind = %s", kind),
-            ("payer_key = %s", payer_key(payer) if payer is not None else None),
-            ("route = %s", route),
-            ("at >= %s", since),
-            ("at < %s", until),
-            ("reference = %s", reference),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        # Only the constant clauses above are formatted in; values are bound parameters.
-        sql = (
-            "SELECT id, kind, at, route, payer, reference, data FROM events"  # noqa: S608
-            f"{where} ORDER BY at DESC, id DESC LIMIT %s"
+        sql, params = events_query(
+            "%s",
+            kind=kind,
+            payer=payer,
+            route=route,
+            since=since,
+            until=until,
+            reference=reference,
+            limit=limit,
         )
-        params.append(clamp_limit(limit))
         async with self._connection() as conn:
             cursor = await conn.execute(sql, params)
             rows = await cursor.fetchall()

@@ -41,6 +41,7 @@ from farebox.store.base import (
     encode_event_data,
     payer_key,
 )
+from farebox.store.sql import events_query
 
 __all__ = [
     "SqliteStore",
@@ -359,26 +360,16 @@ class SqliteStore:
         limit: int = 100,
     ) -> list[Event]:
         """See :meth:`farebox.store.base.Store.events`."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("kind = ?", kind),
-            ("payer_key = ?", payer_key(payer) if payer is not None else None),
-            ("route = ?", route),
-            ("at >= ?", since),
-            ("at < ?", until),
-            ("reference = ?", reference),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        # Only the constant clauses above are formatted in; values are bound parameters.
-        sql = (
-            "SELECT id, kind, at, route, payer, reference, data FROM events"  # noqa: S608
-            f"{where} ORDER BY at DESC, id DESC LIMIT ?"
+        sql, params = events_query(
+            "?",
+            kind=kind,
+            payer=payer,
+            route=route,
+            since=since,
+            until=until,
+            reference=reference,
+            limit=limit,
         )
-        params.append(clamp_limit(limit))
 
         def run(conn: sqlite3.Connection) -> list[Event]:
             return [
