@@ -426,3 +426,163 @@ def test_wsgi_face_replays_and_charges_once(chain: DevChain) -> None:
         middleware.close()
     assert calls["n"] == 1
     assert chain.balance_of(payer.address) == 1_000_000 - ITEMS
+
+
+# --- a first attempt whose process died while its entry was running ----------------------------
+
+STALE = 200  # seconds before now the dead attempt ran: past the gate's 120 s threshold
+
+
+class Clock:
+    """The gate's clock, real time moved by ``offset`` seconds."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def dead_setup(chain: DevChain, app: Any) -> tuple[Paid, PaymentMiddleware, EvmAccount, Clock]:
+    """:func:`setup` with a controllable clock and a long wait: a stale entry must be decided
+    at once, so a test that waited would time out (each runs under ``fail_after``)."""
+    paid, middleware, payer = setup(chain, app)
+    clock = Clock()
+    paid.gate.clock = clock
+    paid.gate.idempotency_wait = 30.0
+    return paid, middleware, payer, clock
+
+
+async def die_mid_request(
+    paid: Paid,
+    app: Any,
+    payer: EvmAccount,
+    clock: Clock,
+    rid: str,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    dropped: Sequence[str],
+) -> Sent:
+    """Run a first attempt ``STALE`` seconds ago whose store writes ``dropped`` are lost, as when
+    its process died before making them; later requests see the store as that process left it."""
+
+    async def lost(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    headers = await paid_headers(app, payer, "POST", "/items", rid)
+    clock.offset = -STALE
+    with monkeypatch.context() as patch:
+        for method in dropped:
+            patch.setattr(paid.store, method, lost)
+        first = await call(app, "POST", "/items", headers, b"{}")
+    clock.offset = 0
+    # The memory store has no listing of entries; the test looks inside.
+    [entry] = paid.store._idempotent.values()
+    assert entry.response is None
+    return first
+
+
+async def test_a_stale_entry_whose_payment_settled_names_the_transaction(
+    chain: DevChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = Counting()
+    paid, app, payer, clock = dead_setup(chain, inner)
+    rid = new_id()
+    # The first attempt settled, then died before keeping its response.
+    await die_mid_request(
+        paid, app, payer, clock, rid, monkeypatch, dropped=["complete_idempotent"]
+    )
+    assert chain.balance_of(paid.merchant) == ITEMS
+    [settlement] = await paid.store.events(kind="settlement")
+    with anyio.fail_after(10):
+        retried = await call(
+            app, "POST", "/items", await paid_headers(app, payer, "POST", "/items", rid), b"{}"
+        )
+    assert retried[0]["status"] == 409
+    problem = orjson.loads(body_of(retried))
+    assert problem["code"] == "idempotency_conflict"
+    assert settlement.reference is not None
+    assert f"settled in transaction {settlement.reference}" in problem["detail"]
+    assert "response was lost" in problem["detail"]
+    assert inner.calls == 1
+    assert chain.balance_of(paid.merchant) == ITEMS
+    assert chain.balance_of(payer.address) == 1_000_000 - ITEMS
+
+
+@pytest.mark.parametrize("claim", ["released", "never recorded"])
+async def test_a_stale_entry_that_moved_no_money_lets_the_retry_run(
+    chain: DevChain, monkeypatch: pytest.MonkeyPatch, claim: str
+) -> None:
+    inner = Counting(fail=[1])
+    paid, app, payer, clock = dead_setup(chain, inner)
+    rid = new_id()
+    if claim == "never recorded":
+        # An entry written before entries kept their claim.
+        begin = paid.store.begin_idempotent
+
+        async def without_claim(key: str, **kwargs: Any) -> Any:
+            return await begin(key, **{**kwargs, "claim": None})
+
+        monkeypatch.setattr(paid.store, "begin_idempotent", without_claim)
+    # The app failed, the proof's claim was released, then the process died before giving the
+    # idempotency id back.
+    first = await die_mid_request(
+        paid, app, payer, clock, rid, monkeypatch, dropped=["abandon_idempotent"]
+    )
+    assert first[0]["status"] == 500
+    assert chain.balance_of(paid.merchant) == 0
+    with anyio.fail_after(10):
+        retried = await call(
+            app, "POST", "/items", await paid_headers(app, payer, "POST", "/items", rid), b"{}"
+        )
+    assert retried[0]["status"] == 200
+    assert "idempotent-replayed" not in headers_of(retried)
+    assert inner.calls == 2
+    assert chain.balance_of(paid.merchant) == ITEMS
+    # The retry's response is kept as usual: the next retry replays it.
+    again = await call(
+        app, "POST", "/items", await paid_headers(app, payer, "POST", "/items", rid), b"{}"
+    )
+    assert headers_of(again)["idempotent-replayed"] == "true"
+    assert chain.balance_of(paid.merchant) == ITEMS
+
+
+async def test_a_stale_entry_whose_claim_is_still_held_stays_in_progress(
+    chain: DevChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = Counting(fail=[1])
+    paid, app, payer, clock = dead_setup(chain, inner)
+    rid = new_id()
+    # Died with the proof still claimed: only the reconciler can tell whether it paid.
+    await die_mid_request(
+        paid, app, payer, clock, rid, monkeypatch, dropped=["release", "abandon_idempotent"]
+    )
+    with anyio.fail_after(10):
+        retried = await call(
+            app, "POST", "/items", await paid_headers(app, payer, "POST", "/items", rid), b"{}"
+        )
+    assert retried[0]["status"] == 409
+    assert orjson.loads(body_of(retried))["code"] == "idempotency_in_progress"
+    assert inner.calls == 1
+    assert chain.balance_of(paid.merchant) == 0
+
+
+async def test_a_fresh_running_entry_is_waited_for_not_judged(
+    chain: DevChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = Counting(fail=[1])
+    paid, app, payer, clock = dead_setup(chain, inner)
+    paid.gate.idempotency_wait = 0.2
+    rid = new_id()
+    await die_mid_request(paid, app, payer, clock, rid, monkeypatch, dropped=["abandon_idempotent"])
+    # Seen from 100 s after the first attempt, its entry may still belong to a live request.
+    clock.offset = -STALE + 100
+    started = time.monotonic()
+    retried = await call(
+        app, "POST", "/items", await paid_headers(app, payer, "POST", "/items", rid), b"{}"
+    )
+    assert time.monotonic() - started >= 0.2  # it waited for the first attempt
+    assert retried[0]["status"] == 409
+    assert orjson.loads(body_of(retried))["code"] == "idempotency_in_progress"
+    assert inner.calls == 1
+    assert chain.balance_of(paid.merchant) == 0

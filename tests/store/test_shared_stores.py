@@ -12,11 +12,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 
 from farebox.errors import ConfigError, PaymentError
-from farebox.store import Claim, SqliteStore
+from farebox.store import Claim, IdempotencyEntry, SqliteStore
 from farebox.store.postgres import PostgresStore, applied_migrations, migrate, migrations
 from farebox.store.redis import RedisStore
+from farebox.store.sqlite import SCHEMA_VERSION
 from tests.store.conftest import REDIS_URL, drop_schema, recreate_schema, schema_dsn, worker_id
 
 pytestmark = pytest.mark.anyio
@@ -101,6 +103,60 @@ async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
     async with await SqliteStore.open(path) as store:
         assert await store.unfinished(held_before=0) == [Claim("k", "o", "pending", 5, "0x1")]
         assert await store.begin_idempotent("i", fingerprint="f", owner="o", now=1) is None
+
+
+async def test_sqlite_migrates_a_version_2_file_keeping_its_entries(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+            " owner TEXT NOT NULL, at INTEGER NOT NULL, status INTEGER, headers TEXT,"
+            " body BLOB) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO idempotency (key, fingerprint, owner, at) VALUES ('i', 'f', 'o', 3)"
+        )
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    async with await SqliteStore.open(path) as store:
+        # An entry from before the column reads as one whose claim is unknown.
+        assert await store.get_idempotent("i") == IdempotencyEntry("i", "f", "o", 3)
+        assert (
+            await store.begin_idempotent("j", fingerprint="f", owner="o", now=4, claim="c") is None
+        )
+        assert (await store.get_idempotent("j")) == IdempotencyEntry("j", "f", "o", 4, claim="c")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    conn.close()
+
+
+async def test_postgres_migration_0003_keeps_entries_without_a_claim(fresh_schema: str) -> None:
+    # The database as a farebox before 0003 left it, with an entry in it.
+    older = [(version, sql) for version, sql in migrations() if version < "0003"]
+    with psycopg.connect(fresh_schema, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE farebox_migrations (version TEXT PRIMARY KEY,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for version, sql in older:
+            conn.execute(sql.encode())
+            conn.execute("INSERT INTO farebox_migrations (version) VALUES (%s)", (version,))
+        conn.execute(
+            "INSERT INTO idempotency (key, fingerprint, owner, at) VALUES ('i', 'f', 'o', 3)"
+        )
+    assert await migrate(fresh_schema) == ["0003_idempotency_claim"]
+    async with await PostgresStore.open(fresh_schema) as store:
+        assert await store.get_idempotent("i") == IdempotencyEntry("i", "f", "o", 3)
+
+
+async def test_redis_reads_entries_written_without_a_claim(redis_prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        client.set(f"{redis_prefix}idem:i", json.dumps({"fingerprint": "f", "owner": "o", "at": 3}))
+    finally:
+        client.close()
+    async with await RedisStore.open(REDIS_URL, prefix=redis_prefix) as store:
+        assert await store.get_idempotent("i") == IdempotencyEntry("i", "f", "o", 3)
 
 
 CHILD = textwrap.dedent(

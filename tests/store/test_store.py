@@ -216,6 +216,25 @@ async def test_idempotency_begin_complete_get(store: Store) -> None:
         await store.complete_idempotent("missing", owner="a", response=RESPONSE)
 
 
+async def test_idempotency_keeps_the_claim_of_the_running_request(store: Store) -> None:
+    assert await store.begin_idempotent("i", fingerprint="f", owner="a", now=5, claim="c1") is None
+    running = IdempotencyEntry("i", "f", "a", 5, claim="c1")
+    assert await store.get_idempotent("i") == running
+    # A loser gets the winner's entry, claim included, never its own.
+    assert await store.begin_idempotent("i", fingerprint="f", owner="b", now=6, claim="c2") == (
+        running
+    )
+    await store.complete_idempotent("i", owner="a", response=RESPONSE)
+    assert await store.get_idempotent("i") == IdempotencyEntry(
+        "i", "f", "a", 5, RESPONSE, claim="c1"
+    )
+    # Without a claim (older callers) the entry has none.
+    assert await store.begin_idempotent("j", fingerprint="f", owner="a", now=5) is None
+    entry = await store.get_idempotent("j")
+    assert entry is not None
+    assert entry.claim is None
+
+
 async def test_idempotency_abandon(store: Store) -> None:
     await store.begin_idempotent("i", fingerprint="f", owner="a", now=1)
     assert await store.abandon_idempotent("i", owner="b") is False

@@ -44,6 +44,7 @@ from farebox.schemes import evm_exact
 from farebox.server.idempotency import (
     DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_MAX_STORED_BODY,
+    DEFAULT_STALE,
     DEFAULT_WAIT,
     PAYMENT_IDENTIFIER,
     BodyCapture,
@@ -60,7 +61,7 @@ from farebox.server.idempotency import (
 )
 from farebox.server.routes import RequestInfo, Route, RouteTable
 from farebox.server.wellknown import WellKnown
-from farebox.store.base import Event, Store, StoredResponse
+from farebox.store.base import Event, IdempotencyEntry, Store, StoredResponse
 
 __all__ = [
     "EXPOSED_HEADERS",
@@ -135,6 +136,15 @@ class Gate:
     request that carries an id (larger is a 413), ``max_stored_body`` the response body kept for
     its retries (larger is kept without the body: a retry gets a 409), and ``idempotency_wait`` how
     long a concurrent request with the same id waits for the first before a 409.
+
+    ``idempotency_stale`` (seconds, 120 by default) is the age past which a still-running entry is
+    taken for one whose process died between taking the id and recording an outcome. It must be
+    longer than any paid request runs (app plus settlement, which waits for the chain): a live
+    request judged dead would be run a second time. A retry finding such an entry decides at
+    once from the claim of the proof the first attempt spent: settled or pending, a 409 naming
+    the transaction (the money moved, the response was lost); released or never taken, the entry
+    is dropped and the retry runs with its own proof; still held, the usual 409 in progress until
+    the reconciler resolves that claim.
     """
 
     def __init__(
@@ -152,6 +162,7 @@ class Gate:
         max_request_body: int = DEFAULT_MAX_REQUEST_BODY,
         max_stored_body: int = DEFAULT_MAX_STORED_BODY,
         idempotency_wait: float = DEFAULT_WAIT,
+        idempotency_stale: float = DEFAULT_STALE,
     ) -> None:
         self.routes = routes
         self.facilitator = facilitator
@@ -165,6 +176,7 @@ class Gate:
         self.max_request_body = max_request_body
         self.max_stored_body = max_stored_body
         self.idempotency_wait = idempotency_wait
+        self.idempotency_stale = idempotency_stale
         # Every challenge declares payment-identifier: clients may send an id, none must.
         self._extensions = {PAYMENT_IDENTIFIER: declaration(required=False)}
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
@@ -298,7 +310,7 @@ class Gate:
         request_print = fingerprint(request.method, request.url, raw)
         while True:
             entry = await self.store.begin_idempotent(
-                key, fingerprint=request_print, owner=owner, now=now
+                key, fingerprint=request_print, owner=owner, now=now, claim=verified.claim_key
             )
             if entry is None:
                 return IdempotentRun(key, owner, request_print)
@@ -309,10 +321,15 @@ class Gate:
                     payer=verified.payer,
                 )
             if entry.response is None:
-                entry = await wait_for(self.store, key, timeout=self.idempotency_wait)
-                if entry is None:
-                    continue  # the first request charged nothing and gave the id back: run
+                # An entry already stale is decided at once: waiting cannot make a dead request
+                # finish, and its retry would only sit out the wait to get the same answer.
+                if not self._stale(entry):
+                    entry = await wait_for(self.store, key, timeout=self.idempotency_wait)
+                    if entry is None:
+                        continue  # the first request charged nothing and gave the id back: run
                 if entry.response is None:
+                    if self._stale(entry) and await self._orphaned(entry, verified):
+                        continue  # the dead request moved no money and its entry is gone: run
                     raise PaymentError(
                         "idempotency_in_progress",
                         "a request with this idempotency id is still running; retry later",
@@ -339,6 +356,43 @@ class Gate:
             )
             replayed = b"" if request.method == "HEAD" else stored.body
             return Reply(stored.status, replay_headers(stored), replayed)
+
+    def _stale(self, entry: IdempotencyEntry) -> bool:
+        """Whether a running ``entry`` is older than any live request can be (see the class)."""
+        return self.clock() - entry.at >= self.idempotency_stale
+
+    async def _orphaned(self, entry: IdempotencyEntry, verified: VerifiedProof) -> bool:
+        """Settle the fate of a stale running ``entry`` from the claim of the proof it spent.
+
+        Raises a 409 naming the transaction when that claim moved money (settled or pending):
+        the client learns where its payment went instead of paying again. Returns True when the
+        entry was dropped because its request moved no money (the claim was released, or taken
+        since by another request, or never recorded), so the caller may run; False when the claim
+        is still held and nobody knows yet (the reconciler will resolve it).
+        """
+        claim = await self.store.get_claim(entry.claim) if entry.claim is not None else None
+        # A claim of another owner is a later request that spent the same proof after the dead
+        # one released it: the dead request itself moved nothing.
+        if claim is not None and claim.owner == entry.owner:
+            if claim.state == "held" or (claim.state == "pending" and not claim.transaction):
+                return False
+            where = f" in transaction {claim.transaction}" if claim.transaction else ""
+            if claim.state == "pending":
+                raise PaymentError(
+                    "settlement_pending",
+                    f"the first attempt paid{where}, not confirmed yet; its response was lost",
+                    status=409,
+                    payer=verified.payer,
+                )
+            raise PaymentError(
+                "idempotency_conflict",
+                f"the first attempt settled{where}; its response was lost",
+                payer=verified.payer,
+            )
+        # Only this owner's running entry is removed: if it changed hands meanwhile, the loop
+        # meets whichever entry is there now.
+        await self.store.abandon_idempotent(entry.key, owner=entry.owner)
+        return True
 
     async def remember(
         self,

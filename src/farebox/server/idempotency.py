@@ -29,6 +29,11 @@ Design decisions:
   the entry (50 ms, growing to 500 ms) for up to ``wait`` seconds (15 by default), then get a 409
   ``idempotency_in_progress`` with ``Retry-After``. An entry that disappears while waited on was
   abandoned (nothing charged), and the waiter tries to become the runner itself.
+* **Dead runners.** An entry still running after ``stale`` seconds (120 by default) belongs to a
+  request whose process died. The entry records the claim key of the proof that request spent,
+  and its claim tells what happened: settled or pending, a 409 names the transaction; released
+  or never taken, the entry is dropped and the retry runs; still held, the retry keeps getting
+  ``idempotency_in_progress`` until reconciliation resolves the claim.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from farebox.store.base import IdempotencyEntry, Store, StoredResponse, payer_ke
 __all__ = [
     "DEFAULT_MAX_REQUEST_BODY",
     "DEFAULT_MAX_STORED_BODY",
+    "DEFAULT_STALE",
     "DEFAULT_WAIT",
     "IDEMPOTENCY_KEY",
     "PAYMENT_IDENTIFIER",
@@ -79,6 +85,9 @@ _ID = re.compile(r"[A-Za-z0-9_-]+")
 DEFAULT_MAX_REQUEST_BODY = 1024 * 1024
 DEFAULT_MAX_STORED_BODY = 1024 * 1024
 DEFAULT_WAIT = 15.0
+#: A running entry older than this (seconds) is taken for one whose request died: far longer than
+#: a paid request runs (the app, then a settlement waiting for the chain), so never a live one.
+DEFAULT_STALE = 120.0
 _POLL_FIRST = 0.05
 _POLL_MAX = 0.5
 

@@ -94,7 +94,10 @@ class IdempotencyEntry:
     """What a store knows of an idempotency key.
 
     ``fingerprint`` names the request that first used the key (method, URL, body digest);
-    ``response`` is ``None`` while that request runs, then what it answered.
+    ``response`` is ``None`` while that request runs, then what it answered. ``claim`` is the
+    claim key of the proof that request spent (``None`` when unknown: an entry written before
+    farebox kept it); a retry that finds the entry running long after its request should have
+    ended reads that claim to learn whether the money moved.
     """
 
     key: str
@@ -102,6 +105,7 @@ class IdempotencyEntry:
     owner: str
     at: int
     response: StoredResponse | None = None
+    claim: str | None = None
 
 
 @runtime_checkable
@@ -194,11 +198,13 @@ class Store(Protocol):
     # --- idempotency --------------------------------------------------------------------------
 
     async def begin_idempotent(
-        self, key: str, *, fingerprint: str, owner: str, now: int
+        self, key: str, *, fingerprint: str, owner: str, now: int, claim: str | None = None
     ) -> IdempotencyEntry | None:
         """Atomically take idempotency ``key`` for ``owner``: ``None`` means the caller now runs
         the request; otherwise the existing entry is returned unchanged (running or done, with
-        whatever fingerprint it has). Once ever per key, across processes sharing the store."""
+        whatever fingerprint and claim it has). Once ever per key, across processes sharing the
+        store. ``claim`` is kept with a new entry: the claim key of the proof the request spends.
+        """
         ...
 
     async def complete_idempotent(self, key: str, *, owner: str, response: StoredResponse) -> None:

@@ -125,7 +125,7 @@ class MemoryStore:
             return True
 
     async def begin_idempotent(
-        self, key: str, *, fingerprint: str, owner: str, now: int
+        self, key: str, *, fingerprint: str, owner: str, now: int, claim: str | None = None
     ) -> IdempotencyEntry | None:
         """See :meth:`farebox.store.base.Store.begin_idempotent`."""
         with self._lock:
@@ -133,7 +133,7 @@ class MemoryStore:
             existing = self._idempotent.get(key)
             if existing is not None:
                 return existing
-            self._idempotent[key] = IdempotencyEntry(key, fingerprint, owner, now)
+            self._idempotent[key] = IdempotencyEntry(key, fingerprint, owner, now, claim=claim)
             return None
 
     async def complete_idempotent(self, key: str, *, owner: str, response: StoredResponse) -> None:

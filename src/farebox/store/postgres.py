@@ -81,11 +81,12 @@ _INSERT_EVENT = (
     "VALUES (%s, %s, %s, %s, %s, %s, %s)"
 )
 _BEGIN_IDEMPOTENT = (
-    "INSERT INTO idempotency (key, fingerprint, owner, at) VALUES (%s, %s, %s, %s) "
+    "INSERT INTO idempotency (key, fingerprint, owner, at, claim) VALUES (%s, %s, %s, %s, %s) "
     "ON CONFLICT (key) DO NOTHING"
 )
 _GET_IDEMPOTENT = (
-    "SELECT key, fingerprint, owner, at, status, headers, body FROM idempotency WHERE key = %s"
+    "SELECT key, fingerprint, owner, at, status, headers, body, claim FROM idempotency "
+    "WHERE key = %s"
 )
 _COMPLETE_IDEMPOTENT = (
     "UPDATE idempotency SET status = %s, headers = %s, body = %s "
@@ -355,14 +356,16 @@ class PostgresStore:
             return True
 
     async def begin_idempotent(
-        self, key: str, *, fingerprint: str, owner: str, now: int
+        self, key: str, *, fingerprint: str, owner: str, now: int, claim: str | None = None
     ) -> IdempotencyEntry | None:
         """See :meth:`farebox.store.base.Store.begin_idempotent`."""
         async with self._connection() as conn:
             for _ in range(_BEGIN_ATTEMPTS):
                 # Two autocommit statements, not one: in one statement the read would use a
                 # snapshot taken before a concurrent winner committed, and find nothing.
-                cursor = await conn.execute(_BEGIN_IDEMPOTENT, (key, fingerprint, owner, now))
+                cursor = await conn.execute(
+                    _BEGIN_IDEMPOTENT, (key, fingerprint, owner, now, claim)
+                )
                 if cursor.rowcount == 1:
                     return None
                 cursor = await conn.execute(_GET_IDEMPOTENT, (key,))
@@ -500,10 +503,10 @@ def _claim(row: Sequence[Any]) -> Claim:
 
 
 def _entry(row: Sequence[Any]) -> IdempotencyEntry:
-    key, fingerprint, owner, at, status, headers, body = row
+    key, fingerprint, owner, at, status, headers, body, claim = row
     response = (
         None
         if status is None
         else StoredResponse(int(status), decode_headers(headers or "[]"), bytes(body or b""))
     )
-    return IdempotencyEntry(key, fingerprint, owner, at, response)
+    return IdempotencyEntry(key, fingerprint, owner, at, response, claim)

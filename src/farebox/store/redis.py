@@ -401,10 +401,12 @@ class RedisStore:
         return bool(done == 1)
 
     async def begin_idempotent(
-        self, key: str, *, fingerprint: str, owner: str, now: int
+        self, key: str, *, fingerprint: str, owner: str, now: int, claim: str | None = None
     ) -> IdempotencyEntry | None:
         """See :meth:`farebox.store.base.Store.begin_idempotent`."""
-        value = orjson.dumps({"fingerprint": fingerprint, "owner": owner, "at": now})
+        value = orjson.dumps(
+            {"fingerprint": fingerprint, "owner": owner, "at": now, "claim": claim}
+        )
         raw = await self._run(self._begin_script, [self._idem_key(key)], [value])
         return None if raw is None else _entry(key, raw)
 
@@ -506,7 +508,11 @@ def _entry(key: str, raw: bytes | str) -> IdempotencyEntry:
             int(status), decode_headers(value["headers"]), base64.b64decode(value["body"])
         )
     )
-    return IdempotencyEntry(key, value["fingerprint"], value["owner"], int(value["at"]), response)
+    # `claim` is absent from entries written before farebox kept it: they read as unknown.
+    claim = value.get("claim")
+    return IdempotencyEntry(
+        key, value["fingerprint"], value["owner"], int(value["at"]), response, claim or None
+    )
 
 
 def _event(event_id: int, raw: bytes | str) -> Event:

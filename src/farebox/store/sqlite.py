@@ -10,9 +10,11 @@ never corrupt the file).
 WAL, and a schema created on open and versioned with ``PRAGMA user_version``.
 
 Schema versions of the store: 1 had claims and events; 2 adds the ``idempotency`` table and the
-``claims_unfinished`` index that reconciliation reads. Every statement of :data:`_SCHEMA` is
-idempotent (``IF NOT EXISTS``), so a version-1 file is migrated by running the whole list again,
-in the same ``BEGIN IMMEDIATE`` transaction that bumps ``user_version``.
+``claims_unfinished`` index that reconciliation reads; 3 adds ``idempotency.claim``. Every
+statement of :data:`_SCHEMA` is idempotent (``IF NOT EXISTS``), so an older file is migrated by
+running the whole list again, then the steps of :data:`_MIGRATIONS` newer than the file (changes
+such as ``ADD COLUMN`` that cannot be written idempotently), all in the same ``BEGIN IMMEDIATE``
+transaction that bumps ``user_version``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -53,7 +55,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = (
     """
@@ -113,6 +115,14 @@ _SCHEMA = (
     """,
 )
 
+# Steps by the version that introduced them, run (in order) on a file older than that version,
+# after :data:`_SCHEMA`. A new file runs them all too: its tables are created as version 2
+# described them, so the column is added the one way every file gets it.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # The claim key of the proof a running request spent (NULL for entries from before).
+    3: ("ALTER TABLE idempotency ADD COLUMN claim TEXT",),
+}
+
 _CLAIM = (
     "INSERT INTO claims (key, owner, state, at) VALUES (?, ?, 'held', ?) "
     "ON CONFLICT (key) DO NOTHING"
@@ -130,11 +140,12 @@ _RESOLVE_SETTLED = (
 )
 _RESOLVE_FAILED = "DELETE FROM claims WHERE key = ? AND state IN ('held', 'pending')"
 _BEGIN_IDEMPOTENT = (
-    "INSERT INTO idempotency (key, fingerprint, owner, at) VALUES (?, ?, ?, ?) "
+    "INSERT INTO idempotency (key, fingerprint, owner, at, claim) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (key) DO NOTHING"
 )
 _GET_IDEMPOTENT = (
-    "SELECT key, fingerprint, owner, at, status, headers, body FROM idempotency WHERE key = ?"
+    "SELECT key, fingerprint, owner, at, status, headers, body, claim FROM idempotency "
+    "WHERE key = ?"
 )
 _COMPLETE_IDEMPOTENT = (
     "UPDATE idempotency SET status = ?, headers = ?, body = ? "
@@ -172,6 +183,7 @@ def open_database(
     schema: Sequence[str],
     version: int,
     busy_timeout: float = 5.0,
+    migrations: Mapping[int, Sequence[str]] | None = None,
 ) -> sqlite3.Connection:
     """Open (creating if needed) the SQLite database at ``path`` with ``schema`` at ``version``.
 
@@ -180,8 +192,10 @@ def open_database(
     and shared-memory files the same mode. The connection is in autocommit mode (callers write
     ``BEGIN IMMEDIATE`` themselves), usable from any thread (one at a time), in WAL mode with
     ``synchronous=NORMAL`` and a busy timeout of ``busy_timeout`` seconds. ``schema`` statements
-    must be idempotent (``IF NOT EXISTS``); a file whose ``user_version`` is newer than
-    ``version`` is refused. Every failure is :func:`store_unavailable`.
+    must be idempotent (``IF NOT EXISTS``); ``migrations`` maps a version to statements run
+    after ``schema`` on a file older than that version (new files included), in version order.
+    A file whose ``user_version`` is newer than ``version`` is refused. Every failure is
+    :func:`store_unavailable`.
     """
     target = _MEMORY if path is None else os.fspath(path)
     try:
@@ -206,6 +220,10 @@ def open_database(
             if found < version:
                 for statement in schema:
                     conn.execute(statement)
+                for step in sorted((migrations or {}).items()):
+                    if found < step[0] <= version:
+                        for statement in step[1]:
+                            conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {int(version)}")
             conn.execute("COMMIT")
         finally:
@@ -416,7 +434,7 @@ class SqliteStore:
         return await self._call(run, write=True)
 
     async def begin_idempotent(
-        self, key: str, *, fingerprint: str, owner: str, now: int
+        self, key: str, *, fingerprint: str, owner: str, now: int, claim: str | None = None
     ) -> IdempotencyEntry | None:
         """See :meth:`farebox.store.base.Store.begin_idempotent`."""
 
@@ -424,7 +442,10 @@ class SqliteStore:
             # One write transaction: the entry read after a lost insert is the one that won it
             # (it cannot be abandoned in between by another process).
             with _WriteTransaction(conn):
-                if conn.execute(_BEGIN_IDEMPOTENT, (key, fingerprint, owner, now)).rowcount == 1:
+                if (
+                    conn.execute(_BEGIN_IDEMPOTENT, (key, fingerprint, owner, now, claim)).rowcount
+                    == 1
+                ):
                     return None
                 row = conn.execute(_GET_IDEMPOTENT, (key,)).fetchone()
                 return None if row is None else _entry(row)
@@ -525,7 +546,11 @@ class SqliteStore:
             self._conn = None
             self._checkpoint_thread = None
         conn = open_database(
-            self._path, schema=_SCHEMA, version=SCHEMA_VERSION, busy_timeout=self._busy_ms / 1000
+            self._path,
+            schema=_SCHEMA,
+            version=SCHEMA_VERSION,
+            migrations=_MIGRATIONS,
+            busy_timeout=self._busy_ms / 1000,
         )
         try:
             # The store runs checkpoints itself (see the class docstring); a WAL grown by a burst
@@ -636,13 +661,13 @@ def decode_headers(text: str | bytes) -> tuple[tuple[str, str], ...]:
 
 
 def _entry(row: tuple[Any, ...]) -> IdempotencyEntry:
-    key, fingerprint, owner, at, status, headers, body = row
+    key, fingerprint, owner, at, status, headers, body, claim = row
     response = (
         None
         if status is None
         else StoredResponse(int(status), decode_headers(headers or "[]"), bytes(body or b""))
     )
-    return IdempotencyEntry(key, fingerprint, owner, at, response)
+    return IdempotencyEntry(key, fingerprint, owner, at, response, claim)
 
 
 def _claim(row: tuple[Any, ...]) -> Claim:
