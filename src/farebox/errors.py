@@ -84,6 +84,9 @@ REASONS: Mapping[str, Reason] = _table(
     ("invalid_transaction_state", 402, "Invalid transaction state"),
     ("unexpected_verify_error", 402, "Unexpected verification error"),
     ("unexpected_settle_error", 402, "Unexpected settlement error"),
+    # The MPP "Payment" scheme (card payments).
+    ("invalid_challenge", 402, "Payment challenge not issued here or altered"),
+    ("payment_expired", 402, "Payment challenge expired"),
     # farebox's own.
     ("proof_replayed", 402, "Payment proof already used"),
     ("budget_exceeded", 402, "Agent budget refuses this payment"),
