@@ -87,6 +87,14 @@ REASONS: Mapping[str, Reason] = _table(
     # The MPP "Payment" scheme (card payments).
     ("invalid_challenge", 402, "Payment challenge not issued here or altered"),
     ("payment_expired", 402, "Payment challenge expired"),
+    ("card_declined", 402, "The card was declined"),
+    ("card_action_required", 402, "The card needs the payer's action (3-D Secure)"),
+    ("card_token_invalid", 402, "Payment token unknown, expired, used or revoked"),
+    ("card_payment_failed", 402, "Card payment did not succeed as requested"),
+    ("card_payment_not_found", 402, "Unknown card payment"),
+    ("card_payment_mismatch", 402, "Card payment amount, currency or reference differs"),
+    ("card_payment_refunded", 402, "Card payment refunded or disputed"),
+    ("refund_refused", 409, "Refund refused: more than remains, or the payment failed"),
     # farebox's own.
     ("proof_replayed", 402, "Payment proof already used"),
     ("budget_exceeded", 402, "Agent budget refuses this payment"),
