@@ -8,7 +8,7 @@ clients go: the v2 header first, then a v1 body, then (farebox's addition) the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ def render_challenge(
     assets: AssetRegistry = ASSETS,
     detail: str | None = None,
     problem: PaymentError | None = None,
+    extra_methods: Sequence[Mapping[str, Any]] = (),
 ) -> Rendered402:
     """Render ``challenge`` as one 402: v2 header + plain body merged with the v1 keys.
 
@@ -58,7 +59,9 @@ def render_challenge(
     """
     if problem is not None:
         detail = problem.message
-    body: dict[str, Any] = plain_body(challenge, assets=assets, detail=detail)
+    body: dict[str, Any] = plain_body(
+        challenge, assets=assets, detail=detail, extra_methods=extra_methods
+    )
     v1 = v1_body(challenge)
     if v1 is not None:
         body.update(v1)

@@ -8,7 +8,7 @@ only this body still has everything it needs to pay.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from farebox.errors import PaymentError
@@ -35,9 +35,16 @@ def display_price(offer: Offer, assets: AssetRegistry = ASSETS) -> tuple[str, st
 
 
 def plain_body(
-    challenge: Challenge, *, assets: AssetRegistry = ASSETS, detail: str | None = None
+    challenge: Challenge,
+    *,
+    assets: AssetRegistry = ASSETS,
+    detail: str | None = None,
+    extra_methods: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The plain body for ``challenge``; the first offer sets the headline amount and currency."""
+    """The plain body for ``challenge``; the first offer sets the headline amount and currency.
+
+    ``extra_methods`` (other protocols' entries, such as a card) follow the x402 ones.
+    """
     if not challenge.accepts:
         raise ValueError("a challenge needs at least one offer")
     amount, currency = display_price(challenge.accepts[0], assets)
@@ -45,6 +52,7 @@ def plain_body(
     for offer in challenge.accepts:
         shown, symbol = display_price(offer, assets)
         methods.append({"protocol": "x402", "price": f"{shown} {symbol}", **offer_to_json(offer)})
+    methods.extend(dict(m) for m in extra_methods)
     payment: dict[str, Any] = {
         "protocol": "x402",
         "amount": amount,

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from farebox.server.card import CardAdmission
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.idempotency import BodyCapture
 from farebox.server.routes import RequestInfo
@@ -108,7 +109,9 @@ class PaymentMiddleware:
 
         return receive_lifespan
 
-    async def _paid(self, admission: Admission, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _paid(
+        self, admission: Admission | CardAdmission, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         state = "waiting"  # -> "passing" (settled or not charged) | "replaced" (refusal sent)
         # A settled response under an idempotency id: what was sent, kept for its retries.
         kept: tuple[int, list[tuple[str, str]], BodyCapture] | None = None
@@ -169,7 +172,7 @@ class PaymentMiddleware:
 
     async def _remember(
         self,
-        admission: Admission,
+        admission: Admission | CardAdmission,
         kept: tuple[int, list[tuple[str, str]], BodyCapture],
         *,
         complete: bool,

@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -27,6 +28,7 @@ import anyio
 from farebox.errors import PaymentError
 from farebox.facilitator.base import Facilitator
 from farebox.money import ASSETS, AssetRegistry
+from farebox.protocol import mpp
 from farebox.protocol.challenge import render_challenge
 from farebox.protocol.models import Challenge, Settlement, VerifiedProof
 from farebox.protocol.x402 import (
@@ -41,6 +43,7 @@ from farebox.protocol.x402 import (
 from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
 from farebox.receipts.records import receipt_ref
 from farebox.schemes import evm_exact
+from farebox.server.card import CardAdmission, CardRail, is_card_credential
 from farebox.server.idempotency import (
     DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_MAX_STORED_BODY,
@@ -76,7 +79,16 @@ logger = logging.getLogger("farebox.server")
 
 PEAC_RECEIPT = "PEAC-Receipt"
 # Browsers hide response headers from scripts unless the server lists them.
-EXPOSED_HEADERS = ", ".join((PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, PEAC_RECEIPT))
+EXPOSED_HEADERS = ", ".join(
+    (
+        PAYMENT_REQUIRED,
+        PAYMENT_RESPONSE,
+        X_PAYMENT_RESPONSE,
+        PEAC_RECEIPT,
+        mpp.WWW_AUTHENTICATE,
+        mpp.PAYMENT_RECEIPT,
+    )
+)
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -163,6 +175,7 @@ class Gate:
         max_stored_body: int = DEFAULT_MAX_STORED_BODY,
         idempotency_wait: float = DEFAULT_WAIT,
         idempotency_stale: float = DEFAULT_STALE,
+        card: CardRail | None = None,
     ) -> None:
         self.routes = routes
         self.facilitator = facilitator
@@ -177,6 +190,7 @@ class Gate:
         self.max_stored_body = max_stored_body
         self.idempotency_wait = idempotency_wait
         self.idempotency_stale = idempotency_stale
+        self.card = card
         # Every challenge declares payment-identifier: clients may send an id, none must.
         self._extensions = {PAYMENT_IDENTIFIER: declaration(required=False)}
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
@@ -192,7 +206,7 @@ class Gate:
 
     async def admit(
         self, request: RequestInfo, body: BodyReader | None = None
-    ) -> Reply | Admission | None:
+    ) -> Reply | Admission | CardAdmission | None:
         """``None`` to pass the request to the app untouched, a :class:`Reply` to answer it, or an
         :class:`Admission` to run the app for a verified, claimed payment.
 
@@ -215,6 +229,15 @@ class Gate:
             extensions=self._extensions,
         )
         header = request.headers.get("payment-signature") or request.headers.get("x-payment")
+        card = self.card
+        if (
+            header is None
+            and card is not None
+            and route.card is not None
+            and request.method != "HEAD"
+            and is_card_credential(request)
+        ):
+            return await self._accept_card(card, route, request, challenge, now)
         # A HEAD gets the GET's answer without a body; it is never charged (nothing is delivered).
         if header is None or request.method == "HEAD":
             if self.log_challenges:
@@ -222,7 +245,7 @@ class Gate:
                     Event("challenge", now, route.name, reference=challenge.reference),
                     quiet=True,
                 )
-            return self._challenge(challenge, request, None)
+            return self._challenge(challenge, request, None, route)
         try:
             return await self._accept(route, request, challenge, header, now, body)
         except PaymentError as exc:
@@ -237,7 +260,25 @@ class Gate:
                 ),
                 quiet=True,
             )
-            return self._challenge(challenge, request, exc)
+            return self._challenge(challenge, request, exc, route)
+
+    async def _accept_card(
+        self, card: CardRail, route: Route, request: RequestInfo, challenge: Challenge, now: int
+    ) -> CardAdmission | Reply:
+        try:
+            return await card.admit(route, request, challenge, self.store)
+        except PaymentError as exc:
+            await self._log(
+                Event(
+                    "refusal",
+                    now,
+                    route.name,
+                    reference=challenge.reference,
+                    data={"code": exc.code, "rail": "stripe"},
+                ),
+                quiet=True,
+            )
+            return self._challenge(challenge, request, exc, route)
 
     async def _accept(
         self,
@@ -396,7 +437,7 @@ class Gate:
 
     async def remember(
         self,
-        admission: Admission,
+        admission: Admission | CardAdmission,
         status: int,
         headers: Iterable[tuple[str, str]],
         capture: BodyCapture,
@@ -441,15 +482,19 @@ class Gate:
 
     # --- after the app -------------------------------------------------------------------------
 
-    async def abandon(self, admission: Admission) -> None:
+    async def abandon(self, admission: Admission | CardAdmission) -> None:
         """The app failed or answered an error: nothing is charged, the proof can be used again,
         and a retry with the same idempotency id runs again."""
         with anyio.CancelScope(shield=True):
+            if isinstance(admission, CardAdmission):
+                if self.card is not None:
+                    await self.card.abandon(admission, self.store)
+                return
             await self.store.release(admission.verified.claim_key, owner=admission.owner)
             if admission.idempotency is not None:
                 await self._forget(admission.idempotency)
 
-    async def complete(self, admission: Admission, status: int) -> Headers | Reply:
+    async def complete(self, admission: Admission | CardAdmission, status: int) -> Headers | Reply:
         """Settle for an app that answered ``status``.
 
         Returns the headers to add to the app's response, or a :class:`Reply` that replaces it
@@ -462,8 +507,21 @@ class Gate:
         # Once the money may move, a client hanging up must not interrupt the bookkeeping.
         outcome: Headers | Reply = ()
         with anyio.CancelScope(shield=True):
-            outcome = await self._settle(admission)
+            if isinstance(admission, CardAdmission):
+                outcome = await self._settle_card(admission)
+            else:
+                outcome = await self._settle(admission)
         return outcome
+
+    async def _settle_card(self, admission: CardAdmission) -> Headers | Reply:
+        assert self.card is not None  # a CardAdmission comes only from the card rail
+        try:
+            added = await self.card.settle(
+                admission, self.store, issuer=self.issuer, signing_key=self.signing_key
+            )
+        except PaymentError as exc:
+            return self._challenge(admission.challenge, admission.request, exc, admission.route)
+        return (*added, ("access-control-expose-headers", EXPOSED_HEADERS))
 
     async def _settle(self, admission: Admission) -> Headers | Reply:
         verified = admission.verified
@@ -599,12 +657,26 @@ class Gate:
     # --- replies -------------------------------------------------------------------------------
 
     def _challenge(
-        self, challenge: Challenge, request: RequestInfo, problem: PaymentError | None
+        self,
+        challenge: Challenge,
+        request: RequestInfo,
+        problem: PaymentError | None,
+        route: Route | None = None,
     ) -> Reply:
         if problem is not None:
             challenge = replace(challenge, error=problem.code)
-        rendered = render_challenge(challenge, assets=self.assets, problem=problem)
-        headers = (*rendered.headers, ("access-control-expose-headers", EXPOSED_HEADERS))
+        card_headers: tuple[tuple[str, str], ...] = ()
+        card_methods: list[dict[str, Any]] = []
+        if self.card is not None and route is not None and route.card is not None:
+            card_headers, card_methods = self.card.offer(route, request)
+        rendered = render_challenge(
+            challenge, assets=self.assets, problem=problem, extra_methods=card_methods
+        )
+        headers = (
+            *rendered.headers,
+            *card_headers,
+            ("access-control-expose-headers", EXPOSED_HEADERS),
+        )
         if problem is not None and problem.status == 503:
             headers = (*headers, ("retry-after", "2"))
         body = b"" if request.method == "HEAD" else rendered.body
@@ -613,7 +685,7 @@ class Gate:
     def _refusal(
         self, admission: Admission, problem: PaymentError, settlement: Settlement | None
     ) -> Reply:
-        reply = self._challenge(admission.challenge, admission.request, problem)
+        reply = self._challenge(admission.challenge, admission.request, problem, admission.route)
         if settlement is None:
             return reply
         extra: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]

@@ -20,7 +20,7 @@ from farebox.money import Asset, Price, parse_price
 from farebox.protocol.models import Offer, Resource
 from farebox.schemes.evm_exact import SCHEME
 
-__all__ = ["PriceFunction", "RequestInfo", "Route", "RouteMatch", "RouteTable"]
+__all__ = ["CardOffer", "PriceFunction", "RequestInfo", "Route", "RouteMatch", "RouteTable"]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
@@ -42,6 +42,43 @@ class RequestInfo:
 
 PriceFunction = Callable[[RequestInfo], Price]
 
+_CURRENCY = re.compile(r"[a-z]{3}")
+
+
+@dataclass(frozen=True, slots=True)
+class CardOffer:
+    """A route's card price for the MPP ``stripe`` method (see :mod:`farebox.server.card`).
+
+    ``amount`` is in minor units of ``currency``; ``None`` derives it exactly from the route's USD
+    price (``"$0.25"`` is 25 cents; a price finer than a cent is refused). Below ``minimum`` no card
+    method is offered (card fees make small charges uneconomic; x402 stays offered).
+    ``network_id`` is the seller's Stripe profile (``profile_…``) and ``realm`` the challenges'
+    protection space (the API's host, say).
+    """
+
+    network_id: str
+    realm: str
+    currency: str = "usd"
+    amount: int | None = None
+    minimum: int = 50
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.currency, str) or not _CURRENCY.fullmatch(self.currency.lower()):
+            raise ConfigError("card currency must be a three-letter ISO 4217 code")
+        object.__setattr__(self, "currency", self.currency.lower())
+        for name in ("amount", "minimum"):
+            value = getattr(self, name)
+            if value is None and name == "amount":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"card {name} must be a non-negative int of minor units")
+        if self.amount is not None and self.amount < 1:
+            raise ConfigError("card amount must be positive")
+        if not self.network_id or not self.realm:
+            raise ConfigError("a card offer needs a network_id and a realm")
+        if self.amount is None and self.currency != "usd":
+            raise ConfigError("only a usd card amount can be derived from the route's price")
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -56,6 +93,7 @@ class Route:
     description: str = ""
     mime_type: str = ""
     max_timeout_seconds: int = 300
+    card: CardOffer | None = None
     _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _static: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
     _static_offers: tuple[Offer, ...] | None = field(init=False, repr=False, compare=False)
@@ -83,6 +121,8 @@ class Route:
         object.__setattr__(self, "_static_offers", None)
         if static is not None:
             object.__setattr__(self, "_static_offers", self._make_offers(static))
+            if self.card is not None:
+                self._card_amount(static)  # a price finer than a cent fails at start-up
 
     @property
     def name(self) -> str:
@@ -95,6 +135,29 @@ class Route:
             return self._static
         price = self.price(request) if callable(self.price) else self.price
         return tuple(parse_price(price, asset) for asset in self.assets)
+
+    def card_amount(self, request: RequestInfo) -> int | None:
+        """The card price in minor units for this request, or ``None`` when no card is offered
+        (no card offer, or a price below its minimum)."""
+        card = self.card
+        if card is None:
+            return None
+        amount = (
+            card.amount if card.amount is not None else self._card_amount(self.amounts(request))
+        )
+        return amount if amount >= card.minimum else None
+
+    def _card_amount(self, amounts: tuple[int, ...]) -> int:
+        card = self.card
+        if card is not None and card.amount is not None:
+            return card.amount
+        for asset, atomic in zip(self.assets, amounts, strict=True):
+            if asset.peg == "USD":
+                cents, rest = divmod(atomic * 100, 10**asset.decimals)
+                if rest:
+                    raise ConfigError(f"route {self.name}: price is finer than a cent for cards")
+                return int(cents)
+        raise ConfigError(f"route {self.name}: no USD price to derive a card amount from")
 
     def offers(self, request: RequestInfo) -> tuple[Offer, ...]:
         """One x402 ``exact`` offer per accepted asset."""
@@ -160,6 +223,7 @@ class RouteTable:
         description: str = "",
         mime_type: str = "",
         max_timeout_seconds: int = 300,
+        card: CardOffer | None = None,
     ) -> Route:
         """Add a paid route and return it."""
         route = Route(
@@ -171,6 +235,7 @@ class RouteTable:
             description,
             mime_type,
             max_timeout_seconds,
+            card,
         )
         self._routes.append(route)
         return route

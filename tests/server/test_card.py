@@ -1,0 +1,254 @@
+"""The card rail: MPP ``Payment`` (method ``stripe``) offered beside x402 in one 402.
+
+x402 runs on the embedded chain; cards are charged against ``fake_stripe`` (a FAKE that follows
+Stripe's documented API: Stripe cannot be reached from here). Credentials are built with farebox's
+own MPP codec, the way pympp's client builds them (echo the challenge, payload ``{"spt": …}``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from farebox.ledgers.devchain import DevChain
+from farebox.protocol import mpp
+from farebox.protocol.challenge import read_challenge
+from farebox.receipts.records import verify_receipt
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.card import CardRail
+from farebox.server.routes import CardOffer, RouteTable
+from tests.e2e.conftest import ISSUER, Paid, chain, make_gate
+from tests.e2e.test_asgi_faces import call
+from tests.stripe.fake_stripe import FakeStripe, running_fake_stripe
+
+stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
+
+from farebox.ledgers.stripe import StripeLedger  # noqa: E402
+
+__all__ = ["chain"]  # the embedded chain fixture, shared with the end-to-end tests
+
+pytestmark = [
+    pytest.mark.anyio,
+    # stripe 16.1's HTTPXClient hands httpx the form body as ``data=<bytes>`` (deprecated in 0.28).
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning"),
+]
+
+SECRET = b"k" * 32
+NETWORK = "profile_test_farebox"
+REALM = "api.test"
+INTENTS = "/v1/payment_intents"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    with running_fake_stripe() as server:
+        yield server
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def ledger(fake: FakeStripe, anyio_backend: str) -> AsyncIterator[StripeLedger]:
+    http_client = stripe.HTTPXClient()
+    client = stripe.StripeClient(
+        fake.api_key,
+        base_addresses={"api": fake.url},
+        max_network_retries=0,
+        http_client=http_client,
+    )
+    yield StripeLedger(client)
+    await http_client.close_async()
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    status = 500 if scope["path"] == "/boom" else 200
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"the goods"})
+
+
+def setup(chain: DevChain, ledger: StripeLedger, clock: Clock) -> tuple[Paid, Any]:
+    card = CardOffer(network_id=NETWORK, realm=REALM)
+    routes = RouteTable()
+    merchant = "0x" + "11" * 20
+    for path, price in (("/report", "$0.50"), ("/premium", "$1.00"), ("/boom", "$0.50")):
+        routes.add("GET", path, price, assets=chain.asset, pay_to=merchant, card=card)
+    routes.add("GET", "/cheap", "$0.25", assets=chain.asset, pay_to=merchant, card=card)
+    routes.add("GET", "/plain", "$0.50", assets=chain.asset, pay_to=merchant)
+    paid = make_gate(chain, routes=routes)
+    paid.gate.card = CardRail(SECRET, ledger, clock=clock)
+    return paid, PaymentMiddleware(app, paid.gate)
+
+
+def headers_of(start: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k.decode(), v.decode()) for k, v in start["headers"]]
+
+
+def one(start: dict[str, Any], name: str) -> str:
+    [value] = [v for k, v in headers_of(start) if k == name.lower()]
+    return value
+
+
+async def offered(app: Any, path: str) -> list[mpp.Challenge]:
+    [start, _] = await call(app, path)
+    assert start["status"] == 402
+    lines = [v for k, v in headers_of(start) if k == "www-authenticate"]
+    return [c for line in lines for c in mpp.parse_www_authenticate(line)]
+
+
+def authorization(challenge: mpp.Challenge | mpp.ChallengeEcho, spt: str) -> tuple[bytes, bytes]:
+    echo = challenge.echo() if isinstance(challenge, mpp.Challenge) else challenge
+    credential = mpp.Credential(challenge=echo, payload=mpp.StripePayload(spt).to_json())
+    return (b"authorization", mpp.render_authorization(credential).encode())
+
+
+def problem(sent: list[dict[str, Any]]) -> dict[str, Any]:
+    start, body = sent
+    assert start["status"] == 402
+    assert b"the goods" not in body["body"]
+    assert any(k == "www-authenticate" for k, _ in headers_of(start))  # paying again is possible
+    data: dict[str, Any] = json.loads(body["body"])
+    return data
+
+
+async def test_a_402_offers_x402_and_the_card(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    [start, body] = await call(asgi, "/report")
+    assert start["status"] == 402
+    headers = dict(headers_of(start))
+    challenge = read_challenge(headers, body["body"])  # the x402 forms are unchanged
+    assert challenge.accepts[0].amount == 500_000
+    [card] = await offered(asgi, "/report")
+    assert (card.method, card.intent, card.realm) == ("stripe", "charge", REALM)
+    assert (card.request.amount, card.request.currency) == (50, "usd")
+    assert mpp.StripeDetails.from_request(card.request).network_id == NETWORK
+    assert card.expires is not None
+    methods = json.loads(body["body"])["payment"]["methods"]
+    assert [m["protocol"] for m in methods] == ["x402", "mpp"]
+    assert methods[1] == {
+        "protocol": "mpp",
+        "method": "stripe",
+        "intent": "charge",
+        "amount": "50",
+        "currency": "usd",
+    }
+    exposed = headers["access-control-expose-headers"]
+    assert "WWW-Authenticate" in exposed
+    assert "Payment-Receipt" in exposed
+
+
+async def test_below_the_minimum_and_without_an_offer_only_x402(
+    chain: DevChain, ledger: StripeLedger
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    for path in ("/cheap", "/plain"):
+        [start, body] = await call(asgi, path)
+        assert start["status"] == 402
+        assert not [k for k, _ in headers_of(start) if k == "www-authenticate"]
+        methods = json.loads(body["body"])["payment"]["methods"]
+        assert [m["protocol"] for m in methods] == ["x402"]
+
+
+async def test_card_payment_serves_once_with_receipts(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    paid, asgi = setup(chain, ledger, Clock())
+    [card] = await offered(asgi, "/report")
+    header = authorization(card, "spt_succeeds_1")
+    [start, body] = await call(asgi, "/report", [header])
+    assert start["status"] == 200
+    assert body["body"] == b"the goods"
+    [intent] = fake.intents.values()
+    assert (intent["amount"], intent["currency"], intent["status"]) == (50, "usd", "succeeded")
+    assert len(fake.posts(INTENTS)) == 1
+    receipt = mpp.parse_payment_receipt(one(start, "payment-receipt"))
+    assert (receipt.method, receipt.reference) == ("stripe", intent["id"])
+    record = verify_receipt(
+        one(start, "peac-receipt"), paid.key.public_key, now=int(time.time()), issuer=ISSUER
+    )
+    commerce = json.dumps(record.claims)
+    assert '"payment_rail": "stripe"' in commerce
+    assert f'"reference": "{intent["id"]}"' in commerce
+    assert '"currency": "USD"' in commerce
+    assert '"amount_minor": "50"' in commerce
+    assert one(start, "cache-control") == "private"
+
+    again = await call(asgi, "/report", [header])
+    assert problem(again)["code"] == "proof_replayed"
+    assert len(fake.posts(INTENTS)) == 1
+
+
+async def test_a_declined_card_withholds_the_body(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    [card] = await offered(asgi, "/report")
+    sent = await call(asgi, "/report", [authorization(card, "spt_declines_1")])
+    assert problem(sent)["code"] == "card_declined"
+    assert [i["status"] for i in fake.intents.values()] != ["succeeded"]
+
+
+async def test_altered_or_expired_challenges_are_refused(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    clock = Clock()
+    _, asgi = setup(chain, ledger, clock)
+    [card] = await offered(asgi, "/report")
+    cheaper = replace(card.request, amount=1)
+    altered = replace(card.echo(), request=mpp.b64url_jcs(cheaper.to_json()))
+    sent = await call(asgi, "/report", [authorization(altered, "spt_succeeds_2")])
+    assert problem(sent)["code"] == "invalid_challenge"
+    forged = replace(card.echo(), id=card.id[:-2] + ("AA" if card.id[-2:] != "AA" else "BB"))
+    sent = await call(asgi, "/report", [authorization(forged, "spt_succeeds_3")])
+    assert problem(sent)["code"] == "invalid_challenge"
+    clock.now += 301
+    sent = await call(asgi, "/report", [authorization(card, "spt_succeeds_4")])
+    assert problem(sent)["code"] == "payment_expired"
+    assert fake.posts(INTENTS) == []
+
+
+async def test_a_credential_for_a_cheaper_route_is_refused(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    [card] = await offered(asgi, "/report")
+    sent = await call(asgi, "/premium", [authorization(card, "spt_succeeds_5")])
+    assert problem(sent)["code"] == "card_payment_mismatch"
+    assert fake.posts(INTENTS) == []
+
+
+async def test_an_app_error_charges_nothing(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    [card] = await offered(asgi, "/boom")
+    header = authorization(card, "spt_succeeds_6")
+    [start, _] = await call(asgi, "/boom", [header])
+    assert start["status"] == 500
+    assert fake.posts(INTENTS) == []
+    # The claim was released: the same credential may be answered again.
+    [start, _] = await call(asgi, "/boom", [header])
+    assert start["status"] == 500
