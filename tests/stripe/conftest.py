@@ -5,7 +5,7 @@ stops it by process id at the end of the session. It is not started with ``pytho
 as is, because that entry point (localstripe 1.15.10, ``server.start``):
 
 * listens on ``::`` (every interface, IPv4 and IPv6) with no option to choose the address;
-* reads ``/tmp/localstripe.pickle`` at start unless given ``--from-scratch``, and writes the whole
+* reads ``localstripe.pickle`` in the system temp directory at start unless given ``--from-scratch``, and writes the whole
   store to that one fixed path after every change and every POST/PUT/DELETE, with no option to
   turn it off (several workers would share and overwrite that file).
 
