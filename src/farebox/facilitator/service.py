@@ -32,6 +32,7 @@ from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.evm import EvmLedger
+from farebox.protocol.lifecycle import claim_outcome
 from farebox.protocol.models import Offer, Proof, Settlement, VerifiedProof
 from farebox.protocol.x402 import (
     V1_NETWORKS,
@@ -390,14 +391,10 @@ class FacilitatorApp:
                 "amount": str(verified.offer.amount),
             },
         )
-        if settlement.success:
-            await self._finish(verified, owner, "settled", settlement.transaction, (event,))
-        elif (
-            settlement.pending
-            or settlement.error_reason == "invalid_exact_evm_transfer_event_mismatch"
-        ):
-            # The money may have moved: the claim stays until someone reconciles it.
-            await self._finish(verified, owner, "pending", settlement.transaction, (event,))
+        outcome = claim_outcome(settlement)
+        if outcome != "release":
+            # Settled, or the money may have moved: the claim stays (until reconciled).
+            await self._finish(verified, owner, outcome, settlement.transaction, (event,))
         else:
             # Mined and reverted: no money moved, the payer may try again.
             await self.store.release(key, owner=owner)

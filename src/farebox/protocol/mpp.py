@@ -633,18 +633,7 @@ def issue_challenge(
         opaque=opaque,
         header=header,
     )
-    echo = draft.echo()
-    ident = challenge_id(
-        secret,
-        realm=echo.realm,
-        method=echo.method,
-        intent=echo.intent,
-        request=echo.request,
-        expires=echo.expires,
-        digest=echo.digest,
-        opaque=echo.opaque,
-        header=echo.header,
-    )
+    ident = _echo_id(secret, draft.echo())
     return Challenge(
         id=ident,
         realm=realm,
@@ -656,6 +645,21 @@ def issue_challenge(
         description=description,
         opaque=draft.opaque,
         header=draft.header,
+    )
+
+
+def _echo_id(secret: bytes, echo: ChallengeEcho) -> str:
+    """The id a challenge with ``echo``'s slots has (what :func:`challenge_id` binds)."""
+    return challenge_id(
+        secret,
+        realm=echo.realm,
+        method=echo.method,
+        intent=echo.intent,
+        request=echo.request,
+        expires=echo.expires,
+        digest=echo.digest,
+        opaque=echo.opaque,
+        header=echo.header,
     )
 
 
@@ -676,17 +680,7 @@ def verify_credential(
     Single use, the ``digest`` against the body, and the payload are the caller's checks.
     """
     echo = credential.challenge
-    expected = challenge_id(
-        secret,
-        realm=echo.realm,
-        method=echo.method,
-        intent=echo.intent,
-        request=echo.request,
-        expires=echo.expires,
-        digest=echo.digest,
-        opaque=echo.opaque,
-        header=echo.header,
-    )
+    expected = _echo_id(secret, echo)
     if not hmac.compare_digest(expected.encode("ascii"), echo.id.encode("utf-8", "replace")):
         raise PaymentError("invalid_challenge", "challenge id does not match its parameters")
     if realm is not None and echo.realm != realm:

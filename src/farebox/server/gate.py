@@ -30,6 +30,7 @@ from farebox.facilitator.base import Facilitator
 from farebox.money import ASSETS, AssetRegistry
 from farebox.protocol import mpp
 from farebox.protocol.challenge import render_challenge
+from farebox.protocol.lifecycle import claim_outcome
 from farebox.protocol.models import Challenge, Settlement, VerifiedProof
 from farebox.protocol.x402 import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -568,10 +569,7 @@ class Gate:
             code = settlement.error_reason or "transaction_failed"
             error = PaymentError(code, settlement.error_message, payer=verified.payer)
             refusal = self._refusal(admission, error, settlement)
-            if (
-                settlement.pending
-                or settlement.error_reason == "invalid_exact_evm_transfer_event_mismatch"
-            ):
+            if claim_outcome(settlement) == "pending":
                 # The money may have moved: the proof stays claimed until someone reconciles it,
                 # and a retry under the same id hears the same, rather than paying a second time.
                 await self._finish(admission, "pending", settlement, events)

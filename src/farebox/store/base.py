@@ -27,6 +27,7 @@ __all__ = [
     "IdempotencyEntry",
     "Store",
     "StoredResponse",
+    "check_finish_state",
     "claim_not_held",
     "clamp_limit",
     "decode_event_data",
@@ -235,6 +236,12 @@ def payer_key(payer: str) -> str:
 def clamp_limit(limit: int) -> int:
     """A query ``limit`` within ``0..MAX_EVENTS``."""
     return max(0, min(int(limit), MAX_EVENTS))
+
+
+def check_finish_state(state: str) -> None:
+    """Refuse a :meth:`Store.finish` state other than ``settled`` or ``pending`` (a caller's bug)."""
+    if state not in ("settled", "pending"):
+        raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
 
 
 def claim_not_held() -> PaymentError:

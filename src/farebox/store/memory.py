@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from farebox.errors import ConfigError, PaymentError
+from farebox.errors import PaymentError
 from farebox.store.base import (
     Claim,
     Event,
     IdempotencyEntry,
     StoredResponse,
+    check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
@@ -78,8 +79,7 @@ class MemoryStore:
         events: Sequence[Event] = (),
     ) -> None:
         """See :meth:`farebox.store.base.Store.finish`."""
-        if state not in ("settled", "pending"):
-            raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
+        check_finish_state(state)
         with self._lock:
             self._check_open()
             claim = self._claims.get(key)

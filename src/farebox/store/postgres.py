@@ -38,6 +38,7 @@ from farebox.store.base import (
     Event,
     IdempotencyEntry,
     StoredResponse,
+    check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
@@ -270,8 +271,7 @@ class PostgresStore:
         events: Sequence[Event] = (),
     ) -> None:
         """See :meth:`farebox.store.base.Store.finish`."""
-        if state not in ("settled", "pending"):
-            raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
+        check_finish_state(state)
         # Encoded before the transaction: an event that cannot be stored changes nothing.
         rows = _event_rows(events)
         async with self._connection() as conn, conn.transaction():

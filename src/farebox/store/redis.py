@@ -51,6 +51,7 @@ from farebox.store.base import (
     Event,
     IdempotencyEntry,
     StoredResponse,
+    check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
@@ -313,8 +314,7 @@ class RedisStore:
         events: Sequence[Event] = (),
     ) -> None:
         """See :meth:`farebox.store.base.Store.finish`."""
-        if state not in ("settled", "pending"):
-            raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
+        check_finish_state(state)
         args: list[Any] = [owner, key, state, transaction or "", 0 if transaction is None else 1]
         args += self._packed(events)
         done = await self._run(self._finish_script, self._change_keys(key), args)

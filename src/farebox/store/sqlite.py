@@ -37,6 +37,7 @@ from farebox.store.base import (
     Event,
     IdempotencyEntry,
     StoredResponse,
+    check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
@@ -335,8 +336,7 @@ class SqliteStore:
         events: Sequence[Event] = (),
     ) -> None:
         """See :meth:`farebox.store.base.Store.finish`."""
-        if state not in ("settled", "pending"):
-            raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
+        check_finish_state(state)
 
         def run(conn: sqlite3.Connection) -> None:
             with _WriteTransaction(conn):
