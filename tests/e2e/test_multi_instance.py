@@ -24,27 +24,18 @@ from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof
 from tests.e2e.test_cli import FAREBOX
-from tests.e2e.test_processes import balance, free_port, wait_for
+from tests.e2e.test_processes import balance, devchain_process, free_port, wait_for
 
 PG = "postgresql://127.0.0.1:5432/test"
 REQUESTS = 50
 
+__all__ = ["devchain_process"]
+
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [*FAREBOX, "devchain", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+def node(devchain_process: str) -> str:
+    """A `farebox devchain` process: the node every worker settles on."""
+    return devchain_process
 
 
 @pytest.fixture
