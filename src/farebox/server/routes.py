@@ -53,7 +53,9 @@ class CardOffer:
     price (``"$0.25"`` is 25 cents; a price finer than a cent is refused). Below ``minimum`` no card
     method is offered (card fees make small charges uneconomic; x402 stays offered).
     ``network_id`` is the seller's Stripe profile (``profile_…``) and ``realm`` the challenges'
-    protection space (the API's host, say).
+    protection space (the API's host, say). ``spt`` offers the MPP ``stripe`` charge (Shared Payment
+    Tokens); ``invoice`` offers the X-Receipt pattern (each 402 names an invoice backed by a
+    PaymentIntent the server created; see :mod:`farebox.server.card`).
     """
 
     network_id: str
@@ -61,6 +63,8 @@ class CardOffer:
     currency: str = "usd"
     amount: int | None = None
     minimum: int = 50
+    spt: bool = True
+    invoice: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.currency, str) or not _CURRENCY.fullmatch(self.currency.lower()):
@@ -76,6 +80,8 @@ class CardOffer:
             raise ConfigError("card amount must be positive")
         if not self.network_id or not self.realm:
             raise ConfigError("a card offer needs a network_id and a realm")
+        if not self.spt and not self.invoice:
+            raise ConfigError("a card offer needs spt or invoice (or both)")
         if self.amount is None and self.currency != "usd":
             raise ConfigError("only a usd card amount can be derived from the route's price")
 
