@@ -23,6 +23,32 @@ follows (docs.stripe.com):
 * "Create a refund" (``POST /v1/refunds``): refuses a refund of a fully refunded charge and one
   larger than what is left unrefunded.
 * "Versioning": the ``Stripe-Version`` header (recorded, not interpreted).
+* "Create a SharedPaymentIssuedToken" (``POST /v1/shared_payment/issued_tokens``, the agent's
+  side; changelog "dahlia/2026-04-22/shared-payment-issued-token") and "The
+  SharedPaymentIssuedToken object": ``payment_method``, ``usage_limits[currency|max_amount|
+  expires_at]``, ``seller_details[network_business_profile|external_id]``, ``shared_metadata[...]``;
+  the answer has ``id`` (``spt_…``), ``object`` ``shared_payment.issued_token``, ``usage_limits``,
+  ``seller_details``, ``created``, ``livemode``, ``deactivated_at``, ``deactivated_reason``.
+  The seller redeems the same ``spt_…`` as its granted token; Stripe enforces the usage limits
+  (currency, ``max_amount``, ``expires_at``), the seller it was issued for and single use.
+
+Accounts: the seller's key (``api_key``, whose Stripe profile is ``profile``, the MPP
+``networkId``) and agent keys (``agent_keys``: key -> profile). Every key may call every endpoint;
+objects are visible only to the account that made them, and idempotency keys are per account (as
+Stripe scopes them).
+
+Choices the documentation does not make, made here in Stripe's documented error shapes: minting
+with an unknown ``payment_method`` is a 400 ``resource_missing`` on ``payment_method``; minting with
+an expiry not in the future, or a ``max_amount`` below 1, is a 400 ``parameter_invalid_integer``;
+redeeming a token issued for another seller is a 400 ``resource_missing`` on the token parameter
+(the token does not exist for that seller); an amount over ``max_amount``, another currency or a
+passed ``expires_at`` is a 400 ``shared_payment_granted_token_usage_limits_exceeded`` /
+``…_expired`` on the token parameter. Test payment methods for minting (Stripe's documented test
+PaymentMethods decide how the charge made with the token ends): ``pm_card_visa`` (and any other
+``pm_card_…`` not below) succeeds; ``pm_card_chargeDeclined`` and ``pm_card_visa_chargeDeclined``
+decline (``card_declined``/``generic_decline``); ``pm_card_chargeDeclinedInsufficientFunds``
+declines with ``insufficient_funds``; ``pm_card_authenticationRequired`` leaves the PaymentIntent
+``requires_action``.
 
 Where the documentation does not say what Stripe answers (the exact error for an expired or consumed
 token), the fake makes a documented-shaped choice and says so next to it. Test tokens (any suffix
@@ -56,7 +82,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["FakeStripe", "Placement", "RecordedRequest", "running_fake_stripe"]
+__all__ = [
+    "AGENT_KEY",
+    "SELLER_PROFILE",
+    "FakeStripe",
+    "Placement",
+    "RecordedRequest",
+    "running_fake_stripe",
+]
 
 Placement = Literal["top_level", "payment_method_data", "both"]
 
@@ -66,6 +99,27 @@ SPT_NESTED = "payment_method_data[shared_payment_granted_token]"
 # Stripe ("Received unknown parameter: …").
 _KNOWN_SCALARS = {"amount", "currency", "confirm", SPT_TOP_LEVEL, SPT_NESTED}
 _KNOWN_PREFIXES = ("metadata[", "payment_method_types[", "expand[")
+ISSUED_TOKENS = "/v1/shared_payment/issued_tokens"
+_ISSUE_SCALARS = {
+    "payment_method",
+    "usage_limits[currency]",
+    "usage_limits[max_amount]",
+    "usage_limits[expires_at]",
+    "seller_details[network_business_profile]",
+    "seller_details[external_id]",
+    "setup_future_usage",
+}
+_ISSUE_PREFIXES = ("shared_metadata[", "expand[")
+SELLER_PROFILE = "profile_fake_seller"
+AGENT_KEY = "sk_test_farebox_fake_agent"
+# What a charge made with a token minted from these test PaymentMethods does (Stripe's documented
+# test cards); any other pm_card_… succeeds, anything else is unknown.
+_PM_OUTCOMES = {
+    "pm_card_chargeDeclined": "declines",
+    "pm_card_visa_chargeDeclined": "declines",
+    "pm_card_chargeDeclinedInsufficientFunds": "insufficient_funds",
+    "pm_card_authenticationRequired": "requires_action",
+}
 
 
 @dataclass(frozen=True)
@@ -101,15 +155,21 @@ class FakeStripe:
 
     api_key: str = "sk_test_farebox_fake"
     placement: Placement = "both"
+    profile: str = SELLER_PROFILE
+    agent_keys: Mapping[str, str] = field(default_factory=lambda: {AGENT_KEY: "profile_fake_agent"})
     requests: list[RecordedRequest] = field(default_factory=list)
     intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     charges: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     consumed_tokens: set[str] = field(default_factory=set)
-    # Idempotency-Key -> (the request's parameters, saved status, saved body).
-    idempotency: dict[str, tuple[tuple[tuple[str, str], ...], int, dict[str, Any]]] = field(
-        default_factory=dict
+    # Minted tokens by id, with the profile of the agent account that issued them.
+    issued_tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (account profile, Idempotency-Key) -> (the request's parameters, saved status, saved body).
+    idempotency: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], int, dict[str, Any]]] = (
+        field(default_factory=dict)
     )
+    # Which account (profile) made each PaymentIntent: objects are private to their account.
+    owners: dict[str, str] = field(default_factory=dict)
     url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -120,6 +180,15 @@ class FakeStripe:
     def posts(self, path: str) -> list[RecordedRequest]:
         """The recorded POSTs to ``path``, oldest first."""
         return [r for r in self.requests if r.method == "POST" and r.path == path]
+
+    def _account(self, authorization: str | None) -> str | None:
+        # The profile of the account whose key authenticates the request.
+        if authorization is None or not authorization.startswith("Bearer "):
+            return None
+        key = authorization[len("Bearer ") :]
+        if key == self.api_key:
+            return self.profile
+        return self.agent_keys.get(key)
 
     # --- dispatch ---------------------------------------------------------------------------
 
@@ -134,11 +203,12 @@ class FakeStripe:
         """Answer one request: (status, extra headers, JSON body)."""
         with self._lock:  # one request at a time: the state is small and tests are short
             self.requests.append(RecordedRequest(method, path, dict(headers), query, form))
-            if headers.get("authorization") != f"Bearer {self.api_key}":
+            account = self._account(headers.get("authorization"))
+            if account is None:
                 return 401, {}, _error_body(_invalid("Invalid API Key provided.", status=401))
             key = headers.get("idempotency-key")
             if method == "POST" and key is not None:
-                saved = self.idempotency.get(key)
+                saved = self.idempotency.get((account, key))
                 if saved is not None:
                     params, status, body = saved
                     if params != tuple(sorted(form)):
@@ -150,7 +220,7 @@ class FakeStripe:
                         return 400, {}, {"error": error}
                     return status, {"Idempotent-Replayed": "true"}, body
             try:
-                status, body = self._route(method, path, query, form)
+                status, body = self._route(account, method, path, query, form)
             except _StripeError as exc:
                 status, body = exc.status, _error_body(exc)
                 # "Idempotent requests": results are saved once the endpoint started executing,
@@ -159,22 +229,25 @@ class FakeStripe:
             else:
                 saves = True
             if method == "POST" and key is not None and saves:
-                self.idempotency[key] = (tuple(sorted(form)), status, body)
+                self.idempotency[(account, key)] = (tuple(sorted(form)), status, body)
             return status, {}, body
 
     def _route(
         self,
+        account: str,
         method: str,
         path: str,
         query: tuple[tuple[str, str], ...],
         form: tuple[tuple[str, str], ...],
     ) -> tuple[int, dict[str, Any]]:
         parts = path.strip("/").split("/")
+        if method == "POST" and path == ISSUED_TOKENS:
+            return 200, self._issue_token(account, dict(form))
         if method == "POST" and parts == ["v1", "payment_intents"]:
-            return 200, self._create_intent(dict(form))
+            return 200, self._create_intent(account, dict(form))
         if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "payment_intents"]:
             intent = self.intents.get(parts[2])
-            if intent is None:
+            if intent is None or self.owners.get(parts[2]) != account:
                 raise _invalid(
                     f"No such payment_intent: '{parts[2]}'",
                     status=404,
@@ -184,16 +257,118 @@ class FakeStripe:
             return 200, self._render_intent(intent, expand={v for _, v in query})
         if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "charges"]:
             charge = self.charges.get(parts[2])
-            if charge is None:
+            if charge is None or self.owners.get(charge["payment_intent"]) != account:
                 raise _invalid(f"No such charge: '{parts[2]}'", status=404, code="resource_missing")
             return 200, dict(charge)
         if method == "POST" and parts == ["v1", "refunds"]:
-            return 200, self._create_refund(dict(form))
+            return 200, self._create_refund(account, dict(form))
         raise _invalid(f"Unrecognized request URL ({method}: {path}).", status=404)
+
+    # --- Shared Payment Tokens, the agent's side ----------------------------------------------
+
+    def _issue_token(self, account: str, form: dict[str, str]) -> dict[str, Any]:
+        for name in form:
+            if name not in _ISSUE_SCALARS and not name.startswith(_ISSUE_PREFIXES):
+                raise _invalid(
+                    f"Received unknown parameter: {name}", code="parameter_unknown", param=name
+                )
+        for name in (
+            "payment_method",
+            "usage_limits[currency]",
+            "usage_limits[max_amount]",
+            "usage_limits[expires_at]",
+            "seller_details[network_business_profile]",
+        ):
+            if not form.get(name):
+                raise _invalid(
+                    f"Missing required param: {name}.", code="parameter_missing", param=name
+                )
+        payment_method = form["payment_method"]
+        if not payment_method.startswith("pm_card_"):
+            raise _invalid(
+                f"No such PaymentMethod: '{payment_method}'",
+                code="resource_missing",
+                param="payment_method",
+            )
+        currency = form["usage_limits[currency]"]
+        if len(currency) != 3 or not currency.isalpha():
+            raise _invalid(
+                "Invalid currency", code="parameter_invalid_string", param="usage_limits[currency]"
+            )
+        numbers: dict[str, int] = {}
+        for name in ("usage_limits[max_amount]", "usage_limits[expires_at]"):
+            text = form[name]
+            if not text.isdigit() or int(text) < 1:
+                raise _invalid(
+                    f"Invalid integer: {text}", code="parameter_invalid_integer", param=name
+                )
+            numbers[name] = int(text)
+        now = int(time.time())
+        if numbers["usage_limits[expires_at]"] <= now:
+            raise _invalid(
+                "usage_limits[expires_at] must be in the future.",
+                code="parameter_invalid_integer",
+                param="usage_limits[expires_at]",
+            )
+        seller: dict[str, Any] = {
+            "network_business_profile": form["seller_details[network_business_profile]"],
+            "external_id": form.get("seller_details[external_id]"),
+        }
+        token: dict[str, Any] = {
+            "id": self._id("spt"),
+            "object": "shared_payment.issued_token",
+            "created": now,
+            "deactivated_at": None,
+            "deactivated_reason": None,
+            "livemode": False,
+            "payment_method": payment_method,
+            "seller_details": seller,
+            "shared_metadata": {
+                k[len("shared_metadata[") : -1]: v
+                for k, v in form.items()
+                if k.startswith("shared_metadata[")
+            },
+            "usage_limits": {
+                "currency": currency.lower(),
+                "max_amount": numbers["usage_limits[max_amount]"],
+                "expires_at": numbers["usage_limits[expires_at]"],
+            },
+        }
+        self.issued_tokens[token["id"]] = {**token, "_issuer": account}
+        return token
+
+    def _redeem_issued(
+        self, account: str, intent: dict[str, Any], token: str, param: str
+    ) -> str | None:
+        """The outcome kind for a minted token, after Stripe's checks of its limits; ``None`` if
+        ``token`` was not minted here."""
+        issued = self.issued_tokens.get(token)
+        if issued is None:
+            return None
+        if issued["seller_details"]["network_business_profile"] != account:
+            # The token exists only for the seller it was issued to.
+            raise _invalid(
+                f"No such shared_payment_granted_token: '{token}'",
+                code="resource_missing",
+                param=param,
+            )
+        if token in self.consumed_tokens:
+            return "consumed"
+        limits = issued["usage_limits"]
+        if limits["expires_at"] <= int(time.time()):
+            return "expired"
+        if intent["currency"] != limits["currency"] or intent["amount"] > limits["max_amount"]:
+            raise _invalid(
+                "The PaymentIntent exceeds the SharedPaymentGrantedToken's usage limits.",
+                code="shared_payment_granted_token_usage_limits_exceeded",
+                param=param,
+            )
+        pm = issued["payment_method"]
+        return _PM_OUTCOMES.get(pm, "succeeds")
 
     # --- PaymentIntents -----------------------------------------------------------------------
 
-    def _create_intent(self, form: dict[str, str]) -> dict[str, Any]:
+    def _create_intent(self, account: str, form: dict[str, str]) -> dict[str, Any]:
         for name in form:
             if name not in _KNOWN_SCALARS and not name.startswith(_KNOWN_PREFIXES):
                 raise _invalid(
@@ -244,12 +419,18 @@ class FakeStripe:
                     "You must provide a payment method to confirm.",
                     code="payment_intent_unexpected_state",
                 )
-            self._confirm(intent, token, token_param)
+            self.owners[intent["id"]] = account
+            self._confirm(account, intent, token, token_param)
         self.intents[intent["id"]] = intent
+        self.owners[intent["id"]] = account
         return self._render_intent(intent, expand=set())
 
-    def _confirm(self, intent: dict[str, Any], token: str, param: str) -> None:
-        kind = _token_kind(token)
+    def _confirm(self, account: str, intent: dict[str, Any], token: str, param: str) -> None:
+        kind = self._redeem_issued(account, intent, token, param)
+        if kind == "consumed":
+            kind = "succeeds"  # consumed tokens are refused just below
+        if kind is None:
+            kind = _token_kind(token)
         if kind is None:
             raise _invalid(
                 f"No such shared_payment_granted_token: '{token}'",
@@ -318,10 +499,10 @@ class FakeStripe:
 
     # --- Refunds ------------------------------------------------------------------------------
 
-    def _create_refund(self, form: dict[str, str]) -> dict[str, Any]:
+    def _create_refund(self, account: str, form: dict[str, str]) -> dict[str, Any]:
         intent_id = form.get("payment_intent")
         intent = self.intents.get(intent_id or "")
-        if intent is None:
+        if intent is None or self.owners.get(intent["id"]) != account:
             raise _invalid(
                 f"No such payment_intent: '{intent_id}'",
                 code="resource_missing",
