@@ -20,10 +20,12 @@ from farebox.agent.agent import Agent
 from farebox.agent.budget import Budget
 from farebox.agent.httpx_auth import PaymentAuth
 from farebox.config import (
+    CardConfig,
     EmbeddedSettlement,
     FacilitatorSettlement,
     RpcSettlement,
     ServerConfig,
+    app_from_env,
     build_app,
     load_config,
     parse_config,
@@ -33,7 +35,7 @@ from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.money import BASE_SEPOLIA_USDC, DEVCHAIN_USDC
 from farebox.receipts.keys import load_signing_key
-from farebox.server.routes import RequestInfo
+from farebox.server.routes import CardOffer, RequestInfo
 from tests.e2e.conftest import fund
 from tests.e2e.test_processes import DEV_KEYS, free_port, wait_for
 
@@ -429,3 +431,229 @@ def test_serve_reports_a_config_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "E_CONFIG: server.store: required" in result.stderr
+
+
+# --- [card]: card payments through Stripe --------------------------------------------------------
+
+STRIPE_KEY = "sk_test_" + "Zq8" * 12  # what a key looks like; it must never be shown
+CARD_SECRET = "ab" * 32
+CARD_ENV = {"STRIPE_SECRET_KEY": STRIPE_KEY}
+
+
+def with_card(**card: Any) -> dict[str, Any]:
+    document = valid()
+    document["card"] = {"network_id": "profile_test_farebox", **card}
+    document["routes"][1]["card"] = True
+    return document
+
+
+def test_card_section_defaults_and_route_offers(tmp_path: Path) -> None:
+    config = parse(with_card(), tmp_path, env=CARD_ENV)
+    card = config.card
+    assert isinstance(card, CardConfig)
+    assert (card.network_id, card.realm, card.currency, card.minimum) == (
+        "profile_test_farebox",
+        "farebox",
+        "usd",
+        50,
+    )
+    assert card.secret_key == STRIPE_KEY
+    assert card.secret_key_env == "STRIPE_SECRET_KEY"
+    assert (card.challenge_secret, card.challenge_secret_env) == (None, None)
+    assert (card.api_base, card.stripe_version, card.spt_parameter) == (None, None, "top_level")
+    assert (card.lifetime, card.invoice_lifetime) == (300.0, 900.0)
+    assert config.routes[0].route.card is None  # opt in per route
+    offer = config.routes[1].route.card
+    assert offer == CardOffer("profile_test_farebox", "farebox", "usd", None, 50, True, False)
+    assert STRIPE_KEY not in repr(config)
+
+
+def test_card_section_every_setting(tmp_path: Path) -> None:
+    document = with_card(
+        realm="api.example.com",
+        currency="EUR",
+        minimum=0,
+        secret_key_env="MY_STRIPE",
+        challenge_secret_env="MY_CARD_SECRET",
+        api_base="http://127.0.0.1:12111/",
+        stripe_version="2026-01-01.preview",
+        spt_parameter="payment_method_data",
+        lifetime=60,
+        invoice_lifetime=3600,
+    )
+    document["routes"][1].update(card_amount=25, card_invoice=True, card_spt=False)
+    env = {"MY_STRIPE": STRIPE_KEY, "MY_CARD_SECRET": CARD_SECRET}
+    config = parse(document, tmp_path, env=env)
+    card = config.card
+    assert card is not None
+    assert (card.realm, card.currency, card.minimum) == ("api.example.com", "eur", 0)
+    assert card.secret_key == STRIPE_KEY
+    assert card.challenge_secret == bytes.fromhex(CARD_SECRET)
+    assert card.challenge_secret_env == "MY_CARD_SECRET"
+    assert card.api_base == "http://127.0.0.1:12111"
+    assert card.stripe_version == "2026-01-01.preview"
+    assert card.spt_parameter == "payment_method_data"
+    assert (card.lifetime, card.invoice_lifetime) == (60.0, 3600.0)
+    offer = config.routes[1].route.card
+    assert offer == CardOffer("profile_test_farebox", "api.example.com", "eur", 25, 0, False, True)
+    assert STRIPE_KEY not in repr(config)
+    assert CARD_SECRET not in repr(config)
+    assert repr(bytes.fromhex(CARD_SECRET)) not in repr(config)
+
+
+def test_card_realm_defaults_to_the_issuer_host(tmp_path: Path) -> None:
+    document = with_card()
+    document["server"].update(issuer="https://api.test", receipt_key="receipts.key")
+    config = parse(document, tmp_path, env=CARD_ENV)
+    assert config.card is not None
+    assert config.card.realm == "api.test"
+
+
+def test_card_challenge_secret_from_the_default_variable(tmp_path: Path) -> None:
+    env = {**CARD_ENV, "FAREBOX_CARD_SECRET": CARD_SECRET}
+    config = parse(with_card(), tmp_path, env=env)
+    assert config.card is not None
+    assert config.card.challenge_secret == bytes.fromhex(CARD_SECRET)
+    assert config.card.challenge_secret_env == "FAREBOX_CARD_SECRET"
+
+
+CARD_ERRORS = [
+    ({"network_id": None}, None, "card.network_id: required"),
+    ({"network_id": 5}, None, "card.network_id: must be a string"),
+    ({"realm": ""}, None, "card.realm: must not be empty"),
+    ({"currency": "dollars"}, None, "card.currency: 'dollars' is not a three-letter"),
+    ({"minimum": -1}, None, "card.minimum: must be a non-negative integer"),
+    ({"minimum": 0.5}, None, "card.minimum: must be a non-negative integer"),
+    ({"minimum": True}, None, "card.minimum: must be a non-negative integer"),
+    ({"secret_key_env": STRIPE_KEY + "-x"}, None, "card.secret_key_env: must name an environment"),
+    ({"secret_key_env": "NOT_SET"}, None, "card.secret_key_env: environment variable NOT_SET"),
+    (
+        {"challenge_secret_env": "NOPE"},
+        None,
+        "card.challenge_secret_env: environment variable NOPE",
+    ),
+    ({"challenge_secret_env": "S"}, {"S": "zz" * 32}, "card.challenge_secret_env: S must hold hex"),
+    ({"challenge_secret_env": "S"}, {"S": "ab" * 31}, "card.challenge_secret_env: S must hold at"),
+    ({"api_base": "stripe"}, None, "card.api_base: 'stripe' is not an http(s) URL"),
+    ({"api_base": "http://u:p@x.test"}, None, "card.api_base: must be a bare"),
+    ({"stripe_version": 2026}, None, "card.stripe_version: must be a string"),
+    ({"spt_parameter": "nested"}, None, "card.spt_parameter: 'nested' is not"),
+    ({"lifetime": 0}, None, "card.lifetime: must be more than 0"),
+    ({"lifetime": 86_401}, None, "card.lifetime: must be more than 0 and at most 86400"),
+    ({"lifetime": "300"}, None, "card.lifetime: must be a number"),
+    ({"invoice_lifetime": -1}, None, "card.invoice_lifetime: must be more than 0"),
+    ({"secret_key": STRIPE_KEY}, None, "card.secret_key: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("changes", "env", "message"), CARD_ERRORS)
+def test_each_card_mistake_names_its_key(
+    changes: dict[str, Any], env: dict[str, str] | None, message: str, tmp_path: Path
+) -> None:
+    document = with_card()
+    for key, value in changes.items():
+        if value is None:
+            del document["card"][key]
+        else:
+            document["card"][key] = value
+    with pytest.raises(ConfigError) as raised:
+        parse(document, tmp_path, env={**CARD_ENV, **(env or {})})
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert STRIPE_KEY not in str(raised.value)
+    for value in (env or {}).values():
+        assert value not in str(raised.value)
+
+
+ROUTE_CARD_ERRORS = [
+    ({"card": "yes"}, "routes[1].card: must be true or false"),
+    ({"card_spt": 1}, "routes[1].card_spt: must be true or false"),
+    ({"card_invoice": "no"}, "routes[1].card_invoice: must be true or false"),
+    ({"card_amount": 0}, "routes[1].card_amount: must be a positive integer"),
+    ({"card_amount": 2.5}, "routes[1].card_amount: must be a positive integer"),
+    ({"card": False, "card_amount": 25}, "routes[1].card_amount: only used with card = true"),
+    ({"card_spt": False}, "routes[1].card: a card offer needs spt or invoice"),
+    ({"price": "$0.001"}, "routes[1]: route POST /reports/{id}: price is finer than a cent"),
+    ({"card_typo": True}, "routes[1].card_typo: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), ROUTE_CARD_ERRORS)
+def test_each_route_card_mistake_names_its_key(
+    changes: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    document = with_card()
+    document["routes"][1].update(changes)
+    with pytest.raises(ConfigError) as raised:
+        parse(document, tmp_path, env=CARD_ENV)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_card_options_without_a_card_section(tmp_path: Path) -> None:
+    for option, value in (("card", True), ("card_amount", 25), ("card", False)):
+        document = valid()
+        document["routes"][0][option] = value
+        with pytest.raises(ConfigError, match=rf"^routes\[0\]\.{option}: card payments need"):
+            parse(document, tmp_path, env=CARD_ENV)
+
+
+def test_missing_stripe_key_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse(with_card(), tmp_path, env={})
+    assert str(raised.value) == (
+        "card.secret_key_env: environment variable STRIPE_SECRET_KEY (the Stripe secret key) "
+        "is not set"
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning")
+async def test_build_app_with_cards(
+    chain: DevChain, tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
+    from farebox.cli_serve import serve_banner
+    from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION
+    from farebox.server.card import CardRail
+
+    document = with_card(api_base="http://127.0.0.1:9", lifetime=120, invoice_lifetime=600)
+    document["routes"][1]["price"] = "$0.50"
+    with caplog.at_level("WARNING", logger="farebox.server"):
+        app = build_app(parse(document, tmp_path, env=CARD_ENV), chain=chain)
+    assert "no challenge secret" in caplog.text
+    rail = app.gate.card
+    assert isinstance(rail, CardRail)
+    assert (rail.lifetime, rail.invoice_lifetime) == (120, 600)
+    assert rail.ledger.stripe_version == STRIPE_PREVIEW_VERSION
+    assert rail.ledger.spt_parameter == "top_level"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="https://api.test"
+    ) as http:
+        unpaid = await http.post("/reports/1")
+        x402_only = await http.get("/weather")
+    assert unpaid.status_code == 402
+    card_lines = [v for k, v in unpaid.headers.multi_items() if k == "www-authenticate"]
+    assert any('method="stripe"' in line for line in card_lines), card_lines
+    assert not any(
+        'method="stripe"' in v
+        for k, v in x402_only.headers.multi_items()
+        if k == "www-authenticate"
+    )
+    banner = serve_banner(app, "http://127.0.0.1:8402")
+    assert "Card        stripe (profile_test_farebox)" in banner
+    for text in (banner, caplog.text, repr(app.config), repr(rail)):
+        assert STRIPE_KEY not in text
+    await app.aclose()
+
+
+def test_several_workers_need_a_card_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "farebox.toml"
+    path.write_text(_toml(with_card()))
+    monkeypatch.setenv("FAREBOX_CONFIG", str(path))
+    monkeypatch.setenv("STRIPE_SECRET_KEY", STRIPE_KEY)
+    monkeypatch.delenv("FAREBOX_CARD_SECRET", raising=False)
+    monkeypatch.delenv("X402_FACILITATOR_URL", raising=False)
+    with pytest.raises(ConfigError, match=r"^card.challenge_secret_env: required with several"):
+        app_from_env()

@@ -63,6 +63,7 @@ def serve_banner(app: FareboxApp, url: str) -> str:
         f"Asset       {asset.symbol} {asset.address} ({asset.name!r}, version {asset.version!r})",
         f"Pay to      {config.pay_to}",
         f"Settlement  {_settlement(app)}",
+        *([f"Card        stripe ({config.card.network_id})"] if config.card is not None else []),
         f"Store       {_store_shown(config.store)}",
         f"Issuer      {app.gate.issuer}",
     ]

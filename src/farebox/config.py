@@ -39,6 +39,27 @@ app. The schema::
     mime_type = "application/json"      # optional
     max_timeout_seconds = 300           # optional
     content = '{"ok": true}'            # optional, without upstream: the paid body to serve
+    card = true                         # optional, default false: also take cards ([card] needed)
+    card_amount = 25                    # optional, minor units; default: derived from the USD price
+    card_invoice = true                 # optional, default false: X-Receipt invoices
+    card_spt = true                     # optional, default true: MPP Shared Payment Tokens
+
+    [card]                              # optional: card payments through Stripe (farebox[stripe])
+    network_id = "profile_..."          # required: the seller's Stripe profile (MPP networkId)
+    realm = "api.example.com"           # optional; default: the issuer's host, else "farebox"
+    currency = "usd"                    # optional
+    minimum = 50                        # optional, minor units: below it no card method is offered
+    secret_key_env = "STRIPE_SECRET_KEY"  # optional: the variable holding the Stripe secret key
+                                          #   (never in the file); must be set
+    challenge_secret_env = "FAREBOX_CARD_SECRET"  # optional: the variable with the challenge HMAC
+                                          #   secret (hex, >= 32 bytes); required with several
+                                          #   workers or instances; else FAREBOX_CARD_SECRET if
+                                          #   set, else random per start (logged as a warning)
+    api_base = "http://127.0.0.1:12111"  # optional: a Stripe-compatible API base; default Stripe's
+    stripe_version = "..."              # optional, default farebox.ledgers.stripe's preview version
+    spt_parameter = "top_level"         # optional: or "payment_method_data"
+    lifetime = 300                      # optional, seconds a challenge may be answered
+    invoice_lifetime = 900              # optional, seconds an X-Receipt invoice stays payable
 
 Relative paths are resolved against the config file's folder. ``X402_FACILITATOR_URL`` (the x402
 tools' variable) supplies the facilitator when ``[settlement]`` is absent and overrides a
@@ -50,13 +71,15 @@ variable must not move settlement elsewhere). ``load_config(..., facilitator=URL
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
+import re
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -74,18 +97,24 @@ from farebox.server.asgi import PaymentMiddleware, run_lifespan
 from farebox.server.gate import Gate
 from farebox.server.proxy import ReverseProxy
 from farebox.server.reconcile import Reconciler
-from farebox.server.routes import Route, RouteTable
+from farebox.server.routes import CardOffer, Route, RouteTable
 from farebox.store.base import Store
 from farebox.store.memory import MemoryStore
 from farebox.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
+    import stripe
     from farebox.ledgers.devchain import DevChain
+    from farebox.ledgers.stripe import StripeLedger
+    from farebox.server.card import CardRail
 
 __all__ = [
+    "CARD_SECRET_ENV",
     "CONFIG_ENV",
     "FACILITATOR_ENV",
     "FACILITATOR_TOKEN_ENV",
+    "STRIPE_KEY_ENV",
+    "CardConfig",
     "EmbeddedSettlement",
     "FacilitatorSettlement",
     "FareboxApp",
@@ -95,13 +124,18 @@ __all__ = [
     "Settlement",
     "app_from_env",
     "build_app",
+    "card_ledger",
     "load_config",
+    "open_store",
     "parse_config",
 ]
 
 FACILITATOR_ENV = "X402_FACILITATOR_URL"
 # The remote facilitator client's own default for its bearer token (a variable name, not a secret).
 FACILITATOR_TOKEN_ENV = "FAREBOX_FACILITATOR_TOKEN"  # noqa: S105
+# Variable names, not secrets.
+STRIPE_KEY_ENV = "STRIPE_SECRET_KEY"
+CARD_SECRET_ENV = "FAREBOX_CARD_SECRET"  # noqa: S105
 DEVCHAIN_ALIAS = "devchain"
 # Development account #1 of the embedded chain pays the gas, as in the sample API.
 EMBEDDED_SETTLER = 1
@@ -112,6 +146,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
+_MIN_CARD_SECRET = 32
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+logger = logging.getLogger("farebox.server")
 
 
 # --- the validated configuration ---------------------------------------------------------------
@@ -146,6 +184,31 @@ Settlement = EmbeddedSettlement | RpcSettlement | FacilitatorSettlement
 
 
 @dataclass(frozen=True, slots=True)
+class CardConfig:
+    """The ``[card]`` section: card payments through Stripe.
+
+    ``secret_key`` is the Stripe secret key read from the variable ``secret_key_env`` names;
+    ``challenge_secret`` the challenge HMAC secret (``None``: random per start). Neither appears in
+    the repr. ``stripe_version`` ``None`` is the ledger's pinned preview version; ``api_base``
+    ``None`` is Stripe's own API.
+    """
+
+    network_id: str
+    realm: str
+    secret_key: str = field(repr=False)
+    secret_key_env: str = STRIPE_KEY_ENV
+    challenge_secret: bytes | None = field(default=None, repr=False)
+    challenge_secret_env: str | None = None
+    currency: str = "usd"
+    minimum: int = 50
+    api_base: str | None = None
+    stripe_version: str | None = None
+    spt_parameter: str = "top_level"
+    lifetime: float = 300.0
+    invoice_lifetime: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """A validated paid route and, without an upstream, the body the built-in app serves for it."""
 
@@ -168,6 +231,7 @@ class ServerConfig:
     upstream: str | None = None
     upstream_timeout: float = 30.0
     source: Path | None = None
+    card: CardConfig | None = None
 
     @property
     def network(self) -> str:
@@ -224,7 +288,7 @@ def parse_config(
     """Validate a parsed TOML document; relative paths resolve against ``base_dir``."""
     env = os.environ if env is None else env
     base = Path(base_dir)
-    _only(document, "", {"server", "payment", "settlement", "routes"})
+    _only(document, "", {"server", "payment", "settlement", "routes", "card"})
     server = _table(document, "server", required=False)
     payment = _table(document, "payment", required=True)
     _only(server, "server", {"issuer", "receipt_key", "store", "upstream", "upstream_timeout"})
@@ -277,7 +341,8 @@ def parse_config(
     pay_to = checksum_address(pay_to)
 
     settlement = _settlement(document, asset, base, env, facilitator)
-    routes = _routes(document, asset, pay_to, upstream is not None)
+    card = _card(document, issuer, env)
+    routes = _routes(document, asset, pay_to, upstream is not None, card)
     return ServerConfig(
         asset=asset,
         pay_to=pay_to,
@@ -289,6 +354,7 @@ def parse_config(
         upstream=upstream,
         upstream_timeout=upstream_timeout,
         source=source,
+        card=card,
     )
 
 
@@ -386,8 +452,158 @@ def _settlement(
     return remote
 
 
+def _card(
+    document: Mapping[str, Any], issuer: str | None, env: Mapping[str, str]
+) -> CardConfig | None:
+    if "card" not in document:
+        return None
+    table = _table(document, "card", required=True)
+    _only(
+        table,
+        "card",
+        {
+            "network_id",
+            "realm",
+            "currency",
+            "minimum",
+            "secret_key_env",
+            "challenge_secret_env",
+            "api_base",
+            "stripe_version",
+            "spt_parameter",
+            "lifetime",
+            "invoice_lifetime",
+        },
+    )
+    network_id = _string(table, "card.network_id", "network_id")
+    if network_id is None:
+        raise ConfigError('card.network_id: required: the seller\'s Stripe profile ("profile_...")')
+    realm = _string(table, "card.realm", "realm")
+    if realm is None:
+        realm = (urlsplit(issuer).hostname if issuer else None) or "farebox"
+    currency = (_string(table, "card.currency", "currency") or "usd").lower()
+    if not re.fullmatch(r"[a-z]{3}", currency):
+        raise ConfigError(f"card.currency: {currency!r} is not a three-letter ISO 4217 code")
+    minimum = table.get("minimum", 50)
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
+        raise ConfigError("card.minimum: must be a non-negative integer of minor units")
+    key_env = _env_name(table, "card.secret_key_env", "secret_key_env") or STRIPE_KEY_ENV
+    secret_key = env.get(key_env)
+    if not secret_key:
+        # Name the variable, never a value.
+        raise ConfigError(
+            f"card.secret_key_env: environment variable {key_env} (the Stripe secret key) is not set"
+        )
+    secret_env = _env_name(table, "card.challenge_secret_env", "challenge_secret_env")
+    challenge_secret: bytes | None = None
+    if secret_env is not None or env.get(CARD_SECRET_ENV):
+        name = secret_env or CARD_SECRET_ENV
+        text = env.get(name)
+        if not text:
+            raise ConfigError(f"card.challenge_secret_env: environment variable {name} is not set")
+        try:
+            challenge_secret = bytes.fromhex(text.strip())
+        except ValueError:
+            raise ConfigError(
+                f"card.challenge_secret_env: {name} must hold hex (e.g. openssl rand -hex 32)"
+            ) from None
+        if len(challenge_secret) < _MIN_CARD_SECRET:
+            raise ConfigError(
+                f"card.challenge_secret_env: {name} must hold at least {_MIN_CARD_SECRET} bytes "
+                f"({2 * _MIN_CARD_SECRET} hex digits)"
+            )
+        secret_env = name
+    api_base = _string(table, "card.api_base", "api_base")
+    if api_base is not None:
+        _check_url(api_base, "card.api_base")
+        parts = urlsplit(api_base)
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ConfigError("card.api_base: must be a bare http(s) base URL")
+        api_base = api_base.rstrip("/")
+    stripe_version = _string(table, "card.stripe_version", "stripe_version")
+    spt_parameter = _string(table, "card.spt_parameter", "spt_parameter") or "top_level"
+    if spt_parameter not in ("top_level", "payment_method_data"):
+        raise ConfigError(
+            f'card.spt_parameter: {spt_parameter!r} is not "top_level" or "payment_method_data"'
+        )
+    lifetime = _card_seconds(table, "lifetime", 300, 86_400)
+    invoice_lifetime = _card_seconds(table, "invoice_lifetime", 900, 7 * 86_400)
+    return CardConfig(
+        network_id=network_id,
+        realm=realm,
+        secret_key=secret_key,
+        secret_key_env=key_env,
+        challenge_secret=challenge_secret,
+        challenge_secret_env=secret_env,
+        currency=currency,
+        minimum=minimum,
+        api_base=api_base,
+        stripe_version=stripe_version,
+        spt_parameter=spt_parameter,
+        lifetime=lifetime,
+        invoice_lifetime=invoice_lifetime,
+    )
+
+
+def _env_name(table: Mapping[str, Any], where: str, key: str) -> str | None:
+    name = _string(table, where, key)
+    if name is not None and not _ENV_NAME.fullmatch(name):
+        # Someone pasted the secret itself here: do not repeat it.
+        raise ConfigError(f"{where}: must name an environment variable (letters, digits, _)")
+    return name
+
+
+def _card_seconds(table: Mapping[str, Any], key: str, default: float, most: int) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"card.{key}: must be a number of seconds")
+    if not (math.isfinite(value) and 0 < value <= most):
+        raise ConfigError(f"card.{key}: must be more than 0 and at most {most} seconds")
+    return float(value)
+
+
+def _card_offer(item: Mapping[str, Any], where: str, card: CardConfig | None) -> CardOffer | None:
+    options = ("card", "card_amount", "card_invoice", "card_spt")
+    wanted = item.get("card", False)
+    if not isinstance(wanted, bool):
+        raise ConfigError(f"{where}.card: must be true or false")
+    for option in ("card_invoice", "card_spt"):
+        if option in item and not isinstance(item[option], bool):
+            raise ConfigError(f"{where}.{option}: must be true or false")
+    amount = item.get("card_amount")
+    if amount is not None and (
+        isinstance(amount, bool) or not isinstance(amount, int) or amount < 1
+    ):
+        raise ConfigError(f"{where}.card_amount: must be a positive integer of minor units")
+    used = [option for option in options if option in item]
+    if used and card is None:
+        raise ConfigError(f"{where}.{used[0]}: card payments need a [card] section")
+    if not wanted:
+        extra = [option for option in used if option != "card"]
+        if extra:
+            raise ConfigError(f"{where}.{extra[0]}: only used with card = true")
+        return None
+    assert card is not None
+    try:
+        return CardOffer(
+            network_id=card.network_id,
+            realm=card.realm,
+            currency=card.currency,
+            amount=amount,
+            minimum=card.minimum,
+            spt=item.get("card_spt", True),
+            invoice=item.get("card_invoice", False),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.card: {exc}") from None
+
+
 def _routes(
-    document: Mapping[str, Any], asset: Asset, pay_to: str, proxied: bool
+    document: Mapping[str, Any],
+    asset: Asset,
+    pay_to: str,
+    proxied: bool,
+    card: CardConfig | None = None,
 ) -> tuple[RouteConfig, ...]:
     raw = document.get("routes")
     if raw is None:
@@ -406,6 +622,10 @@ def _routes(
         "mime_type",
         "max_timeout_seconds",
         "content",
+        "card",
+        "card_amount",
+        "card_invoice",
+        "card_spt",
     }
     for index, item in enumerate(raw):
         where = f"routes[{index}]"
@@ -446,9 +666,18 @@ def _routes(
             raise ConfigError(
                 f"{where}.content: not used with server.upstream (the upstream answers)"
             )
+        offer = _card_offer(item, where, card)
         try:
             route = Route(
-                method, path, price, (asset,), pay_to, description, mime_type, max_timeout
+                method,
+                path,
+                price,
+                (asset,),
+                pay_to,
+                description,
+                mime_type,
+                max_timeout,
+                card=offer,
             )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
@@ -557,9 +786,19 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
         facilitator = LocalFacilitator([EvmLedger(rpc, settler, network=config.network)])
     else:
         facilitator = _remote_facilitator(settlement)
+    card_rail: CardRail | None = None
+    card_http: stripe.HTTPXClient | None = None
+    if config.card is not None:
+        ledger, card_http = card_ledger(config.card)
+        card_rail = _card_rail(config.card, ledger)
     store = _open_store(config.store)
     gate = Gate(
-        config.route_table(), facilitator, store, signing_key=signing_key, issuer=config.issuer
+        config.route_table(),
+        facilitator,
+        store,
+        signing_key=signing_key,
+        issuer=config.issuer,
+        card=card_rail,
     )
     proxy = None
     inner: Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -568,7 +807,59 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
         inner = proxy
     else:
         inner = _BuiltinApp(config.routes)
-    return FareboxApp(config, gate, PaymentMiddleware(inner, gate), proxy, used_chain, created)
+    return FareboxApp(
+        config,
+        gate,
+        PaymentMiddleware(inner, gate),
+        proxy,
+        used_chain,
+        created,
+        card_http=card_http,
+    )
+
+
+def card_ledger(card: CardConfig) -> tuple[StripeLedger, stripe.HTTPXClient]:
+    """A :class:`~farebox.ledgers.stripe.StripeLedger` for ``[card]`` and its HTTP client (close it
+    with ``await client.close_async()``). The client is httpx-based, so the ledger's async calls
+    never block the event loop, and makes no retries of its own (see the ledger)."""
+    try:
+        import stripe
+        from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION, SptPlacement, StripeLedger
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"card: card payments need {exc.name}: pip install 'farebox[stripe]'"
+        ) from None
+    http_client = stripe.HTTPXClient()
+    options: dict[str, Any] = {"max_network_retries": 0, "http_client": http_client}
+    if card.api_base is not None:
+        options["base_addresses"] = {"api": card.api_base}
+    client = stripe.StripeClient(card.secret_key, **options)
+    placement = cast("SptPlacement", card.spt_parameter)
+    ledger = StripeLedger(
+        client,
+        stripe_version=card.stripe_version or STRIPE_PREVIEW_VERSION,
+        spt_parameter=placement,
+    )
+    return ledger, http_client
+
+
+def _card_rail(card: CardConfig, ledger: StripeLedger) -> CardRail:
+    from farebox.server.card import CardRail
+
+    secret = card.challenge_secret
+    if secret is None:
+        logger.warning(
+            "card: no challenge secret (%s): a random one for this process; card challenges "
+            "issued by other processes or before a restart will be refused",
+            CARD_SECRET_ENV,
+        )
+        secret = os.urandom(_MIN_CARD_SECRET)
+    return CardRail(secret, ledger, lifetime=card.lifetime, invoice_lifetime=card.invoice_lifetime)
+
+
+def open_store(config: ServerConfig) -> Store:
+    """The store ``server.store`` names (opened on first use); a memory store for ``"memory"``."""
+    return _open_store(config.store)
 
 
 def _signing_key(path: Path | None) -> tuple[SigningKey, bool]:
@@ -642,7 +933,14 @@ def app_from_env() -> FareboxApp:
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} names no config file")
-    return build_app(load_config(Path(path)))
+    config = load_config(Path(path))
+    if config.card is not None and config.card.challenge_secret is None:
+        # Each worker would make up its own secret and refuse the others' challenges.
+        raise ConfigError(
+            f"card.challenge_secret_env: required with several workers (set {CARD_SECRET_ENV} "
+            "to 64 hex digits, the same for every worker)"
+        )
+    return build_app(config)
 
 
 class FareboxApp:
@@ -657,6 +955,8 @@ class FareboxApp:
         proxy: ReverseProxy | None,
         chain: DevChain | None,
         receipt_key_created: bool,
+        *,
+        card_http: stripe.HTTPXClient | None = None,
     ) -> None:
         self.config = config
         self.gate = gate
@@ -666,6 +966,7 @@ class FareboxApp:
         self.receipt_key_created = receipt_key_created
         """Whether this start created the receipt key file."""
         self._app = app
+        self._card_http = card_http
         self._closed = False
 
     @property
@@ -707,8 +1008,12 @@ class FareboxApp:
         try:
             await self.gate.aclose()
         finally:
-            if self.proxy is not None:
-                await self.proxy.aclose()
+            try:
+                if self.proxy is not None:
+                    await self.proxy.aclose()
+            finally:
+                if self._card_http is not None:
+                    await self._card_http.close_async()  # type: ignore[no-untyped-call]
 
 
 class _BuiltinApp:
