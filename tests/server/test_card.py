@@ -207,7 +207,10 @@ async def test_a_declined_card_withholds_the_body(
     _, asgi = setup(chain, ledger, Clock())
     [card] = await offered(asgi, "/report")
     sent = await call(asgi, "/report", [authorization(card, "spt_declines_1")])
-    assert problem(sent)["code"] == "card_declined"
+    refusal = problem(sent)
+    assert refusal["code"] == "card_declined"
+    # A refused Payment credential is typed with MPP's problem registry.
+    assert refusal["type"] == "https://paymentauth.org/problems/verification-failed"
     assert [i["status"] for i in fake.intents.values()] != ["succeeded"]
 
 
@@ -224,9 +227,11 @@ async def test_altered_or_expired_challenges_are_refused(
     forged = replace(card.echo(), id=card.id[:-2] + ("AA" if card.id[-2:] != "AA" else "BB"))
     sent = await call(asgi, "/report", [authorization(forged, "spt_succeeds_3")])
     assert problem(sent)["code"] == "invalid_challenge"
+    assert problem(sent)["type"] == "https://paymentauth.org/problems/invalid-challenge"
     clock.now += 301
     sent = await call(asgi, "/report", [authorization(card, "spt_succeeds_4")])
     assert problem(sent)["code"] == "payment_expired"
+    assert problem(sent)["type"] == "https://paymentauth.org/problems/payment-expired"
     assert fake.posts(INTENTS) == []
 
 
@@ -252,3 +257,27 @@ async def test_an_app_error_charges_nothing(
     # The claim was released: the same credential may be answered again.
     [start, _] = await call(asgi, "/boom", [header])
     assert start["status"] == 500
+
+
+async def test_a_lost_response_is_replayed_under_its_idempotency_key(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    [card] = await offered(asgi, "/report")
+    header = authorization(card, "spt_succeeds_7")
+    key = (b"idempotency-key", b"pay_0123456789abcdef0123")
+    [first, body] = await call(asgi, "/report", [header, key])
+    assert first["status"] == 200
+    # The same credential and key again (the client never saw the answer): the stored response,
+    # not a second charge and not a refusal.
+    [again, replayed] = await call(asgi, "/report", [header, key])
+    assert again["status"] == 200
+    assert replayed["body"] == body["body"] == b"the goods"
+    assert one(again, "idempotent-replayed") == "true"
+    assert one(again, "payment-receipt") == one(first, "payment-receipt")
+    assert len(fake.posts(INTENTS)) == 1
+    # Without the key, the used credential is refused and the refusal names where the money went.
+    [intent] = fake.intents.values()
+    refusal = problem(await call(asgi, "/report", [header]))
+    assert refusal["code"] == "proof_replayed"
+    assert intent["id"] in refusal["detail"]

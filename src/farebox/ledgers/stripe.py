@@ -29,6 +29,7 @@ Existing ones used: ``invalid_payload`` (400), ``idempotency_conflict`` (409),
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ __all__ = [
     "STRIPE_PREVIEW_VERSION",
     "CardCharge",
     "CardRefund",
+    "InvoicePayment",
     "SptPlacement",
     "StripeLedger",
     "idempotency_key_for",
@@ -102,6 +104,20 @@ class CardCharge:
     status: str
     replayed: bool
     charge: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePayment:
+    """A PaymentIntent the server created for an invoice, waiting for the payer.
+
+    ``client_secret`` lets the payer confirm it (Stripe.js, or the confirm API with the merchant's
+    publishable key); it pays this PaymentIntent and nothing else.
+    """
+
+    payment_intent: str
+    client_secret: str
+    amount: int
+    currency: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,10 +315,60 @@ class StripeLedger:
             charge=_charge_id(intent.latest_charge),
         )
 
-    # --- X-Receipt: check a PaymentIntent the payer presents ----------------------------------
+    # --- X-Receipt: an invoice's PaymentIntent, and checking it when presented ------------------
+
+    async def create_invoice_payment(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        reference: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> InvoicePayment:
+        """Create the (unconfirmed) PaymentIntent that pays invoice ``reference``.
+
+        The reference goes into ``metadata`` under ``farebox_reference``: only the holder of this
+        account's secret key can write it, so a PaymentIntent carrying it was made here for that
+        invoice. The ``Idempotency-Key`` is derived from the reference, so a retried creation
+        never makes a second PaymentIntent for one invoice. Raises :class:`PaymentError`
+        ``ledger_unavailable`` when Stripe cannot be reached or refuses.
+        """
+        currency = _check_amount(amount, currency)
+        if not reference or len(reference) > _METADATA_MAX_VALUE:
+            raise ConfigError("an invoice reference is 1 to 500 characters")
+        tagged = {**(metadata or {}), REFERENCE_METADATA_KEY: reference}
+        _check_metadata(tagged)
+        params: dict[str, Any] = {
+            "amount": amount,
+            "currency": currency,
+            "payment_method_types": list(self.payment_method_types),
+            "metadata": tagged,
+        }
+        key = "farebox_invoice_" + hashlib.sha256(reference.encode()).hexdigest()
+        try:
+            intent = await self.client.v1.payment_intents.create_async(
+                cast("PaymentIntentCreateParams", params), self._options(key)
+            )
+        except stripe.StripeError as exc:
+            raise _unavailable(exc, "invoice") from None
+        secret = intent.client_secret
+        if (
+            not str(intent.id).startswith("pi_")
+            or not isinstance(secret, str)
+            or intent.amount != amount
+            or intent.currency != currency
+        ):
+            raise PaymentError("ledger_unavailable", "Stripe answered an unexpected PaymentIntent")
+        return InvoicePayment(intent.id, secret, intent.amount, intent.currency)
 
     async def retrieve_paid(
-        self, payment_intent_id: str, *, amount: int, currency: str, reference: str
+        self,
+        payment_intent_id: str,
+        *,
+        amount: int,
+        currency: str,
+        reference: str,
+        client_secret: str | None = None,
     ) -> CardCharge:
         """The PaymentIntent ``payment_intent_id`` if it pays ``amount`` ``currency`` for ``reference``.
 
@@ -310,6 +376,8 @@ class StripeLedger:
         ``farebox_reference`` equal to ``reference`` (metadata only the merchant's key can write),
         a paid, captured charge of the same amount, and nothing refunded or disputed.
         ``amount_received`` is checked when present (real Stripe; localstripe lacks it).
+        With ``client_secret`` the PaymentIntent's own client secret must equal it (proof that the
+        presenter holds what only the invoice's recipient was given, not just the public id).
         Single use of the PaymentIntent and the reference is the caller's (its store's) job.
 
         Raises :class:`PaymentError`: ``invalid_payload`` (not a PaymentIntent id),
@@ -335,6 +403,12 @@ class StripeLedger:
 
         if intent.id != payment_intent_id:
             raise PaymentError("card_payment_not_found", "Stripe answered another PaymentIntent")
+        if client_secret is not None:
+            found_secret = _field(intent, "client_secret")
+            if not isinstance(found_secret, str) or not hmac.compare_digest(
+                found_secret.encode(), client_secret.encode()
+            ):
+                raise PaymentError("card_payment_mismatch", "the client secret does not match")
         if intent.status != "succeeded":
             raise PaymentError("card_payment_failed", f"PaymentIntent status is {intent.status}")
         found_metadata = intent.metadata.to_dict() if intent.metadata is not None else {}

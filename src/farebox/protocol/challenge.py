@@ -50,23 +50,33 @@ def render_challenge(
     detail: str | None = None,
     problem: PaymentError | None = None,
     extra_methods: Sequence[Mapping[str, Any]] = (),
+    extra_instructions: str | None = None,
+    problem_type: str | None = None,
 ) -> Rendered402:
     """Render ``challenge`` as one 402: v2 header + plain body merged with the v1 keys.
 
     With ``problem`` (why a proof was refused) the body is also an RFC 9457 problem document with
     the reason code, and the status is the reason's (402, or 400 for a malformed proof, 503 when
     the ledger or store is down); the challenge stays in it so the client can pay again.
+    ``problem_type`` replaces the problem's ``type`` URI (another protocol's problem registry, such
+    as MPP's for a refused ``Authorization: Payment`` credential); ``code`` stays farebox's.
     """
     if problem is not None:
         detail = problem.message
     body: dict[str, Any] = plain_body(
-        challenge, assets=assets, detail=detail, extra_methods=extra_methods
+        challenge,
+        assets=assets,
+        detail=detail,
+        extra_methods=extra_methods,
+        extra_instructions=extra_instructions,
     )
     v1 = v1_body(challenge)
     if v1 is not None:
         body.update(v1)
     if problem is not None:
         body.update(problem.to_problem())
+        if problem_type is not None:
+            body["type"] = problem_type
     raw = orjson.dumps(body)
     headers = (
         ("content-type", "application/json" if problem is None else "application/problem+json"),

@@ -40,10 +40,12 @@ def plain_body(
     assets: AssetRegistry = ASSETS,
     detail: str | None = None,
     extra_methods: Sequence[Mapping[str, Any]] = (),
+    extra_instructions: str | None = None,
 ) -> dict[str, Any]:
     """The plain body for ``challenge``; the first offer sets the headline amount and currency.
 
-    ``extra_methods`` (other protocols' entries, such as a card) follow the x402 ones.
+    ``extra_methods`` (other protocols' entries, such as a card) follow the x402 ones, and
+    ``extra_instructions`` (how to pay them) follow the x402 instructions.
     """
     if not challenge.accepts:
         raise ValueError("a challenge needs at least one offer")
@@ -59,7 +61,7 @@ def plain_body(
         "currency": currency,
         "reference": challenge.reference,
         "resource": challenge.resource.url,
-        "instructions": _INSTRUCTIONS,
+        "instructions": _INSTRUCTIONS + (" " + extra_instructions if extra_instructions else ""),
         "methods": methods,
     }
     if payment["reference"] is None:

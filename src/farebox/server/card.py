@@ -14,15 +14,30 @@ the app runs. After a 2xx the Shared Payment Token is charged through
 PEAC record (rail ``stripe``, reference the PaymentIntent id). When the charge fails, no money moved:
 the claim is released, the app's body is withheld and a fresh 402 names the reason. When the app
 fails, the claim is released and nothing is charged.
+
+A route whose offer sets ``invoice`` also takes the X-Receipt pattern: each 402 (not a HEAD) names an
+invoice (``payment.reference``, ``inv_…``) for which the server created an unconfirmed PaymentIntent
+carrying the reference in its metadata, and recorded it in the store (amount, currency, route,
+expiry). The 402's card method gives its client secret; the payer confirms it out of band and
+resends the request with ``X-Receipt: pi_…`` (or the client secret itself, which also proves it
+holds what the 402 gave). The invoice is found by its PaymentIntent in the store (an unknown id
+costs no Stripe call), must be for this route and price and unexpired, and is claimed as
+``invoice/<reference>`` before the PaymentIntent is retrieved and checked (succeeded, amount,
+currency, reference, nothing refunded or disputed): one claim consumes the invoice and its
+PaymentIntent together, once ever. An app error releases the claim, so the paid receipt can be
+presented again; a 2xx settles it with a PEAC record (rail ``stripe``, reference the PaymentIntent).
+Creating a PaymentIntent per 402 is a Stripe call per unpaid request: offer invoices on routes
+whose callers want them, and prune expired ones (:meth:`~farebox.store.base.Store.prune_invoices`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,18 +48,37 @@ from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339,
 from farebox.receipts.records import receipt_ref
 from farebox.server.idempotency import IdempotentRun
 from farebox.server.routes import RequestInfo, Route
-from farebox.store.base import Event, Store
+from farebox.store.base import Event, Invoice, Store, invoice_claim_key
 
 if TYPE_CHECKING:
     from farebox.ledgers.stripe import CardCharge, StripeLedger
 
-__all__ = ["CLAIM_PREFIX", "METHOD", "CardAdmission", "CardRail", "is_card_credential"]
+__all__ = [
+    "CLAIM_PREFIX",
+    "METHOD",
+    "X_RECEIPT",
+    "CardAdmission",
+    "CardRail",
+    "Offered",
+    "is_card_credential",
+    "is_card_receipt",
+]
 
 logger = logging.getLogger("farebox.server")
 
 METHOD = "stripe"
 CLAIM_PREFIX = "mpp/"
+X_RECEIPT = "X-Receipt"
 _MIN_SECRET = 32
+_MAX_RECEIPT = 512
+# A PaymentIntent id, or its client secret (``pi_…_secret_…``); checked before any lookup.
+_RECEIPT = re.compile(r"(pi_[A-Za-z0-9]{8,250})(_secret_[A-Za-z0-9]{1,250})?")
+_INVOICE_INSTRUCTIONS = (
+    "Or pay by card out of band: confirm the PaymentIntent of the stripe invoice method with its "
+    "client secret (Stripe.js or Stripe's confirm API with the merchant's publishable key), then "
+    "resend this request with the PaymentIntent id (or its client secret) in the X-Receipt "
+    "header before the invoice expires. The response carries a signed receipt in PEAC-Receipt."
+)
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -55,27 +89,53 @@ def is_card_credential(request: RequestInfo) -> bool:
     return value is not None and value.lstrip(" \t")[:8].lower() == "payment "
 
 
+def is_card_receipt(request: RequestInfo) -> bool:
+    """Whether the request carries an ``X-Receipt`` header."""
+    return "x-receipt" in request.headers
+
+
 @dataclass(frozen=True, slots=True)
 class CardAdmission:
-    """A card credential verified and its challenge claimed: the app may run.
+    """A card payment verified and claimed: the app may run.
 
-    ``challenge`` is the request's x402 challenge (a refusal offers it again); ``idempotency`` is
-    always ``None`` (the faces read it; card requests are single use by their challenge id).
+    Either an MPP credential (``card_challenge`` and ``spt``: the token is charged after a 2xx) or
+    an X-Receipt (``invoice`` and ``paid``: the money already moved). ``challenge`` is the
+    request's x402 challenge (a refusal offers it again); ``idempotency`` is always ``None`` (the
+    faces read it; card requests are single use by their challenge id or invoice).
     """
 
     route: Route
     request: RequestInfo
     challenge: Challenge
-    card_challenge: mpp.Challenge
-    spt: str
     amount: int
     currency: str
     owner: str
+    claim_key: str
+    card_challenge: mpp.Challenge | None = None
+    spt: str | None = None
+    invoice: Invoice | None = None
+    receipt: str | None = None
+    paid: CardCharge | None = None
     idempotency: IdempotentRun | None = None
 
     @property
-    def claim_key(self) -> str:
-        return CLAIM_PREFIX + self.card_challenge.id
+    def payer(self) -> str:
+        """Who may replay this payment's idempotent responses: the holder of this credential
+        (its challenge id) or of this invoice's receipt."""
+        if self.card_challenge is not None:
+            return "mpp:" + self.card_challenge.id
+        return "invoice:" + (self.invoice.reference if self.invoice else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Offered:
+    """What a 402 adds for cards: ``WWW-Authenticate`` lines, plain-body methods, and the invoice
+    (when one was made) whose reference the 402 names."""
+
+    headers: Headers = ()
+    methods: tuple[dict[str, Any], ...] = ()
+    invoice: Invoice | None = None
+    instructions: str | None = None
 
 
 class CardRail:
@@ -83,6 +143,9 @@ class CardRail:
 
     ``secret`` keys the challenge-id HMAC (at least 32 bytes; every server of one API shares it).
     ``lifetime`` is how long a challenge may be answered, in seconds; ``clock`` returns Unix seconds.
+    ``invoice_lifetime`` is how long an X-Receipt invoice stays payable, in seconds;
+    ``require_client_secret`` accepts as a receipt only the PaymentIntent's client secret, not its
+    id (ids show up in logs and dashboards; the secret was given only to the 402's recipient).
     """
 
     def __init__(
@@ -93,11 +156,17 @@ class CardRail:
         lifetime: float = 300,
         clock: Callable[[], float] = time.time,
         payment_method_types: Sequence[str] = ("card",),
+        invoice_lifetime: float = 900,
+        require_client_secret: bool = False,
     ) -> None:
         if not isinstance(secret, bytes) or len(secret) < _MIN_SECRET:
             raise ConfigError(f"the card challenge secret must be at least {_MIN_SECRET} bytes")
         if not 0 < lifetime <= 86_400:
             raise ConfigError("lifetime must be between 0 and 86400 seconds")
+        if not 0 < invoice_lifetime <= 7 * 86_400:
+            raise ConfigError("invoice_lifetime must be between 0 and 604800 seconds")
+        self.invoice_lifetime = invoice_lifetime
+        self.require_client_secret = require_client_secret
         self._secret = secret
         self.ledger = ledger
         self.lifetime = lifetime
@@ -121,7 +190,7 @@ class CardRail:
         """The card challenges for this route and request; none without a card offer, or below its
         minimum."""
         amount = route.card_amount(request)
-        if amount is None or route.card is None:
+        if amount is None or route.card is None or not route.card.spt:
             return ()
         challenge = mpp.issue_challenge(
             self._secret,
@@ -132,12 +201,15 @@ class CardRail:
         )
         return (challenge,)
 
-    def offer(self, route: Route, request: RequestInfo) -> tuple[Headers, list[dict[str, Any]]]:
-        """The ``WWW-Authenticate`` lines and the plain body's card methods for a 402."""
+    async def offer(
+        self, route: Route, request: RequestInfo, store: Store, *, invoice: bool = True
+    ) -> Offered:
+        """What a 402 of ``route`` offers for cards; with ``invoice`` (and a route that takes
+        X-Receipts) a new invoice is created and recorded, unless Stripe or the store is down (then
+        the 402 goes out without it, and the reason is logged)."""
         found = self.challenges(route, request)
         lines = mpp.render_www_authenticate_lines(found)
-        headers = tuple((mpp.WWW_AUTHENTICATE, line) for line in lines)
-        methods = [
+        methods: list[dict[str, Any]] = [
             {
                 "protocol": "mpp",
                 "method": METHOD,
@@ -147,23 +219,95 @@ class CardRail:
             }
             for c in found
         ]
-        return headers, methods
+        made: Invoice | None = None
+        card = route.card
+        if invoice and card is not None and card.invoice and request.method != "HEAD":
+            amount = route.card_amount(request)
+            if amount is not None:
+                made, client_secret = await self._invoice(route, request, store, amount)
+                if made is not None:
+                    methods.append(
+                        {
+                            "protocol": "x-receipt",
+                            "method": METHOD,
+                            "amount": str(made.amount),
+                            "currency": made.currency,
+                            "reference": made.reference,
+                            "payment_intent": made.payment_intent,
+                            "client_secret": client_secret,
+                            "expires": mpp.format_rfc3339(made.expires_at),
+                            "header": X_RECEIPT,
+                        }
+                    )
+        return Offered(
+            headers=tuple((mpp.WWW_AUTHENTICATE, line) for line in lines),
+            methods=tuple(methods),
+            invoice=made,
+            instructions=_INVOICE_INSTRUCTIONS if made is not None else None,
+        )
+
+    async def _invoice(
+        self, route: Route, request: RequestInfo, store: Store, amount: int
+    ) -> tuple[Invoice | None, str]:
+        card = route.card
+        assert card is not None
+        now = int(self.clock())
+        reference = "inv_" + secrets.token_hex(16)
+        try:
+            payment = await self.ledger.create_invoice_payment(
+                amount=amount,
+                currency=card.currency,
+                reference=reference,
+                metadata={"farebox_route": route.name[:500]},
+            )
+            made = Invoice(
+                reference=reference,
+                route=route.name,
+                resource=request.url,
+                amount=payment.amount,
+                currency=payment.currency,
+                payment_intent=payment.payment_intent,
+                created_at=now,
+                expires_at=now + int(self.invoice_lifetime),
+            )
+            await store.add_invoice(made)
+        except PaymentError as exc:
+            logger.warning("no card invoice offered for %s: %s", route.name, exc.code)
+            return None, ""
+        return made, payment.client_secret
 
     # --- before the app ------------------------------------------------------------------------
 
     async def admit(
         self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
     ) -> CardAdmission:
-        """Verify the request's card credential for ``route`` and claim its challenge.
+        """:meth:`check` the request's card payment (credential or receipt) and :meth:`take` it."""
+        return await self.take(await self.check(route, request, challenge, store), store)
 
-        Raises :class:`PaymentError`: ``invalid_payload``/``payload_too_large`` (malformed),
-        ``invalid_challenge`` (not ours, altered, another realm), ``payment_expired``,
-        ``unsupported_scheme`` (not a stripe charge), ``card_payment_mismatch`` (issued for another
-        price or currency than this route's now) and ``proof_replayed`` (challenge already used).
+    async def check(
+        self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
+    ) -> CardAdmission:
+        """Verify the request's card payment for ``route`` without claiming it (``owner`` empty).
+
+        An ``Authorization: Payment`` credential is checked statelessly; an ``X-Receipt`` against
+        the invoice it pays, found in ``store``. Raises :class:`PaymentError`:
+        ``invalid_payload``/``payload_too_large`` (malformed credential or receipt, or an id where
+        the client secret is required), ``invalid_challenge`` (not ours, altered, another realm),
+        ``payment_expired`` (the challenge or invoice expired), ``unsupported_scheme`` (not a
+        stripe charge, or a route without that card method), ``card_payment_mismatch`` (issued
+        for another price, currency or route than this one now) and ``card_payment_not_found``
+        (no invoice of this API has the receipt's PaymentIntent).
         """
+        if is_card_credential(request):
+            return self._check_credential(route, request, challenge)
+        return await self._check_receipt(route, request, challenge, store)
+
+    def _check_credential(
+        self, route: Route, request: RequestInfo, challenge: Challenge
+    ) -> CardAdmission:
         card = route.card
         amount = route.card_amount(request)
-        if card is None or amount is None:
+        if card is None or amount is None or not card.spt:
             raise PaymentError("unsupported_scheme", "this route takes no card payment")
         credential = mpp.parse_authorization(request.headers.get("authorization", ""))
         now = self.clock()
@@ -179,13 +323,92 @@ class CardRail:
             raise PaymentError(
                 "card_payment_mismatch", "the credential pays for another price or payee"
             )
-        owner = secrets.token_hex(8)
-        key = CLAIM_PREFIX + verified.id
-        if await store.claim(key, owner=owner, now=int(now)) is None:
-            raise PaymentError("proof_replayed", "this payment challenge was already used")
         return CardAdmission(
-            route, request, challenge, verified, payload.spt, amount, wanted.currency, owner
+            route,
+            request,
+            challenge,
+            amount,
+            wanted.currency,
+            "",
+            CLAIM_PREFIX + verified.id,
+            card_challenge=verified,
+            spt=payload.spt,
         )
+
+    async def _check_receipt(
+        self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
+    ) -> CardAdmission:
+        card = route.card
+        amount = route.card_amount(request)
+        if card is None or amount is None or not card.invoice:
+            raise PaymentError("unsupported_scheme", "this route takes no card receipt")
+        raw = request.headers.get("x-receipt", "")
+        found = _RECEIPT.fullmatch(raw.strip(" \t")) if len(raw) <= _MAX_RECEIPT else None
+        if found is None:
+            raise PaymentError(
+                "invalid_payload", "X-Receipt must be a PaymentIntent id or its client secret"
+            )
+        if self.require_client_secret and found[2] is None:
+            raise PaymentError(
+                "invalid_payload", "X-Receipt must be the PaymentIntent's client secret"
+            )
+        invoice = await store.find_invoice(found[1])
+        if invoice is None:
+            raise PaymentError("card_payment_not_found", "no invoice of this API has that payment")
+        if (
+            invoice.route != route.name
+            or invoice.amount != amount
+            or invoice.currency != card.currency
+        ):
+            raise PaymentError("card_payment_mismatch", "the receipt pays for another invoice")
+        if self.clock() >= invoice.expires_at:
+            raise PaymentError("payment_expired", "the invoice this receipt pays has expired")
+        return CardAdmission(
+            route,
+            request,
+            challenge,
+            invoice.amount,
+            invoice.currency,
+            "",
+            invoice_claim_key(invoice.reference),
+            invoice=invoice,
+            receipt=found[0],
+        )
+
+    async def take(
+        self, admission: CardAdmission, store: Store, owner: str | None = None
+    ) -> CardAdmission:
+        """Claim a checked card payment (single use), and for a receipt check its PaymentIntent.
+
+        Raises :class:`PaymentError` ``proof_replayed`` (already used; the message names the
+        PaymentIntent that paid, so a client whose response was lost learns where its money
+        went) and, for a receipt, what
+        :meth:`~farebox.ledgers.stripe.StripeLedger.retrieve_paid` raises (not succeeded,
+        refunded or disputed, another amount, currency or reference, Stripe unavailable); then
+        nothing stays claimed.
+        """
+        owner = owner or secrets.token_hex(8)
+        key = admission.claim_key
+        if await store.claim(key, owner=owner, now=int(self.clock())) is None:
+            claim = await store.get_claim(key)
+            where = f": paid by {claim.transaction}" if claim and claim.transaction else ""
+            raise PaymentError("proof_replayed", f"this card payment was already used{where}")
+        invoice = admission.invoice
+        if invoice is None:
+            return replace(admission, owner=owner)
+        receipt = admission.receipt or ""
+        try:
+            paid = await self.ledger.retrieve_paid(
+                invoice.payment_intent,
+                amount=invoice.amount,
+                currency=invoice.currency,
+                reference=invoice.reference,
+                client_secret=receipt if "_secret_" in receipt else None,
+            )
+        except BaseException:
+            await store.release(key, owner=owner)
+            raise
+        return replace(admission, owner=owner, paid=paid)
 
     # --- after the app -------------------------------------------------------------------------
 
@@ -201,17 +424,22 @@ class CardRail:
         Raises :class:`PaymentError` when the charge failed (the claim is released first: no money
         moved, or Stripe's idempotency key makes a retry of this credential return the same charge).
         """
-        try:
-            charged = await self.ledger.charge(
-                spt=admission.spt,
-                amount=admission.amount,
-                currency=admission.currency,
-                challenge_id=admission.card_challenge.id,
-                metadata={"farebox_route": admission.route.name[:500]},
-            )
-        except BaseException:
-            await store.release(admission.claim_key, owner=admission.owner)
-            raise
+        if admission.paid is not None:
+            charged = admission.paid  # an X-Receipt: the money moved before the request
+        else:
+            assert admission.spt is not None
+            assert admission.card_challenge is not None
+            try:
+                charged = await self.ledger.charge(
+                    spt=admission.spt,
+                    amount=admission.amount,
+                    currency=admission.currency,
+                    challenge_id=admission.card_challenge.id,
+                    metadata={"farebox_route": admission.route.name[:500]},
+                )
+            except BaseException:
+                await store.release(admission.claim_key, owner=admission.owner)
+                raise
         now = int(self.clock())
         record = self._record(admission, charged, now, issuer, signing_key)
         receipt = mpp.render_payment_receipt(
@@ -234,6 +462,7 @@ class CardRail:
                     "amount": str(charged.amount),
                     "currency": charged.currency,
                     "replayed": charged.replayed,
+                    "invoice": admission.invoice.reference if admission.invoice else None,
                 },
             ),
             Event(
@@ -255,6 +484,8 @@ class CardRail:
         except PaymentError as exc:
             # The card was charged: the payer gets what it paid for; the claim stays held.
             logger.error("could not record card charge %s: %s", charged.payment_intent, exc.code)
+        if admission.invoice is not None:
+            return (("PEAC-Receipt", record),)  # an MPP Payment-Receipt answers MPP credentials
         return ((mpp.PAYMENT_RECEIPT, receipt), ("PEAC-Receipt", record))
 
     def _record(

@@ -20,7 +20,6 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -44,7 +43,13 @@ from farebox.protocol.x402 import (
 from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
 from farebox.receipts.records import receipt_ref
 from farebox.schemes import evm_exact
-from farebox.server.card import CardAdmission, CardRail, is_card_credential
+from farebox.server.card import (
+    CardAdmission,
+    CardRail,
+    Offered,
+    is_card_credential,
+    is_card_receipt,
+)
 from farebox.server.idempotency import (
     DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_MAX_STORED_BODY,
@@ -116,6 +121,16 @@ class Admission:
     verified: VerifiedProof
     owner: str
     idempotency: IdempotentRun | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """Whose idempotency ids these are: the payee and payer they are scoped by, and the claim the
+    request will spend (a stale entry is judged by that claim)."""
+
+    payee: str
+    payer: str
+    claim_key: str
 
 
 def merge_headers(app_headers: Iterable[tuple[str, str]], added: Headers) -> list[tuple[str, str]]:
@@ -236,9 +251,9 @@ class Gate:
             and card is not None
             and route.card is not None
             and request.method != "HEAD"
-            and is_card_credential(request)
+            and (is_card_credential(request) or (route.card.invoice and is_card_receipt(request)))
         ):
-            return await self._accept_card(card, route, request, challenge, now)
+            return await self._accept_card(card, route, request, challenge, now, body)
         # A HEAD gets the GET's answer without a body; it is never charged (nothing is delivered).
         if header is None or request.method == "HEAD":
             if self.log_challenges:
@@ -246,7 +261,7 @@ class Gate:
                     Event("challenge", now, route.name, reference=challenge.reference),
                     quiet=True,
                 )
-            return self._challenge(challenge, request, None, route)
+            return await self._challenge(challenge, request, None, route)
         try:
             return await self._accept(route, request, challenge, header, now, body)
         except PaymentError as exc:
@@ -261,13 +276,38 @@ class Gate:
                 ),
                 quiet=True,
             )
-            return self._challenge(challenge, request, exc, route)
+            return await self._challenge(challenge, request, exc, route)
 
     async def _accept_card(
-        self, card: CardRail, route: Route, request: RequestInfo, challenge: Challenge, now: int
+        self,
+        card: CardRail,
+        route: Route,
+        request: RequestInfo,
+        challenge: Challenge,
+        now: int,
+        body: BodyReader | None,
     ) -> CardAdmission | Reply:
+        mpp_problem = is_card_credential(request)
         try:
-            return await card.admit(route, request, challenge, self.store)
+            checked = await card.check(route, request, challenge, self.store)
+            owner = secrets.token_hex(8)
+            run: IdempotentRun | None = None
+            request_id = read_id(None, request.headers) if body is not None else None
+            if body is not None and request_id is not None:
+                assert route.card is not None
+                scope = _Scope("stripe " + route.card.network_id, checked.payer, checked.claim_key)
+                taken = await self._begin(route, request, scope, request_id, owner, now, body)
+                if isinstance(taken, Reply):
+                    return taken
+                run = taken
+            try:
+                admitted = await card.take(checked, self.store, owner)
+            except BaseException:
+                if run is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._forget(run)
+                raise
+            return replace(admitted, idempotency=run)
         except PaymentError as exc:
             await self._log(
                 Event(
@@ -279,7 +319,7 @@ class Gate:
                 ),
                 quiet=True,
             )
-            return self._challenge(challenge, request, exc, route)
+            return await self._challenge(challenge, request, exc, route, mpp_problem=mpp_problem)
 
     async def _accept(
         self,
@@ -304,7 +344,8 @@ class Gate:
         if body is not None:
             request_id = read_id(proof, request.headers)
             if request_id is not None:
-                taken = await self._begin(route, request, verified, request_id, owner, now, body)
+                scope = _Scope(verified.offer.pay_to.lower(), verified.payer, verified.claim_key)
+                taken = await self._begin(route, request, scope, request_id, owner, now, body)
                 if isinstance(taken, Reply):
                     return taken
                 run = taken
@@ -330,7 +371,7 @@ class Gate:
         self,
         route: Route,
         request: RequestInfo,
-        verified: VerifiedProof,
+        scope: _Scope,
         request_id: str,
         owner: str,
         now: int,
@@ -344,15 +385,15 @@ class Gate:
                 f"a paid request with an idempotency id may carry at most "
                 f"{self.max_request_body} bytes of body (it is fingerprinted)",
                 status=413,
-                payer=verified.payer,
+                payer=scope.payer,
             )
         origin = urlsplit(request.url)
-        api = f"{origin.scheme}://{origin.netloc} {verified.offer.pay_to.lower()}"
-        key = scope_key(api, route.name, verified.payer, request_id)
+        api = f"{origin.scheme}://{origin.netloc} {scope.payee}"
+        key = scope_key(api, route.name, scope.payer, request_id)
         request_print = fingerprint(request.method, request.url, raw)
         while True:
             entry = await self.store.begin_idempotent(
-                key, fingerprint=request_print, owner=owner, now=now, claim=verified.claim_key
+                key, fingerprint=request_print, owner=owner, now=now, claim=scope.claim_key
             )
             if entry is None:
                 return IdempotentRun(key, owner, request_print)
@@ -360,7 +401,7 @@ class Gate:
                 raise PaymentError(
                     "idempotency_conflict",
                     "this idempotency id was used for another request (method, URL or body)",
-                    payer=verified.payer,
+                    payer=scope.payer,
                 )
             if entry.response is None:
                 # An entry already stale is decided at once: waiting cannot make a dead request
@@ -370,13 +411,13 @@ class Gate:
                     if entry is None:
                         continue  # the first request charged nothing and gave the id back: run
                 if entry.response is None:
-                    if self._stale(entry) and await self._orphaned(entry, verified):
+                    if self._stale(entry) and await self._orphaned(entry, scope.payer):
                         continue  # the dead request moved no money and its entry is gone: run
                     raise PaymentError(
                         "idempotency_in_progress",
                         "a request with this idempotency id is still running; retry later",
                         status=409,
-                        payer=verified.payer,
+                        payer=scope.payer,
                     )
             stored = entry.response
             if body_omitted(stored):
@@ -384,14 +425,14 @@ class Gate:
                     "idempotency_conflict",
                     "the request with this idempotency id was served and paid for, but its "
                     "response was too large to keep (or cut short) and cannot be replayed",
-                    payer=verified.payer,
+                    payer=scope.payer,
                 )
             await self._log(
                 Event(
                     "replay",
                     now,
                     route.name,
-                    payer=verified.payer,
+                    payer=scope.payer,
                     data={"status": stored.status, "resource": request.url},
                 ),
                 quiet=True,
@@ -403,7 +444,7 @@ class Gate:
         """Whether a running ``entry`` is older than any live request can be (see the class)."""
         return self.clock() - entry.at >= self.idempotency_stale
 
-    async def _orphaned(self, entry: IdempotencyEntry, verified: VerifiedProof) -> bool:
+    async def _orphaned(self, entry: IdempotencyEntry, payer: str) -> bool:
         """Settle the fate of a stale running ``entry`` from the claim of the proof it spent.
 
         Raises a 409 naming the transaction when that claim moved money (settled or pending):
@@ -424,12 +465,12 @@ class Gate:
                     "settlement_pending",
                     f"the first attempt paid{where}, not confirmed yet; its response was lost",
                     status=409,
-                    payer=verified.payer,
+                    payer=payer,
                 )
             raise PaymentError(
                 "idempotency_conflict",
                 f"the first attempt settled{where}; its response was lost",
-                payer=verified.payer,
+                payer=payer,
             )
         # Only this owner's running entry is removed: if it changed hands meanwhile, the loop
         # meets whichever entry is there now.
@@ -490,8 +531,8 @@ class Gate:
             if isinstance(admission, CardAdmission):
                 if self.card is not None:
                     await self.card.abandon(admission, self.store)
-                return
-            await self.store.release(admission.verified.claim_key, owner=admission.owner)
+            else:
+                await self.store.release(admission.verified.claim_key, owner=admission.owner)
             if admission.idempotency is not None:
                 await self._forget(admission.idempotency)
 
@@ -521,7 +562,15 @@ class Gate:
                 admission, self.store, issuer=self.issuer, signing_key=self.signing_key
             )
         except PaymentError as exc:
-            return self._challenge(admission.challenge, admission.request, exc, admission.route)
+            if admission.idempotency is not None:
+                await self._forget(admission.idempotency)
+            return await self._challenge(
+                admission.challenge,
+                admission.request,
+                exc,
+                admission.route,
+                mpp_problem=admission.card_challenge is not None,
+            )
         return (*added, ("access-control-expose-headers", EXPOSED_HEADERS))
 
     async def _settle(self, admission: Admission) -> Headers | Reply:
@@ -532,7 +581,7 @@ class Gate:
             # Nothing was broadcast: no money moved, the proof stays usable.
             await self.store.release(verified.claim_key, owner=admission.owner)
             await self._unrun(admission)
-            return self._refusal(admission, exc, None)
+            return await self._refusal(admission, exc, None)
         now = int(self.clock())
         route_name = admission.route.name
         events: list[Event] = [
@@ -568,7 +617,7 @@ class Gate:
         if not settlement.success:
             code = settlement.error_reason or "transaction_failed"
             error = PaymentError(code, settlement.error_message, payer=verified.payer)
-            refusal = self._refusal(admission, error, settlement)
+            refusal = await self._refusal(admission, error, settlement)
             if claim_outcome(settlement) == "pending":
                 # The money may have moved: the proof stays claimed until someone reconciles it,
                 # and a retry under the same id hears the same, rather than paying a second time.
@@ -654,25 +703,38 @@ class Gate:
 
     # --- replies -------------------------------------------------------------------------------
 
-    def _challenge(
+    async def _challenge(
         self,
         challenge: Challenge,
         request: RequestInfo,
         problem: PaymentError | None,
         route: Route | None = None,
+        *,
+        mpp_problem: bool = False,
     ) -> Reply:
+        """The 402 (or refusal) for ``challenge``; ``mpp_problem`` types the problem with MPP's
+        registry (the refused request carried an ``Authorization: Payment`` credential)."""
         if problem is not None:
             challenge = replace(challenge, error=problem.code)
-        card_headers: tuple[tuple[str, str], ...] = ()
-        card_methods: list[dict[str, Any]] = []
+        offered = Offered()
         if self.card is not None and route is not None and route.card is not None:
-            card_headers, card_methods = self.card.offer(route, request)
+            offered = await self.card.offer(
+                route, request, self.store, invoice=problem is None or problem.status != 503
+            )
+            if offered.invoice is not None:
+                # The 402 names the invoice: an X-Receipt for it is what pays this request.
+                challenge = replace(challenge, reference=offered.invoice.reference)
         rendered = render_challenge(
-            challenge, assets=self.assets, problem=problem, extra_methods=card_methods
+            challenge,
+            assets=self.assets,
+            problem=problem,
+            extra_methods=offered.methods,
+            extra_instructions=offered.instructions,
+            problem_type=mpp.problem_type(problem.code) if mpp_problem and problem else None,
         )
         headers = (
             *rendered.headers,
-            *card_headers,
+            *offered.headers,
             ("access-control-expose-headers", EXPOSED_HEADERS),
         )
         if problem is not None and problem.status == 503:
@@ -680,10 +742,12 @@ class Gate:
         body = b"" if request.method == "HEAD" else rendered.body
         return Reply(rendered.status, headers, body)
 
-    def _refusal(
+    async def _refusal(
         self, admission: Admission, problem: PaymentError, settlement: Settlement | None
     ) -> Reply:
-        reply = self._challenge(admission.challenge, admission.request, problem, admission.route)
+        reply = await self._challenge(
+            admission.challenge, admission.request, problem, admission.route
+        )
         if settlement is None:
             return reply
         extra: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]

@@ -141,14 +141,15 @@ def _valid(value: str, where: str) -> str:
     return value
 
 
-def read_id(proof: Proof, headers: Mapping[str, str]) -> str | None:
-    """The request's idempotency id: the proof's ``payment-identifier``, else the header.
+def read_id(proof: Proof | None, headers: Mapping[str, str]) -> str | None:
+    """The request's idempotency id: the proof's ``payment-identifier``, else the header (the
+    only place for it without an x402 proof).
 
     The extension wins when both are present: it is the x402 spelling and travels with the
     payment itself. ``Idempotency-Key`` may be an RFC 8941 string (``"..."``, as the IETF draft
     writes it) or bare. Raises ``invalid_payload`` for an id that breaks the format.
     """
-    extension = proof.extensions.get(PAYMENT_IDENTIFIER)
+    extension = proof.extensions.get(PAYMENT_IDENTIFIER) if proof is not None else None
     if isinstance(extension, Mapping):
         info = extension.get("info")
         found = info.get("id") if isinstance(info, Mapping) else None

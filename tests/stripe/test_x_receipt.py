@@ -1,0 +1,401 @@
+"""X-Receipt card payments through the gate, against localstripe (a local Stripe API).
+
+Each 402 of an invoice route names an invoice (``payment.reference``) backed by a PaymentIntent the
+server created at localstripe. The payer's out-of-band payment is played here with the merchant's
+key (localstripe refuses publishable keys): attach ``pm_card_visa`` and confirm, as Stripe.js would
+with the client secret. Then the request is resent with ``X-Receipt``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from farebox.ledgers.devchain import DevChain
+from farebox.receipts.records import verify_receipt
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.card import CardRail
+from farebox.server.routes import CardOffer, RouteTable
+from farebox.store.base import Invoice, invoice_claim_key
+from tests.e2e.conftest import ISSUER, Paid, chain, make_gate
+from tests.e2e.test_asgi_faces import call
+from tests.stripe.conftest import API_KEY, LocalStripe
+
+stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
+
+from farebox.ledgers.stripe import REFERENCE_METADATA_KEY, StripeLedger  # noqa: E402
+
+__all__ = ["chain"]
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning"),
+]
+
+SECRET = b"r" * 32
+NETWORK = "profile_test_farebox"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def ledger(
+    localstripe: LocalStripe, stripe_client: Any, anyio_backend: str
+) -> AsyncIterator[StripeLedger]:
+    # stripe_client cleared localstripe; the ledger needs an async-capable client of its own.
+    http_client = stripe.HTTPXClient()
+    client = stripe.StripeClient(
+        API_KEY,
+        base_addresses={"api": localstripe.url},
+        max_network_retries=0,
+        http_client=http_client,
+    )
+    yield StripeLedger(client)
+    await http_client.close_async()
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    status = 500 if scope["path"] == "/boom" else 200
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"the goods"})
+
+
+class Api:
+    def __init__(self, paid: Paid, asgi: Any, clock: Clock, rail: CardRail) -> None:
+        self.paid, self.asgi, self.clock, self.rail = paid, asgi, clock, rail
+
+    async def invoice(self, path: str = "/report") -> dict[str, Any]:
+        """The invoice method of a fresh 402 for ``path``."""
+        [start, body] = await call(self.asgi, path)
+        assert start["status"] == 402
+        payment = json.loads(body["body"])["payment"]
+        [method] = [m for m in payment["methods"] if m["protocol"] == "x-receipt"]
+        assert payment["reference"] == method["reference"]
+        assert "X-Receipt" in payment["instructions"]
+        return dict(method)
+
+    async def present(self, receipt: str, path: str = "/report") -> tuple[int, dict[str, Any]]:
+        [start, body] = await call(self.asgi, path, [(b"x-receipt", receipt.encode())])
+        headers = {k.decode(): v.decode() for k, v in start["headers"]}
+        if start["status"] == 200:
+            assert body["body"] == b"the goods"
+            return 200, headers
+        assert b"the goods" not in body["body"]
+        return start["status"], json.loads(body["body"])
+
+
+def build(chain: DevChain, ledger: StripeLedger, *, require_secret: bool = False) -> Api:
+    clock = Clock()
+    routes = RouteTable()
+    merchant = "0x" + "22" * 20
+    card = CardOffer(network_id=NETWORK, realm="api.test", invoice=True)
+    for path, price in (("/report", "$0.50"), ("/premium", "$1.00"), ("/boom", "$0.50")):
+        routes.add("GET", path, price, assets=chain.asset, pay_to=merchant, card=card)
+    paid = make_gate(chain, routes=routes)
+    rail = CardRail(SECRET, ledger, clock=clock, require_client_secret=require_secret)
+    paid.gate.card = rail
+    return Api(paid, PaymentMiddleware(app, paid.gate), clock, rail)
+
+
+def pay(stripe_client: Any, payment_intent: str) -> None:
+    """The payer's out-of-band payment (localstripe: attach a test card, then confirm)."""
+    stripe_client.v1.payment_intents.update(payment_intent, {"payment_method": "pm_card_visa"})
+    confirmed = stripe_client.v1.payment_intents.confirm(payment_intent)
+    assert confirmed.status == "succeeded"
+
+
+async def test_a_402_names_an_invoice_backed_by_a_payment_intent(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    assert method["reference"].startswith("inv_")
+    assert (method["amount"], method["currency"], method["header"]) == ("50", "usd", "X-Receipt")
+    assert method["client_secret"].startswith(method["payment_intent"] + "_secret_")
+    intent = stripe_client.v1.payment_intents.retrieve(method["payment_intent"])
+    assert (intent.amount, intent.currency) == (50, "usd")
+    assert intent.metadata[REFERENCE_METADATA_KEY] == method["reference"]
+    invoice = await api.paid.store.get_invoice(method["reference"])
+    assert invoice is not None
+    assert (invoice.payment_intent, invoice.amount, invoice.route) == (
+        method["payment_intent"],
+        50,
+        "GET /report",
+    )
+    assert invoice.expires_at == invoice.created_at + 900
+    # Every 402 makes its own invoice; a HEAD makes none.
+    assert (await api.invoice())["reference"] != method["reference"]
+    before = len(stripe_client.v1.payment_intents.list({"limit": 100}).data)
+    [start, _] = await head(api.asgi, "/report")
+    assert start["status"] == 402
+    assert len(stripe_client.v1.payment_intents.list({"limit": 100}).data) == before
+
+
+async def head(asgi: Any, path: str) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http",
+        "method": "HEAD",
+        "scheme": "https",
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"api.test")],
+        "server": ("api.test", 443),
+    }
+    await asgi(scope, receive, send)
+    return sent
+
+
+async def test_a_paid_invoice_serves_once_with_a_signed_record(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    status, headers = await api.present(method["payment_intent"])
+    assert status == 200
+    record = verify_receipt(
+        headers["peac-receipt"], api.paid.key.public_key, now=int(time.time()), issuer=ISSUER
+    )
+    commerce = record.claims["extensions"]["org.peacprotocol/commerce"]
+    assert commerce["payment_rail"] == "stripe"
+    assert commerce["reference"] == method["payment_intent"]
+    assert (commerce["amount_minor"], commerce["currency"]) == ("50", "USD")
+    assert commerce["event"] == "settlement"
+    assert "payment-receipt" not in headers  # that header answers MPP credentials only
+    claim = await api.paid.store.get_claim(invoice_claim_key(method["reference"]))
+    assert claim is not None
+    assert (claim.state, claim.transaction) == ("settled", method["payment_intent"])
+    [settled] = await api.paid.store.events(kind="settlement")
+    assert settled.reference == method["payment_intent"]
+    assert settled.data["invoice"] == method["reference"]
+
+    status, problem = await api.present(method["payment_intent"])
+    assert (status, problem["code"]) == (402, "proof_replayed")
+    assert method["payment_intent"] in problem["detail"]
+
+
+async def test_the_same_receipt_presented_concurrently_serves_once(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    results: list[tuple[int, Any]] = []
+
+    async def present() -> None:
+        results.append(await api.present(method["payment_intent"]))
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(5):
+            tasks.start_soon(present)
+    assert sorted(status for status, _ in results) == [200, 402, 402, 402, 402]
+    assert {r["code"] for s, r in results if s == 402} == {"proof_replayed"}
+
+
+async def test_another_routes_invoice_is_refused(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    cheap = await api.invoice("/report")
+    pay(stripe_client, cheap["payment_intent"])
+    status, problem = await api.present(cheap["payment_intent"], "/premium")
+    assert (status, problem["code"]) == (402, "card_payment_mismatch")
+    # Refused without consuming it: it still pays for its own route.
+    assert (await api.present(cheap["payment_intent"], "/report"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("amount", 49, "card_payment_mismatch"),
+        ("currency", "eur", "card_payment_mismatch"),
+        ("reference", "inv_someone_else", "card_payment_mismatch"),
+    ],
+)
+async def test_a_payment_intent_that_pays_something_else_is_refused(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any, field: str, value: Any, code: str
+) -> None:
+    # An invoice recorded here whose PaymentIntent at Stripe differs in one respect (an operator
+    # mistake, or a record pointing at a PaymentIntent made for something else).
+    api = build(chain, ledger)
+    terms: dict[str, Any] = {"amount": 50, "currency": "usd", "reference": "inv_" + "a" * 32}
+    terms[field] = value
+    intent = stripe_client.v1.payment_intents.create(
+        {
+            "amount": terms["amount"],
+            "currency": terms["currency"],
+            "payment_method": "pm_card_visa",
+            "payment_method_types": ["card"],
+            "confirm": True,
+            "metadata": {REFERENCE_METADATA_KEY: terms["reference"]},
+        }
+    )
+    now = int(api.clock())
+    invoice = Invoice(
+        reference="inv_" + "a" * 32,
+        route="GET /report",
+        resource="https://api.test/report",
+        amount=50,
+        currency="usd",
+        payment_intent=intent.id,
+        created_at=now,
+        expires_at=now + 900,
+    )
+    await api.paid.store.add_invoice(invoice)
+    status, problem = await api.present(intent.id)
+    assert (status, problem["code"]) == (402, code)
+    # Refused and released: nothing consumed.
+    assert await api.paid.store.get_claim(invoice_claim_key(invoice.reference)) is None
+
+
+async def test_an_unpaid_invoice_is_refused_then_accepted_once_paid(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    status, problem = await api.present(method["payment_intent"])
+    assert (status, problem["code"]) == (402, "card_payment_failed")
+    pay(stripe_client, method["payment_intent"])
+    assert (await api.present(method["payment_intent"]))[0] == 200
+
+
+async def test_a_refunded_payment_is_refused(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    stripe_client.v1.refunds.create({"payment_intent": method["payment_intent"], "amount": 10})
+    status, problem = await api.present(method["payment_intent"])
+    assert (status, problem["code"]) == (402, "card_payment_refunded")
+
+
+@pytest.mark.parametrize(
+    ("receipt", "status", "code"),
+    [
+        ("pi_" + "Z" * 16, 402, "card_payment_not_found"),
+        ("pi_short", 400, "invalid_payload"),
+        ("ch_" + "Z" * 16, 400, "invalid_payload"),
+        ("pi_" + "Z" * 16 + "/../../v1/balance", 400, "invalid_payload"),
+        ("pi_" + "Z" * 600, 400, "invalid_payload"),
+        ("", 400, "invalid_payload"),
+    ],
+)
+async def test_unknown_and_malformed_receipts(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any, receipt: str, status: int, code: str
+) -> None:
+    api = build(chain, ledger)
+    got, problem = await api.present(receipt)
+    assert (got, problem["code"]) == (status, code)
+    # A fresh invoice is offered with the refusal, so the payer can still pay.
+    assert any(m["protocol"] == "x-receipt" for m in problem["payment"]["methods"])
+
+
+async def test_an_expired_invoice_is_refused(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    api.clock.now += 901
+    status, problem = await api.present(method["payment_intent"])
+    assert (status, problem["code"]) == (402, "payment_expired")
+
+
+async def test_a_second_payment_for_a_paid_invoice_is_refused(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    assert (await api.present(method["payment_intent"]))[0] == 200
+    # Another PaymentIntent carrying the same invoice reference, paid: not this API's invoice.
+    second = stripe_client.v1.payment_intents.create(
+        {
+            "amount": 50,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "payment_method_types": ["card"],
+            "confirm": True,
+            "metadata": {REFERENCE_METADATA_KEY: method["reference"]},
+        }
+    )
+    status, problem = await api.present(second.id)
+    assert (status, problem["code"]) == (402, "card_payment_not_found")
+
+
+async def test_an_app_error_keeps_the_receipt_usable(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    method = await api.invoice("/boom")
+    pay(stripe_client, method["payment_intent"])
+    [start, _] = await call(api.asgi, "/boom", [(b"x-receipt", method["payment_intent"].encode())])
+    assert start["status"] == 500
+    claim = await api.paid.store.get_claim(invoice_claim_key(method["reference"]))
+    assert claim is None
+
+
+async def test_the_client_secret_is_a_receipt_and_can_be_required(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger, require_secret=True)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    status, problem = await api.present(method["payment_intent"])
+    assert (status, problem["code"]) == (400, "invalid_payload")
+    status, problem = await api.present(method["payment_intent"] + "_secret_wrongwrongwrong")
+    assert (status, problem["code"]) == (402, "card_payment_mismatch")
+    status, _ = await api.present(method["client_secret"])
+    assert status == 200
+
+
+async def test_without_stripe_the_402_offers_no_invoice(chain: DevChain) -> None:
+    # Nothing listens on this port: creating the PaymentIntent fails, the 402 still goes out.
+    http_client = stripe.HTTPXClient()
+    client = stripe.StripeClient(
+        API_KEY,
+        base_addresses={"api": "http://127.0.0.1:9"},
+        max_network_retries=0,
+        http_client=http_client,
+    )
+    try:
+        api = build(chain, StripeLedger(client))
+        [start, body] = await call(api.asgi, "/report")
+        assert start["status"] == 402
+        payment = json.loads(body["body"])["payment"]
+        assert [m["protocol"] for m in payment["methods"]] == ["x402", "mpp"]
+        assert not payment["reference"].startswith("inv_")
+    finally:
+        await http_client.close_async()
