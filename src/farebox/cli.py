@@ -23,6 +23,7 @@ from farebox.cli_db import db_migrate_command
 from farebox.cli_devchain import devchain_command
 from farebox.cli_facilitator import facilitator_command
 from farebox.cli_reconcile import reconcile_command
+from farebox.cli_refund import refund_command
 from farebox.cli_serve import serve_command
 from farebox.errors import ConfigError, ReceiptError
 from farebox.receipts import SigningKey, parse_jwks, save_signing_key, verify_receipt
@@ -48,6 +49,7 @@ app.command("devchain")(devchain_command)
 app.command("facilitator")(facilitator_command)
 app.command("serve")(serve_command)
 app.command("reconcile")(reconcile_command)
+app.command("refund")(refund_command)
 
 
 def _stderr() -> Console:

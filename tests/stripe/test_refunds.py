@@ -17,9 +17,18 @@ from typing import Any
 
 import anyio
 import pytest
+from typer.testing import CliRunner
 
+from farebox.cli import app as cli_app
 from farebox.errors import PaymentError
-from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
+from farebox.receipts import (
+    SigningKey,
+    issue_receipt,
+    payment_claims,
+    rfc3339,
+    save_signing_key,
+    uuid7,
+)
 from farebox.receipts.records import COMMERCE_EXTENSION, receipt_ref, verify_receipt
 from farebox.server.refunds import (
     CORRELATION_EXTENSION,
@@ -441,3 +450,97 @@ async def test_stripe_refusal_is_passed_on_and_logs_nothing(
     assert "amount_too_large" in error.message
     assert await store.events(kind="refund") == []
     assert json.dumps(error.message).count("sk_") == 0
+
+
+# --- farebox refund (the command, in process, against localstripe) ------------------------------
+
+
+def write_config(tmp_path: Path, api_base: str) -> Path:
+    save_signing_key(KEY, tmp_path / "receipts.key")
+    path = tmp_path / "farebox.toml"
+    path.write_text(
+        "[server]\n"
+        'store = "payments.sqlite"\n'
+        'receipt_key = "receipts.key"\n'
+        "[payment]\n"
+        'network = "devchain"\n'
+        'pay_to = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"\n'
+        "[settlement]\n"
+        'ledger = "embedded"\n'
+        "[[routes]]\n"
+        'path = "/report"\n'
+        'price = "$5.00"\n'
+        "card = true\n"
+        "[card]\n"
+        'network_id = "profile_test_farebox"\n'
+        'secret_key_env = "FAREBOX_TEST_STRIPE_KEY"\n'
+        f'api_base = "{api_base}"\n'
+    )
+    return path
+
+
+def test_the_refund_command(localstripe: Any, stripe_client: Any, tmp_path: Path) -> None:
+    from tests.stripe.conftest import API_KEY
+
+    intent = pay(stripe_client)
+    config = write_config(tmp_path, localstripe.url)
+
+    async def record() -> str:
+        store = SqliteStore(tmp_path / "payments.sqlite")
+        try:
+            return await record_payment(store, intent)
+        finally:
+            await store.aclose()
+
+    ref = anyio.run(record)
+    env = {"FAREBOX_TEST_STRIPE_KEY": API_KEY, "FAREBOX_CARD_SECRET": None}
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(cli_app, ["refund", ref, "--config", str(config), *args], env=env)
+
+    part = run("--amount", "200", "--reason", "requested_by_customer", "--json")
+    assert part.exit_code == 0, part.stderr
+    shown = json.loads(part.stdout)
+    assert (shown["amount"], shown["refunded"], shown["remaining"]) == (200, 200, AMOUNT - 200)
+    assert shown["payment_intent"] == intent
+    claims = verify_receipt(shown["record"], KEY.public_key, now=int(time.time())).claims
+    assert claims["extensions"][COMMERCE_EXTENSION]["amount_minor"] == "-200"
+    assert claims["extensions"][COMMERCE_EXTENSION]["reference"] == shown["refund"]
+
+    rest = run()
+    assert rest.exit_code == 0, rest.stderr
+    assert f"refunded    {AMOUNT - 200} USD" in rest.stdout
+    assert "remaining   0 USD" in rest.stdout
+    assert "record      ey" in rest.stdout
+    assert sorted(r.amount for r in stripe_refunds(stripe_client, intent)) == [200, AMOUNT - 200]
+
+    done = run("--amount", "1")
+    assert done.exit_code == 1
+    assert done.stderr.startswith("refund_refused: ")
+    unknown = runner.invoke(
+        cli_app, ["refund", "sha256:" + "0" * 64, "--config", str(config)], env=env
+    )
+    assert unknown.exit_code == 1
+    assert unknown.stderr.startswith("receipt_not_found: ")
+    for result in (part, rest, done, unknown):
+        assert API_KEY not in result.stdout + result.stderr
+    assert len(stripe_refunds(stripe_client, intent)) == 2
+
+
+def test_the_refund_command_names_config_problems(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    ref = "sha256:" + "0" * 64
+    result = CliRunner().invoke(
+        cli_app,
+        ["refund", ref, "--config", str(config)],
+        env={"FAREBOX_TEST_STRIPE_KEY": None, "FAREBOX_CARD_SECRET": None},
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "E_CONFIG: card.secret_key_env: environment variable FAREBOX_TEST_STRIPE_KEY"
+    )
+    config.write_text(config.read_text().split("[card]")[0].replace("card = true\n", ""))
+    result = CliRunner().invoke(cli_app, ["refund", ref, "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("E_CONFIG: card: no [card] section")
