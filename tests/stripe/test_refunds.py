@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from farebox.cli import app as cli_app
 from farebox.errors import PaymentError
+from farebox.ledgers.devchain import DevChain
 from farebox.receipts import (
     SigningKey,
     issue_receipt,
@@ -44,6 +45,13 @@ from tests.stripe.fake_stripe import FakeStripe, running_fake_stripe
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 
 from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION, StripeLedger  # noqa: E402
+from tests.e2e.conftest import ISSUER as GATE_ISSUER  # noqa: E402
+from tests.e2e.conftest import chain  # noqa: E402
+from tests.e2e.test_asgi_faces import call  # noqa: E402
+from tests.server.test_card import Clock, authorization, offered, one  # noqa: E402
+from tests.server.test_card import setup as card_setup  # noqa: E402
+
+__all__ = ["chain"]  # the embedded chain fixture (the gate's x402 side needs it)
 
 pytestmark = [
     pytest.mark.anyio,
@@ -544,3 +552,47 @@ def test_the_refund_command_names_config_problems(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_app, ["refund", ref, "--config", str(config)])
     assert result.exit_code == 1
     assert result.stderr.startswith("E_CONFIG: card: no [card] section")
+
+
+# --- a card payment made through the gate, then refunded ----------------------------------------
+
+
+async def test_refund_of_a_payment_the_gate_took(
+    chain: DevChain, fake_ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    paid, asgi = card_setup(chain, fake_ledger, Clock())
+    [challenge] = await offered(asgi, "/report")
+    [start, _] = await call(asgi, "/report", [authorization(challenge, "spt_succeeds_7")])
+    assert start["status"] == 200
+    record = one(start, "peac-receipt")
+    [intent] = fake.intents.values()
+
+    result = await refund_payment(
+        paid.store,
+        fake_ledger,
+        receipt_ref=receipt_ref(record),
+        amount=20,
+        signing_key=paid.key,
+        issuer=GATE_ISSUER,
+    )
+    assert (result.payment_intent, result.amount, result.remaining) == (intent["id"], 20, 30)
+    [request] = fake.posts("/v1/refunds")
+    assert request.fields["payment_intent"] == intent["id"]
+    assert request.fields["amount"] == "20"
+    original = verify_receipt(record, paid.key.public_key, now=int(time.time())).claims
+    refunded = verify_receipt(
+        result.record, paid.key.public_key, now=int(time.time()), issuer=GATE_ISSUER
+    ).claims
+    assert refunded["sub"] == original["sub"]
+    assert refunded["extensions"][CORRELATION_EXTENSION] == {"parent_jti": original["jti"]}
+    assert refunded["extensions"][COMMERCE_EXTENSION]["amount_minor"] == "-20"
+    rest = await refund_payment(
+        paid.store,
+        fake_ledger,
+        receipt_ref=receipt_ref(record),
+        signing_key=paid.key,
+        issuer=GATE_ISSUER,
+    )
+    assert (rest.amount, rest.remaining) == (30, 0)
+    [charge] = fake.charges.values()
+    assert charge["refunded"] is True
