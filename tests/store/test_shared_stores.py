@@ -144,7 +144,7 @@ async def test_postgres_migration_0003_keeps_entries_without_a_claim(fresh_schem
         conn.execute(
             "INSERT INTO idempotency (key, fingerprint, owner, at) VALUES ('i', 'f', 'o', 3)"
         )
-    assert await migrate(fresh_schema) == ["0003_idempotency_claim"]
+    assert await migrate(fresh_schema) == [v for v, _ in migrations() if v >= "0003"]
     async with await PostgresStore.open(fresh_schema) as store:
         assert await store.get_idempotent("i") == IdempotencyEntry("i", "f", "o", 3)
 

@@ -9,6 +9,7 @@ same questions the same way.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,11 +21,15 @@ from farebox.errors import ConfigError, PaymentError
 from farebox.protocol.models import EMPTY, frozen
 
 __all__ = [
+    "INVOICE_CLAIM_PREFIX",
     "MAX_EVENTS",
+    "MAX_INVOICE_ID",
+    "MAX_INVOICE_REFERENCE",
     "Claim",
     "ClaimState",
     "Event",
     "IdempotencyEntry",
+    "Invoice",
     "Store",
     "StoredResponse",
     "check_finish_state",
@@ -32,6 +37,9 @@ __all__ = [
     "clamp_limit",
     "decode_event_data",
     "encode_event_data",
+    "invoice_claim_key",
+    "invoice_conflict",
+    "invoice_id_ok",
     "payer_key",
 ]
 
@@ -41,6 +49,25 @@ ClaimState = Literal["held", "settled", "pending"]
 MAX_EVENTS = 10_000
 
 _EMPTY = EMPTY
+
+#: The claim key prefix of invoices: an invoice is paid for once, by claiming
+#: :func:`invoice_claim_key` of its reference through :meth:`Store.claim`.
+INVOICE_CLAIM_PREFIX = "invoice/"
+
+#: The longest invoice reference an :class:`Invoice` accepts.
+MAX_INVOICE_REFERENCE = 128
+
+#: The longest payment intent id an :class:`Invoice` accepts, and the longest reference or
+#: payment intent id a lookup reads (longer ones cannot be stored, so they are not looked for).
+MAX_INVOICE_ID = 255
+
+# Visible ASCII, no spaces: what server-made references and Stripe ids are made of. Lookups take
+# the id from a request header; holding them to the same alphabet keeps NULs, control characters
+# and unencodable text away from the databases (PostgreSQL refuses NUL in TEXT, for one).
+_INVOICE_ID = re.compile(r"[\x21-\x7e]+")
+_CURRENCY = re.compile(r"[a-z]{3}")
+# PostgreSQL's BIGINT: the widest integer every store keeps exactly.
+_MAX_AMOUNT = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +134,71 @@ class IdempotencyEntry:
     at: int
     response: StoredResponse | None = None
     claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    """An invoice a 402 named (X-Receipt card payments): what one PaymentIntent pays for.
+
+    Each 402 of a route that offers invoice-backed card payments creates a Stripe PaymentIntent
+    (``payment_intent``, ``pi_...``) whose metadata names ``reference``, and records this. The
+    agent pays the PaymentIntent out of band and retries with ``X-Receipt: pi_...``; the server
+    finds the invoice by :meth:`Store.find_invoice` and consumes it, once ever, by claiming
+    :func:`invoice_claim_key` of its reference. Both ``reference`` and ``payment_intent`` are
+    unique in a store.
+
+    ``reference`` is server-generated and unguessable (``"inv_"`` and 32 hex digits), at most
+    :data:`MAX_INVOICE_REFERENCE` characters; ``route`` the route name (``"GET /report"``);
+    ``resource`` the URL the 402 was for; ``amount`` in minor units (cents) of ``currency``
+    (lower-case ISO 4217); ``created_at`` and ``expires_at`` unix seconds. A bad field is a
+    :class:`~farebox.errors.ConfigError` (the server builds invoices; a bad one is its bug).
+    """
+
+    reference: str
+    route: str
+    resource: str
+    amount: int
+    currency: str
+    payment_intent: str
+    created_at: int
+    expires_at: int
+
+    def __post_init__(self) -> None:
+        _check_id("reference", self.reference, MAX_INVOICE_REFERENCE)
+        _check_id("payment_intent", self.payment_intent, MAX_INVOICE_ID)
+        _check_text("route", self.route)
+        _check_text("resource", self.resource)
+        if type(self.amount) is not int or not 1 <= self.amount <= _MAX_AMOUNT:
+            raise ConfigError("an invoice amount is a positive int of minor units (cents)")
+        if not isinstance(self.currency, str) or not _CURRENCY.fullmatch(self.currency):
+            raise ConfigError("an invoice currency is a lower-case ISO 4217 code such as 'usd'")
+        for name in ("created_at", "expires_at"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"invoice {name} is unix seconds, an int >= 0")
+        if self.expires_at < self.created_at:
+            raise ConfigError("an invoice cannot expire before it was created")
+
+
+def _check_id(name: str, value: object, longest: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"invoice {name} must be a non-empty string")
+    if len(value) > longest or not _INVOICE_ID.fullmatch(value):
+        raise ConfigError(
+            f"invoice {name} must be at most {longest} visible ASCII characters, no spaces"
+        )
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"invoice {name} must be a string")
+    # Every store must be able to keep it: PostgreSQL refuses NUL, and UTF-8 lone surrogates.
+    if "\x00" in value:
+        raise ConfigError(f"invoice {name} must not contain NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"invoice {name} is not valid Unicode text") from None
 
 
 @runtime_checkable
@@ -221,9 +313,68 @@ class Store(Protocol):
         """The entry for ``key``, if any."""
         ...
 
+    # --- invoices (X-Receipt card payments) --------------------------------------------------
+
+    async def add_invoice(self, invoice: Invoice) -> None:
+        """Record ``invoice``. Atomic: when its reference or its payment intent is already
+        recorded (in any invoice), raises :class:`~farebox.errors.PaymentError`
+        ``invoice_conflict`` (:func:`invoice_conflict`) and changes nothing."""
+        ...
+
+    async def get_invoice(self, reference: str) -> Invoice | None:
+        """The invoice ``reference`` names, if recorded. Any string may be asked for: one that
+        cannot be a reference (:func:`invoice_id_ok`) is simply not found."""
+        ...
+
+    async def find_invoice(self, payment_intent: str) -> Invoice | None:
+        """The invoice paid by ``payment_intent`` (a ``pi_...`` from an ``X-Receipt`` header:
+        untrusted), if recorded; an index lookup. Any string may be asked for, like
+        :meth:`get_invoice`."""
+        ...
+
+    async def prune_invoices(self, *, before: int, limit: int = 1000) -> int:
+        """Delete up to ``limit`` (capped at :data:`MAX_EVENTS`) invoices that expired before
+        ``before`` (``expires_at < before``) and whose claim (:func:`invoice_claim_key`) does not
+        exist; returns how many were deleted. An invoice whose claim exists, in any state, is
+        kept: it records what its PaymentIntent paid for."""
+        ...
+
     async def aclose(self) -> None:
         """Release the store's resources; later calls raise ``store_unavailable``."""
         ...
+
+
+def invoice_claim_key(reference: str) -> str:
+    """The :meth:`Store.claim` key that consumes the invoice ``reference``."""
+    return INVOICE_CLAIM_PREFIX + reference
+
+
+def invoice_id_ok(value: object) -> bool:
+    """Whether ``value`` could be a stored invoice reference or payment intent id.
+
+    Lookups answer "not found" for anything else without asking the database: the value may come
+    from a request header, and odd strings (NUL, control characters, unencodable or huge text)
+    must neither raise nor reach a query.
+    """
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_INVOICE_ID
+        and _INVOICE_ID.fullmatch(value) is not None
+    )
+
+
+def invoice_conflict() -> PaymentError:
+    """The error :meth:`Store.add_invoice` raises for a reference or payment intent already
+    recorded.
+
+    Both are made by the server (a random reference, a new PaymentIntent), so a conflict is a bug
+    or an attack on the server's own bookkeeping (status 500), never the client's fault.
+    """
+    return PaymentError(
+        "invoice_conflict",
+        "an invoice with this reference or payment intent is already recorded",
+        status=500,
+    )
 
 
 def payer_key(payer: str) -> str:

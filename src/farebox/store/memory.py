@@ -17,12 +17,16 @@ from farebox.store.base import (
     Claim,
     Event,
     IdempotencyEntry,
+    Invoice,
     StoredResponse,
     check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
     encode_event_data,
+    invoice_claim_key,
+    invoice_conflict,
+    invoice_id_ok,
     payer_key,
 )
 
@@ -41,6 +45,9 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._claims: dict[str, Claim] = {}
         self._idempotent: dict[str, IdempotencyEntry] = {}
+        self._invoices: dict[str, Invoice] = {}
+        # payment intent -> reference: find_invoice is a dict lookup, and the uniqueness test.
+        self._invoice_by_intent: dict[str, str] = {}
         # (event, its payer key, its data as JSON) in id order.
         self._log: list[tuple[Event, str | None, str]] = []
         self._closed = False
@@ -219,6 +226,51 @@ class MemoryStore:
             replace(event, data=decode_event_data(data))
             for event, data in found[: clamp_limit(limit)]
         ]
+
+    async def add_invoice(self, invoice: Invoice) -> None:
+        """See :meth:`farebox.store.base.Store.add_invoice`."""
+        with self._lock:
+            self._check_open()
+            if (
+                invoice.reference in self._invoices
+                or invoice.payment_intent in self._invoice_by_intent
+            ):
+                raise invoice_conflict()
+            self._invoices[invoice.reference] = invoice
+            self._invoice_by_intent[invoice.payment_intent] = invoice.reference
+
+    async def get_invoice(self, reference: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.get_invoice`."""
+        with self._lock:
+            self._check_open()
+            return self._invoices.get(reference) if invoice_id_ok(reference) else None
+
+    async def find_invoice(self, payment_intent: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.find_invoice`."""
+        with self._lock:
+            self._check_open()
+            if not invoice_id_ok(payment_intent):
+                return None
+            reference = self._invoice_by_intent.get(payment_intent)
+            return None if reference is None else self._invoices.get(reference)
+
+    async def prune_invoices(self, *, before: int, limit: int = 1000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_invoices`."""
+        wanted = clamp_limit(limit)
+        with self._lock:
+            self._check_open()
+            doomed = [
+                invoice
+                for invoice in self._invoices.values()
+                if invoice.expires_at < before
+                and invoice_claim_key(invoice.reference) not in self._claims
+            ]
+            # Oldest expiry first, as the SQL stores do.
+            doomed.sort(key=lambda invoice: invoice.expires_at)
+            for invoice in doomed[:wanted]:
+                del self._invoices[invoice.reference]
+                del self._invoice_by_intent[invoice.payment_intent]
+            return min(len(doomed), wanted)
 
     async def aclose(self) -> None:
         """Forget nothing, but refuse further use (like a closed database)."""

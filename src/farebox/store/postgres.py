@@ -33,19 +33,23 @@ from psycopg_pool import AsyncConnectionPool
 
 from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
+    INVOICE_CLAIM_PREFIX,
     Claim,
     ClaimState,
     Event,
     IdempotencyEntry,
+    Invoice,
     StoredResponse,
     check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
     encode_event_data,
+    invoice_conflict,
+    invoice_id_ok,
     payer_key,
 )
-from farebox.store.sql import events_query
+from farebox.store.sql import events_query, invoice_from_row, invoice_row, invoice_statements
 from farebox.store.sqlite import decode_headers, encode_headers, store_unavailable
 
 __all__ = ["MIGRATIONS_TABLE", "PostgresStore", "applied_migrations", "migrate", "migrations"]
@@ -94,6 +98,7 @@ _COMPLETE_IDEMPOTENT = (
     "WHERE key = %s AND owner = %s AND status IS NULL"
 )
 _ABANDON_IDEMPOTENT = "DELETE FROM idempotency WHERE key = %s AND owner = %s AND status IS NULL"
+_ADD_INVOICE, _GET_INVOICE, _FIND_INVOICE, _PRUNE_INVOICES = invoice_statements("%s")
 
 # begin_idempotent inserts, and on a conflict reads the entry; an entry abandoned between the two
 # makes the read come back empty and the insert is tried again. Each round needs another request
@@ -400,6 +405,41 @@ class PostgresStore:
             cursor = await conn.execute(_GET_IDEMPOTENT, (key,))
             row = await cursor.fetchone()
         return None if row is None else _entry(row)
+
+    async def add_invoice(self, invoice: Invoice) -> None:
+        """See :meth:`farebox.store.base.Store.add_invoice`."""
+        async with self._connection() as conn:
+            # ON CONFLICT DO NOTHING covers both unique indexes: a concurrent insert of the same
+            # reference or payment intent waits for the first to commit, then inserts nothing.
+            cursor = await conn.execute(_ADD_INVOICE, invoice_row(invoice))
+            added = cursor.rowcount == 1
+        if not added:
+            raise invoice_conflict()
+
+    async def get_invoice(self, reference: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.get_invoice`."""
+        return await self._invoice(_GET_INVOICE, reference)
+
+    async def find_invoice(self, payment_intent: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.find_invoice`."""
+        return await self._invoice(_FIND_INVOICE, payment_intent)
+
+    async def _invoice(self, sql: str, value: str) -> Invoice | None:
+        if not invoice_id_ok(value):
+            if self._closed:
+                raise PaymentError("store_unavailable", "the payment store is closed")
+            return None
+        async with self._connection() as conn:
+            cursor = await conn.execute(sql, (value,))
+            row = await cursor.fetchone()
+        return None if row is None else invoice_from_row(row)
+
+    async def prune_invoices(self, *, before: int, limit: int = 1000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_invoices`."""
+        params = (int(before), INVOICE_CLAIM_PREFIX, clamp_limit(limit))
+        async with self._connection() as conn:
+            cursor = await conn.execute(_PRUNE_INVOICES, params)
+            return max(cursor.rowcount, 0)
 
     async def aclose(self) -> None:
         """Close the pool; later calls raise ``store_unavailable``."""

@@ -8,6 +8,11 @@ Layout (``P`` is the prefix):
   client of the server. Held claims are also in the sorted set ``P held`` and pending ones in
   ``P pending`` (score: the claim's ``at``), which :meth:`RedisStore.unfinished` reads.
 - ``P idem:<key>``: a string, the idempotency entry as JSON (body base64), taken with ``SET NX``.
+- Invoices: ``P invoice:<reference>`` (a string, the invoice as JSON), ``P invoice-pi:<payment
+  intent>`` (a string, the reference: what :meth:`RedisStore.find_invoice` reads) and the sorted
+  set ``P invoices:expiry`` (member: the reference, score: ``expires_at``), which pruning walks.
+  An invoice's three keys are written by one script that first checks that neither of its two
+  string keys exists, so a duplicate reference or payment intent changes nothing.
 - The log: ``P events:seq`` (the id counter), ``P events`` (a hash, id -> the event as JSON) and
   sorted-set indexes whose score is the event's ``at`` and whose member is its id written with 20
   digits, so that equal times order by id: ``P ix:all``, ``P ix:kind:<kind>``,
@@ -50,12 +55,16 @@ from farebox.store.base import (
     ClaimState,
     Event,
     IdempotencyEntry,
+    Invoice,
     StoredResponse,
     check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
     encode_event_data,
+    invoice_claim_key,
+    invoice_conflict,
+    invoice_id_ok,
     payer_key,
 )
 from farebox.store.sqlite import decode_headers, encode_headers, store_unavailable
@@ -223,6 +232,57 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS: invoice, invoice-pi, invoices:expiry. ARGV: invoice JSON, reference, expires_at.
+_ADD_INVOICE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS: invoice-pi. ARGV: invoice key prefix. The invoice JSON, or nil. One script: the two reads
+# see one state (a prune cannot delete the invoice between them).
+_FIND_INVOICE_LUA = """
+local reference = redis.call('GET', KEYS[1])
+if not reference then return nil end
+return redis.call('GET', ARGV[1] .. reference)
+"""
+
+# KEYS: invoices:expiry. ARGV: before, limit, batch, invoice key prefix, invoice-pi key prefix,
+# claim key prefix of invoices. Walks expired references oldest first. One whose claim exists is
+# kept; a settled claim is final, so its reference also leaves the index (later prunes need not
+# walk it again), while held and pending claims may still be removed and stay in it.
+_PRUNE_INVOICES_LUA = """
+local before, limit, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local deleted, offset = 0, 0
+while deleted < limit do
+  local refs = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. before, 'LIMIT', offset, batch)
+  if #refs == 0 then break end
+  for _, ref in ipairs(refs) do
+    local claim = redis.call('GET', ARGV[6] .. ref)
+    if claim then
+      if cjson.decode(claim).state == 'settled' then
+        redis.call('ZREM', KEYS[1], ref)
+      else
+        offset = offset + 1
+      end
+    else
+      local raw = redis.call('GET', ARGV[4] .. ref)
+      if raw then
+        local pi = ARGV[5] .. cjson.decode(raw).payment_intent
+        if redis.call('GET', pi) == ref then redis.call('DEL', pi) end
+        redis.call('DEL', ARGV[4] .. ref)
+      end
+      redis.call('ZREM', KEYS[1], ref)
+      deleted = deleted + 1
+      if deleted >= limit then break end
+    end
+  end
+end
+return deleted
+"""
+
 # Ids a query script reads from its index per call.
 _QUERY_BATCH = 500
 
@@ -252,6 +312,7 @@ class RedisStore:
         self._pending = f"{prefix}pending"
         self._seq = f"{prefix}events:seq"
         self._events = f"{prefix}events"
+        self._invoice_expiry = f"{prefix}invoices:expiry"
         self._closed = False
         register = self._client.register_script
         self._claim_script = register(_CLAIM_LUA)
@@ -264,6 +325,9 @@ class RedisStore:
         self._begin_script = register(_BEGIN_IDEMPOTENT_LUA)
         self._complete_script = register(_COMPLETE_IDEMPOTENT_LUA)
         self._abandon_script = register(_ABANDON_IDEMPOTENT_LUA)
+        self._add_invoice_script = register(_ADD_INVOICE_LUA)
+        self._find_invoice_script = register(_FIND_INVOICE_LUA)
+        self._prune_invoices_script = register(_PRUNE_INVOICES_LUA)
 
     def __repr__(self) -> str:
         # Never the URL: it may hold a password.
@@ -435,6 +499,73 @@ class RedisStore:
             raise store_unavailable() from exc
         return None if raw is None else _entry(key, raw)
 
+    async def add_invoice(self, invoice: Invoice) -> None:
+        """See :meth:`farebox.store.base.Store.add_invoice`."""
+        value = orjson.dumps(_invoice_fields(invoice))
+        keys = [
+            self._invoice_key(invoice.reference),
+            self._invoice_pi_key(invoice.payment_intent),
+            self._invoice_expiry,
+        ]
+        added = await self._run(
+            self._add_invoice_script, keys, [value, invoice.reference, invoice.expires_at]
+        )
+        if added != 1:
+            raise invoice_conflict()
+
+    async def get_invoice(self, reference: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.get_invoice`."""
+        self._check_open()
+        if not invoice_id_ok(reference):
+            return None
+        try:
+            raw = await self._client.get(self._invoice_key(reference))
+        except (RedisError, OSError) as exc:
+            raise store_unavailable() from exc
+        return None if raw is None else _invoice(raw)
+
+    async def find_invoice(self, payment_intent: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.find_invoice`."""
+        self._check_open()
+        if not invoice_id_ok(payment_intent):
+            return None
+        raw = await self._run(
+            self._find_invoice_script,
+            [self._invoice_pi_key(payment_intent)],
+            [self._invoice_key("")],
+        )
+        if raw is None:
+            return None
+        found = _invoice(raw)
+        # The index and the record are written together; checked anyway, since a wrong answer here
+        # would let one payment stand for another invoice.
+        return found if found.payment_intent == payment_intent else None
+
+    async def prune_invoices(self, *, before: int, limit: int = 1000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_invoices`.
+
+        Unlike the SQL stores, a prune that finds an invoice's claim settled drops it from the
+        expiry index for good (a settled claim is never removed), so that later prunes do not walk
+        every paid invoice again.
+        """
+        wanted = clamp_limit(limit)
+        if wanted == 0:
+            self._check_open()
+            return 0
+        deleted = await self._run(
+            self._prune_invoices_script,
+            [self._invoice_expiry],
+            [
+                int(before),
+                wanted,
+                _QUERY_BATCH,
+                self._invoice_key(""),
+                self._invoice_pi_key(""),
+                self._claim_key(invoice_claim_key("")),
+            ],
+        )
+        return int(deleted)
+
     async def aclose(self) -> None:
         """Close the connections; later calls raise ``store_unavailable``."""
         if self._closed:
@@ -455,6 +586,12 @@ class RedisStore:
 
     def _idem_key(self, key: str) -> str:
         return f"{self._prefix}idem:{key}"
+
+    def _invoice_key(self, reference: str) -> str:
+        return f"{self._prefix}invoice:{reference}"
+
+    def _invoice_pi_key(self, payment_intent: str) -> str:
+        return f"{self._prefix}invoice-pi:{payment_intent}"
 
     def _change_keys(self, key: str) -> list[str]:
         return [self._claim_key(key), self._held, self._pending, self._seq, self._events]
@@ -518,3 +655,30 @@ def _entry(key: str, raw: bytes | str) -> IdempotencyEntry:
 def _event(event_id: int, raw: bytes | str) -> Event:
     kind, at, route, payer, reference, data = orjson.loads(raw)
     return Event(kind, at, route, payer, reference, decode_event_data(data), event_id)
+
+
+def _invoice_fields(invoice: Invoice) -> dict[str, Any]:
+    return {
+        "reference": invoice.reference,
+        "route": invoice.route,
+        "resource": invoice.resource,
+        "amount": invoice.amount,
+        "currency": invoice.currency,
+        "payment_intent": invoice.payment_intent,
+        "created_at": invoice.created_at,
+        "expires_at": invoice.expires_at,
+    }
+
+
+def _invoice(raw: bytes | str) -> Invoice:
+    value = orjson.loads(raw)
+    return Invoice(
+        value["reference"],
+        value["route"],
+        value["resource"],
+        int(value["amount"]),
+        value["currency"],
+        value["payment_intent"],
+        int(value["created_at"]),
+        int(value["expires_at"]),
+    )

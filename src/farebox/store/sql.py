@@ -1,12 +1,18 @@
-"""What the SQL stores (SQLite, PostgreSQL) share: the event query, written once."""
+"""What the SQL stores (SQLite, PostgreSQL) share: the event query and the invoice statements,
+written once."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from farebox.store.base import clamp_limit, payer_key
+from farebox.store.base import Invoice, clamp_limit, payer_key
 
-__all__ = ["events_query"]
+__all__ = ["events_query", "invoice_from_row", "invoice_row", "invoice_statements"]
+
+_INVOICE_COLUMNS = (
+    "reference, route, resource, amount, currency, payment_intent, created_at, expires_at"
+)
 
 
 def events_query(
@@ -43,3 +49,56 @@ def events_query(
     )
     params.append(clamp_limit(limit))
     return sql, params
+
+
+def invoice_statements(placeholder: str) -> tuple[str, str, str, str]:
+    """The invoice statements with the driver's parameter ``placeholder``: insert (parameters:
+    :func:`invoice_row`), select by reference, select by payment intent (each: the value) and
+    prune (``before``, :data:`~farebox.store.base.INVOICE_CLAIM_PREFIX`, the limit)."""
+    # Only constants are formatted in; values are bound parameters.
+    p = placeholder
+    values = ", ".join([p] * 8)
+    # No conflict target: a duplicate reference and a duplicate payment intent both insert
+    # nothing, atomically (a unique index each).
+    add = (
+        f"INSERT INTO invoices ({_INVOICE_COLUMNS}) "  # noqa: S608
+        f"VALUES ({values}) ON CONFLICT DO NOTHING"
+    )
+    select = f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE "  # noqa: S608
+    # The claim key is invoice_claim_key(reference) spelled in SQL, answered by claims' primary
+    # key. One statement, so that a claim is either seen (its invoice stays) or comes after.
+    prune = (
+        "DELETE FROM invoices WHERE reference IN (SELECT i.reference FROM invoices AS i "  # noqa: S608
+        f"WHERE i.expires_at < {p} AND NOT EXISTS (SELECT 1 FROM claims AS c "
+        f"WHERE c.key = {p} || i.reference) ORDER BY i.expires_at LIMIT {p})"
+    )
+    return add, f"{select}reference = {p}", f"{select}payment_intent = {p}", prune
+
+
+def invoice_row(invoice: Invoice) -> tuple[Any, ...]:
+    """``invoice`` as the parameters of the insert, in column order."""
+    return (
+        invoice.reference,
+        invoice.route,
+        invoice.resource,
+        invoice.amount,
+        invoice.currency,
+        invoice.payment_intent,
+        invoice.created_at,
+        invoice.expires_at,
+    )
+
+
+def invoice_from_row(row: Sequence[Any]) -> Invoice:
+    """The invoice of a selected row (the inverse of :func:`invoice_row`)."""
+    reference, route, resource, amount, currency, payment_intent, created_at, expires_at = row
+    return Invoice(
+        reference,
+        route,
+        resource,
+        int(amount),
+        currency,
+        payment_intent,
+        int(created_at),
+        int(expires_at),
+    )

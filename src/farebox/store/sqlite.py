@@ -10,7 +10,8 @@ never corrupt the file).
 WAL, and a schema created on open and versioned with ``PRAGMA user_version``.
 
 Schema versions of the store: 1 had claims and events; 2 adds the ``idempotency`` table and the
-``claims_unfinished`` index that reconciliation reads; 3 adds ``idempotency.claim``. Every
+``claims_unfinished`` index that reconciliation reads; 3 adds ``idempotency.claim``; 4 adds the
+``invoices`` table (X-Receipt card payments). Every
 statement of :data:`_SCHEMA` is idempotent (``IF NOT EXISTS``), so an older file is migrated by
 running the whole list again, then the steps of :data:`_MIGRATIONS` newer than the file (changes
 such as ``ADD COLUMN`` that cannot be written idempotently), all in the same ``BEGIN IMMEDIATE``
@@ -32,19 +33,23 @@ import orjson
 
 from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
+    INVOICE_CLAIM_PREFIX,
     Claim,
     ClaimState,
     Event,
     IdempotencyEntry,
+    Invoice,
     StoredResponse,
     check_finish_state,
     claim_not_held,
     clamp_limit,
     decode_event_data,
     encode_event_data,
+    invoice_conflict,
+    invoice_id_ok,
     payer_key,
 )
-from farebox.store.sql import events_query
+from farebox.store.sql import events_query, invoice_from_row, invoice_row, invoice_statements
 
 __all__ = [
     "SqliteStore",
@@ -56,7 +61,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = (
     """
@@ -114,6 +119,22 @@ _SCHEMA = (
         body BLOB
     ) WITHOUT ROWID
     """,
+    # Version 4. Both the reference and the PaymentIntent are unique: one PaymentIntent pays for
+    # one invoice. `amount` is INTEGER: an Invoice holds at most a signed 64-bit amount, which
+    # SQLite keeps exactly.
+    """
+    CREATE TABLE IF NOT EXISTS invoices (
+        reference TEXT PRIMARY KEY,
+        payment_intent TEXT NOT NULL UNIQUE,
+        route TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS invoices_expires_at ON invoices (expires_at)",
 )
 
 # Steps by the version that introduced them, run (in order) on a file older than that version,
@@ -157,6 +178,7 @@ _INSERT_EVENT = (
     "INSERT INTO events (kind, at, route, payer, payer_key, reference, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_ADD_INVOICE, _GET_INVOICE, _FIND_INVOICE, _PRUNE_INVOICES = invoice_statements("?")
 
 # Write transactions between two checkpoints: a paid request (claim, then finish with three
 # events) writes about 8 pages in 2 transactions, so about 500 pages, half SQLite's default.
@@ -484,6 +506,48 @@ class SqliteStore:
             return None if row is None else _entry(row)
 
         return await self._call(run)
+
+    async def add_invoice(self, invoice: Invoice) -> None:
+        """See :meth:`farebox.store.base.Store.add_invoice`."""
+        params = invoice_row(invoice)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_ADD_INVOICE, params).rowcount == 1
+
+        if not await self._call(run, write=True):
+            raise invoice_conflict()
+
+    async def get_invoice(self, reference: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.get_invoice`."""
+        return await self._invoice(_GET_INVOICE, reference)
+
+    async def find_invoice(self, payment_intent: str) -> Invoice | None:
+        """See :meth:`farebox.store.base.Store.find_invoice`."""
+        return await self._invoice(_FIND_INVOICE, payment_intent)
+
+    async def _invoice(self, sql: str, value: str) -> Invoice | None:
+        if not invoice_id_ok(value):
+            if self._closed:
+                raise PaymentError("store_unavailable", "the payment store is closed")
+            return None
+
+        def run(conn: sqlite3.Connection) -> Invoice | None:
+            row = conn.execute(sql, (value,)).fetchone()
+            return None if row is None else invoice_from_row(row)
+
+        return await self._call(run)
+
+    async def prune_invoices(self, *, before: int, limit: int = 1000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_invoices`."""
+        params = (int(before), INVOICE_CLAIM_PREFIX, clamp_limit(limit))
+
+        def run(conn: sqlite3.Connection) -> int:
+            # One statement: a claim taken meanwhile either is seen (the invoice stays) or comes
+            # after the delete; the write lock is taken before the read.
+            return conn.execute(_PRUNE_INVOICES, params).rowcount
+
+        # May delete thousands of rows: never in the event loop.
+        return await self._call(run, write=True, inline=False)
 
     async def aclose(self) -> None:
         """Close the file; later calls raise ``store_unavailable``."""
