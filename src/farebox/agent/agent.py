@@ -16,6 +16,19 @@ signed payment, same id, one budget reservation) up to ``resends`` times, so a s
 settled answers with its stored response instead of charging again. When the resends run out, or
 the driver abandons the flow after sending the proof, the reservation is committed: the signed
 authorization left the agent and the server may still settle it until it expires.
+
+Cards: an agent with a :class:`~farebox.agent.card.CardWallet` also reads the 402's
+``WWW-Authenticate: Payment`` challenges (method ``stripe``, intent ``charge``; others are ignored)
+and, following ``prefer`` (x402 first by default: no card fee), pays one of them when it cannot or
+would rather not pay x402. The card amount (minor units of a fiat currency) is reserved in the
+budget exactly, a Shared Payment Token limited to that amount, currency, seller and the challenge's
+expiry is minted (a :class:`~farebox.agent.card.MintToken` step the driver runs), and the request
+is retried with ``Authorization: Payment <credential>``. A 2xx must carry a ``Payment-Receipt``
+(method ``stripe``, reference the PaymentIntent); the PEAC record, when there is one, must name
+the same PaymentIntent, amount and currency. A refusal releases the reservation: the server
+charges only after a 2xx, and a refused charge moves nothing. A transport failure resends the very
+same credential (the server's single use of the challenge id and Stripe's idempotency key keep it
+to one charge); a refusal of that resend as already used counts as spent.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -32,10 +45,12 @@ import orjson
 
 from farebox.agent.book import BookEntry, ReceiptBook
 from farebox.agent.budget import Budget, Reservation
+from farebox.agent.card import CardWallet, MintToken
 from farebox.agent.policy import Policy
-from farebox.errors import PaymentError, ReceiptError
+from farebox.errors import ConfigError, PaymentError, ReceiptError
 from farebox.eth import EvmAccount
 from farebox.money import ASSETS, Asset, AssetRegistry
+from farebox.protocol import mpp
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.models import Challenge, Offer, Settlement
 from farebox.protocol.x402 import (
@@ -51,16 +66,25 @@ from farebox.receipts.keys import https_origin
 from farebox.schemes import evm_exact
 
 __all__ = [
+    "CARD_RAIL",
     "IDEMPOTENCY_KEY",
     "PAYMENT_IDENTIFIER",
+    "X402_RAIL",
     "Agent",
     "Answer",
     "Fetch",
+    "MintToken",
     "Payment",
     "PaymentFailed",
     "Retry",
+    "Step",
     "new_request_id",
 ]
+
+#: The rails an agent can pay with, as named in ``Agent.prefer`` and ``Payment.rail``.
+X402_RAIL = "x402"
+CARD_RAIL = "stripe"
+_RAILS = (X402_RAIL, CARD_RAIL)
 
 #: The x402 extension carrying an idempotency id in the proof, and the HTTP header for it.
 PAYMENT_IDENTIFIER = "payment-identifier"
@@ -114,20 +138,32 @@ class Answer(NamedTuple):
     body: bytes
 
 
-Step = Retry | Fetch
+Step = Retry | Fetch | MintToken
+#: What a driver sends back into the flow: the answer to a Retry or Fetch, the token id of a
+#: MintToken.
+Reply = Answer | str
 
 
 @dataclass(frozen=True, slots=True)
 class Payment:
-    """What an agent paid for one request, and the evidence it got back."""
+    """What an agent paid for one request, and the evidence it got back.
+
+    ``rail`` is ``"x402"`` or ``"stripe"``. A card payment reads in the same fields: ``offer`` is
+    the challenge's terms (scheme ``charge``, network ``stripe``, ``amount`` in minor units,
+    ``asset`` the lower-case currency, ``pay_to`` the seller's Stripe profile), ``asset`` is
+    ``None`` (a fiat currency is no token), ``settlement.transaction`` is the PaymentIntent id and
+    ``payment_receipt`` the server's ``Payment-Receipt``.
+    """
 
     url: str
     offer: Offer
-    asset: Asset
+    asset: Asset | None
     payer: str
     settlement: Settlement
     receipt: VerifiedReceipt | None
     receipt_jws: str | None
+    rail: str = X402_RAIL
+    payment_receipt: mpp.Receipt | None = None
 
 
 class PaymentFailed(PaymentError):
@@ -157,9 +193,42 @@ class _IssuerKeys:
     error: str | None = None
 
 
+def _reply_answer(reply: Reply) -> Answer:
+    if not isinstance(reply, Answer):
+        raise TypeError("the driver sent a token where an HTTP answer was due")
+    return reply
+
+
+def _reply_token(reply: Reply) -> str:
+    if not isinstance(reply, str):
+        raise TypeError("the driver sent an HTTP answer where a token was due")
+    return reply
+
+
+def card_challenges(answer: Answer) -> list[mpp.Challenge]:
+    """The ``Payment`` challenges (intent ``charge``) of a 402; a malformed header gives none."""
+    value = answer.headers.get(mpp.WWW_AUTHENTICATE.lower())
+    if not value:
+        return []
+    try:
+        return mpp.parse_www_authenticate(value)
+    except PaymentError:
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    rail: str
+    challenge: Challenge | None = None
+    offer: Offer | None = None
+    asset: Asset | None = None
+    card: mpp.Challenge | None = None
+
+
 @dataclass
 class Agent:
-    """An agent that pays x402 APIs with ``account``, within ``policy`` and ``budget``.
+    """An agent that pays x402 APIs with ``account`` and card challenges with ``card``, within
+    ``policy`` and ``budget``. It needs at least one of the two.
 
     The default budget allows $0.10 per request (in USD-pegged assets) and is not persisted.
 
@@ -167,10 +236,11 @@ class Agent:
     (``receipt_invalid``; the spend is still committed: the money moved). A response without one
     (most x402 servers send none) is accepted unless ``require_receipt`` is set.
     ``clock`` gives Unix seconds. ``resends`` is how many times a paid retry that failed in
-    transport is sent again, unchanged, before the error is raised.
+    transport is sent again, unchanged, before the error is raised. ``prefer`` orders the rails
+    (``"x402"``, ``"stripe"``) when a 402 offers both and both are payable.
     """
 
-    account: EvmAccount
+    account: EvmAccount | None = None
     # Without a budget of its own, an agent pays at most 10 cents a request and keeps no history.
     budget: Budget = field(default_factory=lambda: Budget.from_prices(None, per_request="$0.10"))
     policy: Policy = field(default_factory=Policy)
@@ -179,8 +249,27 @@ class Agent:
     require_receipt: bool = False
     clock: Callable[[], float] = time.time
     resends: int = 2
+    card: CardWallet | None = None
+    prefer: Sequence[str] = (X402_RAIL, CARD_RAIL)
     _issuers: dict[str, _IssuerKeys] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.account is None and self.card is None:
+            raise ConfigError("an agent needs an EVM account, a card, or both")
+        if isinstance(self.prefer, str) or not self.prefer:
+            raise ConfigError("prefer is a non-empty sequence of rails")
+        unknown = [r for r in self.prefer if r not in _RAILS]
+        if unknown:
+            raise ConfigError(f"unknown rails in prefer: {unknown}; known: {list(_RAILS)}")
+        self.prefer = tuple(self.prefer)
+
+    @property
+    def payer(self) -> str:
+        """Who pays, for records: the EVM address, else the card's label."""
+        if self.account is not None:
+            return self.account.address
+        return self.card.label if self.card is not None else ""
 
     # --- choosing -----------------------------------------------------------------------------
 
@@ -208,17 +297,81 @@ class Agent:
         payable.sort(key=lambda item: item[0])
         return payable[0][1], payable[0][2]
 
+    def choose_card(self, challenges: Sequence[mpp.Challenge]) -> mpp.Challenge:
+        """The cheapest card challenge (in budget units) the card can pay and the budget's currency
+        allows; ``no_payable_offer`` otherwise."""
+        if self.card is None:
+            raise PaymentError("no_payable_offer", "the agent holds no card")
+        now = self.clock()
+        payable: list[tuple[int, int, mpp.Challenge]] = []
+        reasons: list[str] = []
+        for index, challenge in enumerate(challenges):
+            why = self.card.refusal(challenge, now=now)
+            if why is None:
+                try:
+                    units = self.budget.fiat_units(
+                        challenge.request.amount, challenge.request.currency
+                    )
+                    payable.append((units, index, challenge))
+                except PaymentError as exc:
+                    why = exc.message
+            if why is not None:
+                reasons.append(why)
+        if not payable:
+            raise PaymentError("no_payable_offer", "; ".join(reasons)[:500] or "no card challenge")
+        payable.sort(key=lambda item: (item[0], item[1]))
+        return payable[0][2]
+
+    def _choose_rail(self, first: Answer) -> _Choice:
+        reasons: dict[str, str] = {}
+        choices: dict[str, _Choice] = {}
+        try:
+            challenge: Challenge | None = read_challenge(first.headers, first.body)
+        except PaymentError as exc:
+            challenge = None
+            reasons[X402_RAIL] = exc.message
+        if self.account is None:
+            reasons[X402_RAIL] = "the agent holds no EVM account"
+        elif challenge is not None:
+            try:
+                offer, asset = self.choose(challenge)
+                choices[X402_RAIL] = _Choice(X402_RAIL, challenge, offer, asset)
+            except PaymentError as exc:
+                reasons[X402_RAIL] = exc.message
+        if self.card is not None:
+            try:
+                card = self.choose_card(card_challenges(first))
+                choices[CARD_RAIL] = _Choice(CARD_RAIL, card=card)
+            except PaymentError as exc:
+                reasons[CARD_RAIL] = exc.message
+        for rail in self.prefer:
+            if rail in choices:
+                return choices[rail]
+        detail = "; ".join(f"{rail}: {why}" for rail, why in reasons.items())
+        raise PaymentError("no_payable_offer", detail[:500] or "no offers")
+
     # --- the flow -----------------------------------------------------------------------------
 
-    def pay(self, method: str, url: str, first: Answer) -> Generator[Step, Answer, Payment | None]:
+    def pay(self, method: str, url: str, first: Answer) -> Generator[Step, Reply, Payment | None]:
         """Pay for the request that got the 402 ``first``; see the module docstring.
 
         Returns ``None`` when the paid retry got the app's own error or redirect: nothing was
         charged, and the caller hands that response back as it is.
         """
         self.policy.check_url(url)
-        challenge = read_challenge(first.headers, first.body)
-        offer, asset = self.choose(challenge)
+        choice = self._choose_rail(first)
+        if choice.card is not None:
+            return (yield from self._pay_card(method, url, choice.card))
+        challenge, offer, asset, account = (
+            choice.challenge,
+            choice.offer,
+            choice.asset,
+            self.account,
+        )
+        assert challenge is not None
+        assert offer is not None
+        assert asset is not None
+        assert account is not None
         now = int(self.clock())
         reservation = self.budget.reserve(
             offer.amount, asset=asset, now=now, payee=offer.pay_to, resource=url
@@ -228,7 +381,7 @@ class Agent:
             keys = yield from self._issuer_keys(url)
             request_id = new_request_id()
             proof = evm_exact.make_proof(
-                self.account,
+                account,
                 offer,
                 now=now,
                 nonce=secrets.token_bytes(32),
@@ -242,7 +395,7 @@ class Agent:
             while True:
                 sent = True
                 try:
-                    answer = yield step
+                    answer = _reply_answer((yield step))
                     break
                 except Exception:
                     # A transport failure thrown in by the driver: the same proof and id again,
@@ -258,6 +411,156 @@ class Agent:
                 self.budget.release(reservation)
             raise
         return self._conclude(method, url, offer, asset, reservation, keys, answer)
+
+    def _pay_card(
+        self, method: str, url: str, challenge: mpp.Challenge
+    ) -> Generator[Step, Reply, Payment | None]:
+        wallet = self.card
+        assert wallet is not None
+        terms = challenge.request
+        seller = mpp.StripeDetails.from_request(terms).network_id
+        now = int(self.clock())
+        reservation = self.budget.reserve(
+            terms.amount, currency=terms.currency, now=now, payee=seller, resource=url
+        )
+        sent = False
+        try:
+            keys = yield from self._issuer_keys(url)
+            mint = wallet.mint_request(challenge, now=now)
+            spt = _reply_token((yield MintToken(wallet, mint)))
+            credential = mpp.Credential(
+                challenge=challenge.echo(), payload=mpp.StripePayload(spt).to_json()
+            )
+            header = challenge.header or mpp.AUTHORIZATION
+            step = Retry({header: mpp.render_authorization(credential)})
+            failures = 0
+            while True:
+                sent = True
+                try:
+                    answer = _reply_answer((yield step))
+                    break
+                except Exception:
+                    # The same credential again: the server claims its challenge id once and
+                    # Stripe's idempotency key (challenge id + token) charges it once.
+                    failures += 1
+                    if failures > self.resends:
+                        raise
+        except BaseException:
+            if sent:
+                # The token left the agent: the seller may still charge it until it expires.
+                self.budget.commit(reservation, now=int(self.clock()))
+            else:
+                self.budget.release(reservation)
+            raise
+        return self._conclude_card(method, url, challenge, seller, reservation, keys, answer)
+
+    def _conclude_card(
+        self,
+        method: str,
+        url: str,
+        challenge: mpp.Challenge,
+        seller: str,
+        reservation: Reservation,
+        keys: _IssuerKeys,
+        answer: Answer,
+    ) -> Payment | None:
+        wallet = self.card
+        assert wallet is not None
+        payer = wallet.label
+        amount = challenge.request.amount
+        currency = challenge.request.currency.lower()
+        header = answer.headers.get(mpp.PAYMENT_RECEIPT.lower())
+        if answer.status >= 300:
+            code, message = _refusal_of(answer, None)
+            if code == "proof_replayed":
+                # This challenge came to us and the token is fresh: only our own earlier send
+                # (resent by the driver after a lost answer) can have used it, and been charged.
+                self.budget.commit(reservation, now=int(self.clock()))
+            else:
+                self.budget.release(reservation)
+            if answer.status != 402 and "www-authenticate" not in answer.headers:
+                # The app's own error or redirect (the server charges only after a 2xx).
+                return None
+            raise PaymentFailed(code, message, status=answer.status, payer=payer, answer=answer)
+        paid: mpp.Receipt | None = None
+        problem = "the paid response carries no Payment-Receipt"
+        if header is not None:
+            try:
+                paid = mpp.parse_payment_receipt(header)
+            except PaymentError as exc:
+                problem = f"Payment-Receipt: {exc.message}"
+            else:
+                if paid.method != CARD_RAIL or not paid.reference.startswith("pi_"):
+                    problem = "the Payment-Receipt is not a Stripe PaymentIntent"
+                    paid = None
+        now = int(self.clock())
+        if paid is None:
+            # A 2xx to a presented token: the seller may have charged it.
+            self.budget.commit(reservation, now=now)
+            raise PaymentFailed(
+                "receipt_invalid", f"paid by card, but {problem}", payer=payer, answer=answer
+            )
+        reference = paid.reference
+        self.budget.commit(reservation, now=now, reference=reference)
+        offer = Offer(
+            scheme="charge",
+            network=CARD_RAIL,
+            amount=amount,
+            asset=currency,
+            pay_to=seller,
+            extra={"challenge_id": challenge.id, "realm": challenge.realm},
+        )
+        settlement = Settlement(
+            success=True, network=CARD_RAIL, transaction=reference, payer=payer, amount=amount
+        )
+        jws = answer.headers.get(PEAC_RECEIPT)
+        receipt: VerifiedReceipt | None = None
+        failure: ReceiptError | None = None
+        if jws is None:
+            failure = ReceiptError("E_RECEIPT_MISSING", "the paid response carries no PEAC-Receipt")
+        else:
+            expected = {
+                "payment_rail": CARD_RAIL,
+                "amount_minor": str(amount),
+                "currency": currency.upper(),
+                "reference": reference,
+                "event": "settlement",
+            }
+            try:
+                receipt = self._verify_record(jws, keys, url, expected, now)
+            except ReceiptError as exc:
+                failure = exc
+        payment = Payment(
+            url, offer, None, payer, settlement, receipt, jws, rail=CARD_RAIL, payment_receipt=paid
+        )
+        if self.book is not None:
+            self.book.add(
+                BookEntry(
+                    at=now,
+                    url=url,
+                    method=method,
+                    status=answer.status,
+                    network=CARD_RAIL,
+                    asset=currency,
+                    amount=amount,
+                    pay_to=seller,
+                    payer=payer,
+                    transaction=reference,
+                    receipt_jws=jws,
+                    receipt_ref=receipt.receipt_ref if receipt is not None else None,
+                    issuer=receipt.issuer if receipt is not None else None,
+                    verified=receipt is not None,
+                )
+            )
+        if failure is not None and (self.require_receipt or jws is not None):
+            raise PaymentFailed(
+                "receipt_invalid",
+                f"paid (PaymentIntent {reference}), but the receipt failed: {failure}",
+                payer=payer,
+                answer=answer,
+                settlement=settlement,
+            )
+        return payment
 
     def _conclude(
         self,
@@ -287,7 +590,7 @@ class Agent:
                 code,
                 message,
                 status=answer.status,
-                payer=self.account.address,
+                payer=self.payer,
                 answer=answer,
                 settlement=settlement,
             )
@@ -303,7 +606,7 @@ class Agent:
                 receipt = self._verify_receipt(jws, keys, url, offer, settlement, now)
             except ReceiptError as exc:
                 problem = exc
-        payment = Payment(url, offer, asset, self.account.address, settlement, receipt, jws)
+        payment = Payment(url, offer, asset, self.payer, settlement, receipt, jws)
         if self.book is not None:
             self.book.add(
                 BookEntry(
@@ -315,7 +618,7 @@ class Agent:
                     asset=offer.asset,
                     amount=offer.amount,
                     pay_to=offer.pay_to,
-                    payer=self.account.address,
+                    payer=self.payer,
                     transaction=settlement.transaction or None,
                     receipt_jws=jws,
                     receipt_ref=receipt.receipt_ref if receipt is not None else None,
@@ -328,7 +631,7 @@ class Agent:
             raise PaymentFailed(
                 "receipt_invalid",
                 f"paid (transaction {settlement.transaction}), but the receipt failed: {problem}",
-                payer=self.account.address,
+                payer=self.payer,
                 answer=answer,
                 settlement=settlement,
             )
@@ -347,7 +650,7 @@ class Agent:
 
     # --- receipts -----------------------------------------------------------------------------
 
-    def _issuer_keys(self, url: str) -> Generator[Step, Answer, _IssuerKeys]:
+    def _issuer_keys(self, url: str) -> Generator[Step, Reply, _IssuerKeys]:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         now = time.monotonic()
@@ -358,11 +661,11 @@ class Agent:
         keys = _IssuerKeys(None, None, frozenset(), now + _DISCOVERY_TTL)
         # PEAC discovery is https-only: a plain-http origin can only sign as a did:key.
         if https_origin(url) is not None:
-            doc = yield Fetch(origin + ISSUER_PATH)
+            doc = _reply_answer((yield Fetch(origin + ISSUER_PATH)))
             if doc.status == 200 and len(doc.body) <= _MAX_DOCUMENT:
                 try:
                     config = parse_issuer_config(doc.body, expected_issuer=origin)
-                    jwks_answer = yield Fetch(config.jwks_uri)
+                    jwks_answer = _reply_answer((yield Fetch(config.jwks_uri)))
                     if jwks_answer.status != 200 or len(jwks_answer.body) > _MAX_DOCUMENT:
                         raise ReceiptError("E_VERIFY_JWKS_FETCH_FAILED", "JWKS fetch failed")
                     keys = _IssuerKeys(
@@ -388,6 +691,18 @@ class Agent:
         settlement: Settlement,
         now: int,
     ) -> VerifiedReceipt:
+        expected = {
+            "amount_minor": str(offer.amount),
+            "reference": settlement.transaction,
+            "event": "settlement",
+        }
+        return self._verify_record(jws, keys, url, expected, now)
+
+    def _verify_record(
+        self, jws: str, keys: _IssuerKeys, url: str, expected: Mapping[str, str], now: int
+    ) -> VerifiedReceipt:
+        """Verify the PEAC record's signature and that it names ``url`` and the ``expected``
+        commerce fields."""
         if keys.error is not None:
             raise ReceiptError("E_VERIFY_ISSUER_CONFIG_INVALID", keys.error)
         if keys.issuer is not None:
@@ -403,13 +718,9 @@ class Agent:
                     f"{receipt.issuer} publishes no peac-issuer.json at the resource's origin",
                 )
         commerce = receipt.claims.get("extensions", {}).get(_COMMERCE, {})
-        expected = {
-            "sub": (receipt.claims.get("sub"), url),
-            "amount_minor": (commerce.get("amount_minor"), str(offer.amount)),
-            "reference": (commerce.get("reference"), settlement.transaction),
-            "event": (commerce.get("event"), "settlement"),
-        }
-        for name, (got, want) in expected.items():
+        checks = {"sub": (receipt.claims.get("sub"), url)}
+        checks.update({name: (commerce.get(name), want) for name, want in expected.items()})
+        for name, (got, want) in checks.items():
             if got != want:
                 raise ReceiptError(
                     "E_RECEIPT_MISMATCH", f"receipt {name} is {got!r}, the payment's is {want!r}"
@@ -427,6 +738,9 @@ def _refusal_of(answer: Answer, settlement: Settlement | None) -> tuple[str, str
             body = None
         if isinstance(body, dict):
             code = body.get("code") or body.get("error")
+            kind = body.get("type")
+            if not code and isinstance(kind, str) and kind.startswith(mpp.PROBLEM_TYPE_BASE):
+                code = kind[len(mpp.PROBLEM_TYPE_BASE) :]
             if isinstance(code, str) and code:
                 detail = body.get("detail")
                 return code[:100], detail[:500] if isinstance(detail, str) else code

@@ -2,7 +2,8 @@
 
 A budget counts in one currency (the ``peg`` of the assets it pays with, e.g. ``"USD"``) at a fixed
 scale of 10**-18 currency units (:data:`SCALE`), so that an amount of any stablecoin converts to it
-exactly. Money is set aside before paying (:meth:`Budget.reserve`) and then either spent
+exactly, and so does an amount of a fiat currency in its minor units (:func:`fiat_to_units`, card
+payments: ``reserve(amount, currency="usd", ...)``). Money is set aside before paying (:meth:`Budget.reserve`) and then either spent
 (:meth:`Budget.commit`) or given back (:meth:`Budget.release`). Each call is one short SQLite
 transaction; ``reserve`` checks and sets aside in one ``BEGIN IMMEDIATE`` transaction, so any
 number of processes sharing the file together never exceed a limit.
@@ -25,11 +26,13 @@ from farebox.money import Asset, format_amount
 from farebox.store.sqlite import open_database
 
 __all__ = [
+    "FIAT_EXPONENTS",
     "SCALE",
     "Budget",
     "Limits",
     "Reservation",
     "Spending",
+    "fiat_to_units",
     "format_units",
     "parse_units",
     "to_units",
@@ -41,6 +44,23 @@ T = TypeVar("T")
 SCALE = 18
 
 DAY = 86_400
+
+# Minor-unit exponents of the currencies a card amount may be in, as Stripe counts amounts (its
+# "zero-decimal" and "three-decimal" lists; every other listed code has two decimals). Currencies
+# Stripe treats specially (ISK, HUF, TWD, UGX: amounts sent with two decimals that must be whole
+# units) are left out, so they are refused rather than counted wrong.
+_ZERO_DECIMAL = "BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF VND VUV XAF XOF XPF"
+_THREE_DECIMAL = "BHD JOD KWD OMR TND"
+_TWO_DECIMAL = (
+    "USD EUR GBP CHF CAD AUD NZD SEK NOK DKK PLN CZK RON BGN SGD HKD MXN BRL INR ZAR CNY AED ILS "
+    "TRY THB MYR PHP IDR SAR QAR EGP NGN KES COP PEN ARS MAD"
+)
+#: ISO 4217 code -> digits after the decimal point of its minor unit.
+FIAT_EXPONENTS: dict[str, int] = {
+    **dict.fromkeys(_TWO_DECIMAL.split(), 2),
+    **dict.fromkeys(_ZERO_DECIMAL.split(), 0),
+    **dict.fromkeys(_THREE_DECIMAL.split(), 3),
+}
 
 _SCHEMA_VERSION = 1
 _SCHEMA = (
@@ -164,6 +184,20 @@ def to_units(amount: int, asset: Asset) -> int:
     if shift >= 0:
         return amount * factor
     return -(-amount // factor)
+
+
+def fiat_to_units(amount: int, currency: str) -> int:
+    """``amount`` minor units of ``currency`` (``"usd"``: cents) in budget units, exactly.
+
+    Raises ``policy_refused`` for a currency whose minor unit is not known here.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+        raise ConfigError("an amount is a non-negative int of minor units")
+    exponent = FIAT_EXPONENTS.get(currency.upper()) if isinstance(currency, str) else None
+    if exponent is None:
+        raise PaymentError("policy_refused", f"unknown currency {str(currency)[:12]!r}")
+    factor: int = 10 ** (SCALE - exponent)
+    return amount * factor
 
 
 def format_units(units: int, currency: str) -> str:
@@ -300,19 +334,48 @@ class Budget:
             )
         return to_units(amount, asset)
 
+    def fiat_units(self, amount: int, currency: str) -> int:
+        """``amount`` minor units of ``currency`` in this budget's units; ``policy_refused`` for an
+        unknown currency or one other than the budget's."""
+        units = fiat_to_units(amount, currency)
+        if currency.upper() != self.currency:
+            raise PaymentError(
+                "policy_refused",
+                f"{currency.upper()} is not {self.currency}, the budget's currency",
+            )
+        return units
+
     def format(self, units: int) -> str:
         """Budget units for people, e.g. ``"0.1 USD"``."""
         return format_units(units, self.currency)
 
     def reserve(
-        self, amount: int, *, asset: Asset, now: int, payee: str = "", resource: str = ""
+        self,
+        amount: int,
+        *,
+        asset: Asset | None = None,
+        now: int,
+        payee: str = "",
+        resource: str = "",
+        currency: str | None = None,
     ) -> Reservation:
-        """Set aside ``amount`` atomic units of ``asset`` for one payment.
+        """Set aside ``amount`` atomic units of ``asset`` (or, with ``currency`` instead, minor
+        units of that fiat currency: a card payment) for one payment.
 
         Raises :class:`~farebox.errors.PaymentError` ``budget_exceeded`` naming the limit that
-        refuses and what it still allows, or ``policy_refused`` for an asset in another currency.
+        refuses and what it still allows, or ``policy_refused`` for an asset or currency other than
+        the budget's.
         """
-        units = self.to_units(amount, asset)
+        if (asset is None) == (currency is None):
+            raise ConfigError("reserve takes either an asset or a fiat currency")
+        if asset is not None:
+            units = self.to_units(amount, asset)
+            label = asset.caip19
+        else:
+            assert currency is not None
+            units = self.fiat_units(amount, currency)
+            # Kept in the asset column (its schema is unchanged): ISO 4217 in CAIP-19's style.
+            label = f"iso4217:{currency.upper()}"
         limits = self.limits
         if limits.per_request is not None and units > limits.per_request:
             raise _exceeded(
@@ -322,7 +385,7 @@ class Budget:
         reservation = Reservation(
             id=secrets.token_hex(16),
             amount=units,
-            asset=asset.caip19,
+            asset=label,
             asset_amount=amount,
             at=now,
             day=now // DAY,

@@ -10,6 +10,10 @@ error (same signed payment, same idempotency id) is the job of :class:`PaymentTr
 around the client's transport: ``httpx.Client(auth=PaymentAuth(agent),
 transport=PaymentTransport(httpx.HTTPTransport()))``. It resends only the paid retries this auth
 marks, and only errors raised before the response arrived (a body cut mid-stream is not resent).
+
+A card payment's token is minted with the agent's card: ``httpx.Client`` calls the wallet's
+blocking :meth:`~farebox.agent.card.CardWallet.mint`, ``httpx.AsyncClient`` awaits
+:meth:`~farebox.agent.card.CardWallet.mint_async`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import AsyncGenerator, Generator
 
 import httpx
 
-from farebox.agent.agent import Agent, Answer, Fetch, Payment, Retry
+from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, Retry
 from farebox.errors import PaymentError
 
 __all__ = ["PAYMENT_EXTENSION", "PaymentAuth", "PaymentTransport"]
@@ -30,6 +34,15 @@ _FETCH = "farebox.fetch"
 _RESENDS = "farebox.resends"
 
 Exchange = tuple[httpx.Response, bytes | None]
+# What the shared flow asks the sync or async face to do, and what it gets back.
+Outgoing = httpx.Request | MintToken
+Incoming = Exchange | str | BaseException
+
+
+def _already_paying(request: httpx.Request) -> bool:
+    # The caller set a payment header itself: its 402 is the caller's to handle.
+    authorization = request.headers.get("authorization", "")
+    return "payment-signature" in request.headers or authorization[:8].lower() == "payment "
 
 
 def _wants_body(response: httpx.Response) -> bool:
@@ -53,20 +66,30 @@ class PaymentAuth(httpx.Auth):
         self.agent = agent
         self.max_body = max_body
 
-    def _flow(self, request: httpx.Request) -> Generator[httpx.Request, Exchange, None]:
-        response, body = yield request
-        if response.status_code != 402 or "payment-signature" in request.headers:
+    def _flow(self, request: httpx.Request) -> Generator[Outgoing, Incoming, None]:
+        first = yield request
+        assert isinstance(first, tuple)
+        response, body = first
+        if response.status_code != 402 or _already_paying(request):
             return
         flow = self.agent.pay(request.method, str(request.url), _answer(response, body))
         payment: Payment | None = None
         try:
             step = next(flow)
             while True:
+                if isinstance(step, MintToken):
+                    minted = yield step
+                    if isinstance(minted, BaseException):
+                        step = flow.throw(minted)
+                    else:
+                        assert isinstance(minted, str)
+                        step = flow.send(minted)
+                    continue
                 if isinstance(step, Retry):
                     for name, value in step.headers.items():
                         request.headers[name] = value
                     request.extensions = {**request.extensions, _RESENDS: self.agent.resends}
-                    response, body = yield request
+                    exchange = yield request
                 else:
                     assert isinstance(step, Fetch)
                     fetch = httpx.Request(
@@ -75,7 +98,9 @@ class PaymentAuth(httpx.Auth):
                         headers={"accept": "application/json"},
                         extensions={_FETCH: True},
                     )
-                    response, body = yield fetch
+                    exchange = yield fetch
+                assert isinstance(exchange, tuple)
+                response, body = exchange
                 step = flow.send(_answer(response, body))
         except StopIteration as done:
             payment = done.value
@@ -99,13 +124,21 @@ class PaymentAuth(httpx.Auth):
         flow = self._flow(request)
         outgoing = next(flow)
         while True:
-            response = yield outgoing
-            body: bytes | None = None
-            if _wants_body(response):
-                self._check_size(response)
-                body = self._bounded(response.read())
+            incoming: Incoming
+            if isinstance(outgoing, MintToken):
+                try:
+                    incoming = outgoing.wallet.mint(outgoing.request)
+                except Exception as exc:  # handed to the flow, which releases and raises it
+                    incoming = exc
+            else:
+                response = yield outgoing
+                body: bytes | None = None
+                if _wants_body(response):
+                    self._check_size(response)
+                    body = self._bounded(response.read())
+                incoming = (response, body)
             try:
-                outgoing = flow.send((response, body))
+                outgoing = flow.send(incoming)
             except StopIteration:
                 return
 
@@ -115,13 +148,21 @@ class PaymentAuth(httpx.Auth):
         flow = self._flow(request)
         outgoing = next(flow)
         while True:
-            response = yield outgoing
-            body: bytes | None = None
-            if _wants_body(response):
-                self._check_size(response)
-                body = self._bounded(await response.aread())
+            incoming: Incoming
+            if isinstance(outgoing, MintToken):
+                try:
+                    incoming = await outgoing.wallet.mint_async(outgoing.request)
+                except Exception as exc:  # handed to the flow, which releases and raises it
+                    incoming = exc
+            else:
+                response = yield outgoing
+                body: bytes | None = None
+                if _wants_body(response):
+                    self._check_size(response)
+                    body = self._bounded(await response.aread())
+                incoming = (response, body)
             try:
-                outgoing = flow.send((response, body))
+                outgoing = flow.send(incoming)
             except StopIteration:
                 return
 

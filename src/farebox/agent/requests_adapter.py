@@ -3,7 +3,9 @@
 ``session = PaymentSession(agent)``; ``session.get(url)`` pays when asked to and returns the paid
 response, whose :class:`~farebox.agent.agent.Payment` is in ``response.farebox_payment``. A paid
 retry that fails to connect or times out is handed back to the flow, which sends the same signed
-payment and idempotency id again (``Agent.resends`` times) before the error is raised.
+payment and idempotency id again (``Agent.resends`` times) before the error is raised. A card
+payment's token is minted with the card wallet's blocking
+:meth:`~farebox.agent.card.CardWallet.mint`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the requests adapter needs: pip install 'farebox[requests]'") from exc
 
-from farebox.agent.agent import Agent, Answer, Fetch, Payment, Retry
+from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, Retry
 
 __all__ = ["PaymentSession"]
 
@@ -47,7 +49,12 @@ class PaymentSession(requests.Session):
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         stream = kwargs.pop("stream", False)
         response = super().send(request, stream=True, **kwargs)
-        if response.status_code != 402 or "payment-signature" in request.headers:
+        authorization = str(request.headers.get("authorization", ""))
+        if (
+            response.status_code != 402
+            or "payment-signature" in request.headers
+            or authorization[:8].lower() == "payment "
+        ):
             return self._finish(response, stream)
         flow = self.agent.pay(
             str(request.method), str(request.url), _answer(response, self.max_body)
@@ -56,6 +63,14 @@ class PaymentSession(requests.Session):
         try:
             step = next(flow)
             while True:
+                if isinstance(step, MintToken):
+                    try:
+                        spt = step.wallet.mint(step.request)
+                    except Exception as exc:  # the flow releases the reservation and raises
+                        step = flow.throw(exc)
+                        continue
+                    step = flow.send(spt)
+                    continue
                 if isinstance(step, Retry):
                     retry = request.copy()
                     retry.headers.update(step.headers)
