@@ -95,6 +95,9 @@ REASONS: Mapping[str, Reason] = _table(
     ("card_payment_mismatch", 402, "Card payment amount, currency or reference differs"),
     ("card_payment_refunded", 402, "Card payment refunded or disputed"),
     ("refund_refused", 409, "Refund refused: more than remains, or the payment failed"),
+    ("refund_in_progress", 409, "Another refund of this payment is running"),
+    ("receipt_not_found", 404, "No record with that receipt reference"),
+    ("invoice_conflict", 409, "An invoice with that reference or PaymentIntent exists"),
     # farebox's own.
     ("proof_replayed", 402, "Payment proof already used"),
     ("budget_exceeded", 402, "Agent budget refuses this payment"),
