@@ -48,6 +48,7 @@ def reconcile_command(
             "released": report.released,
             "waiting": report.waiting,
             "errors": report.errors,
+            "pruned": report.pruned,
         }
 
     try:

@@ -20,6 +20,7 @@ from farebox.ledgers.devchain import DevChain
 from farebox.receipts.records import verify_receipt
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.card import CardRail
+from farebox.server.reconcile import Reconciler
 from farebox.server.routes import CardOffer, RouteTable
 from farebox.store.base import Invoice, invoice_claim_key
 from tests.e2e.conftest import ISSUER, Paid, chain, make_gate
@@ -399,3 +400,30 @@ async def test_without_stripe_the_402_offers_no_invoice(chain: DevChain) -> None
         assert not payment["reference"].startswith("inv_")
     finally:
         await http_client.close_async()
+
+
+async def test_the_reconciler_frees_a_dead_requests_invoice_and_prunes_unpaid_ones(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    store = api.paid.store
+    paid_one = await api.invoice()
+    unpaid = await api.invoice()
+    pay(stripe_client, paid_one["payment_intent"])
+    # A request that claimed the paid invoice and whose process died before recording anything.
+    key = invoice_claim_key(paid_one["reference"])
+    assert await store.claim(key, owner="dead", now=int(api.clock())) is not None
+    status, problem = await api.present(paid_one["payment_intent"])
+    assert (status, problem["code"]) == (402, "proof_replayed")
+
+    reconciler = Reconciler(store, [], clock=lambda: api.clock.now + 121)
+    report = await reconciler.run_once()
+    assert (report.released, report.pruned) == (1, 0)
+    assert (await api.present(paid_one["payment_intent"]))[0] == 200
+
+    # A day after expiry, the invoices nobody paid (the 402 above and the one that came with the
+    # refusal) are pruned; the paid one is kept.
+    later = Reconciler(store, [], clock=lambda: api.clock.now + 900 + 86_401)
+    assert (await later.run_once()).pruned == 2
+    assert await store.get_invoice(unpaid["reference"]) is None
+    assert await store.get_invoice(paid_one["reference"]) is not None

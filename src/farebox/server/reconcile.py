@@ -8,6 +8,14 @@ whether a given transaction succeeded. A claim becomes ``settled`` when the mone
 released when it provably never will (its transaction reverted or vanished and the authorization
 is still unused after ``release_after`` seconds, longer than any authorization's window).
 Nothing is ever broadcast here.
+
+Card claims: an X-Receipt invoice (``invoice/<reference>``) is claimed only after its payment
+succeeded, so one held past ``held_grace`` is a request whose process died before the response was
+recorded; it is released, so the payer can present the same receipt again (the payer paid; whether
+the lost response reached it is unknown, and re-serving errs on the side of the payer). Expired
+invoices nobody paid are pruned a day after they expire. An MPP claim (``mpp/<challenge id>``)
+left held is not judged here: whether its token was charged is known only to Stripe, and its
+challenge expires within minutes, so a payer is never left without a way to pay.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import anyio
 
 from farebox.errors import PaymentError
 from farebox.ledgers.evm import EvmLedger
-from farebox.store.base import Claim, Event, Store
+from farebox.store.base import INVOICE_CLAIM_PREFIX, Claim, Event, Store
 
 __all__ = ["ReconcileReport", "Reconciler", "parse_claim_key"]
 
@@ -30,12 +38,14 @@ logger = logging.getLogger("farebox.reconcile")
 
 @dataclass
 class ReconcileReport:
-    """What one pass found: claims settled, released, still open, and ledger errors."""
+    """What one pass found: claims settled, released, still open, and ledger errors; and how many
+    expired unpaid invoices were pruned."""
 
     settled: int = 0
     released: int = 0
     waiting: int = 0
     errors: int = 0
+    pruned: int = 0
 
     @property
     def examined(self) -> int:
@@ -75,12 +85,14 @@ class Reconciler:
         *,
         held_grace: int = 120,
         release_after: int = 3600,
+        invoice_retention: int = 86_400,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.ledgers = {ledger.network: ledger for ledger in ledgers}
         self.held_grace = held_grace
         self.release_after = release_after
+        self.invoice_retention = invoice_retention
         self.clock = clock
 
     async def run_once(self, *, limit: int = 500) -> ReconcileReport:
@@ -100,6 +112,7 @@ class Reconciler:
                 report.released += 1
             else:
                 report.waiting += 1
+        report.pruned = await self.store.prune_invoices(before=now - self.invoice_retention)
         return report
 
     async def run_forever(self, *, interval: float = 15.0) -> None:
@@ -107,13 +120,15 @@ class Reconciler:
         while True:
             try:
                 report = await self.run_once()
-                if report.examined:
+                if report.examined or report.pruned:
                     logger.info("reconciled: %s", report)
             except PaymentError as exc:  # the store is down: try again later
                 logger.warning("reconciliation skipped: %s", exc.code)
             await anyio.sleep(interval)
 
     async def _resolve(self, claim: Claim, now: int) -> str:
+        if claim.key.startswith(INVOICE_CLAIM_PREFIX) and claim.state == "held":
+            return await self._record(claim, False, None, now)  # see the module docstring
         parsed = parse_claim_key(claim.key)
         ledger = self.ledgers.get(parsed[0]) if parsed is not None else None
         if parsed is None or ledger is None:
