@@ -215,7 +215,13 @@ def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) ->
             check=False,
         )
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == {"settled": 1, "released": 0, "waiting": 0, "errors": 0}
+        assert json.loads(result.stdout) == {
+            "settled": 1,
+            "released": 0,
+            "waiting": 0,
+            "errors": 0,
+            "pruned": 0,
+        }
 
         async def recorded() -> tuple[str, str | None]:
             store = SqliteStore(tmp_path / "payments.sqlite")
