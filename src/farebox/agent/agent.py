@@ -78,6 +78,7 @@ __all__ = [
     "PaymentFailed",
     "Retry",
     "Step",
+    "card_challenges",
     "new_request_id",
 ]
 
@@ -323,6 +324,11 @@ class Agent:
         return payable[0][2]
 
     def _choose_rail(self, first: Answer) -> _Choice:
+        if self.card is None:
+            # An x402-only agent: the challenge's and the offers' own errors, as they always were.
+            only = read_challenge(first.headers, first.body)
+            offer, asset = self.choose(only)
+            return _Choice(X402_RAIL, only, offer, asset)
         reasons: dict[str, str] = {}
         choices: dict[str, _Choice] = {}
         try:
@@ -338,12 +344,11 @@ class Agent:
                 choices[X402_RAIL] = _Choice(X402_RAIL, challenge, offer, asset)
             except PaymentError as exc:
                 reasons[X402_RAIL] = exc.message
-        if self.card is not None:
-            try:
-                card = self.choose_card(card_challenges(first))
-                choices[CARD_RAIL] = _Choice(CARD_RAIL, card=card)
-            except PaymentError as exc:
-                reasons[CARD_RAIL] = exc.message
+        try:
+            card = self.choose_card(card_challenges(first))
+            choices[CARD_RAIL] = _Choice(CARD_RAIL, card=card)
+        except PaymentError as exc:
+            reasons[CARD_RAIL] = exc.message
         for rail in self.prefer:
             if rail in choices:
                 return choices[rail]
