@@ -330,15 +330,20 @@ class Dropping(httpx.BaseTransport):
     """Fails the first paid request: before sending it (``after=False``) or after the server
     answered it (``after=True``, a lost answer). Records every credential sent."""
 
-    def __init__(self, *, after: bool) -> None:
+    def __init__(self, *, after: bool, strip_idempotency: bool = False) -> None:
         self.inner = httpx.HTTPTransport()
         self.after = after
+        self.strip_idempotency = strip_idempotency
         self.sent: list[str] = []
+        self.keys: list[str | None] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         credential = request.headers.get("authorization")
+        if self.strip_idempotency:
+            request.headers.pop("idempotency-key", None)
         if credential is not None:
             self.sent.append(credential)
+            self.keys.append(request.headers.get("idempotency-key"))
             if len(self.sent) == 1:
                 if self.after:
                     self.inner.handle_request(request).read()
@@ -363,24 +368,43 @@ def test_a_dropped_connection_resends_the_same_credential_charged_once(
     check_card_payment(agent, response.extensions[PAYMENT_EXTENSION], fake, seller)
 
 
-def test_a_lost_answer_is_not_paid_twice_and_counts_as_spent(
+def test_a_lost_answer_is_replayed_not_paid_twice(
     fake: FakeStripe, seller: Seller, agent_stripe: Any
 ) -> None:
     agent = card_agent(agent_stripe)
     dropping = Dropping(after=True)
+    with httpx.Client(auth=PaymentAuth(agent), transport=PaymentTransport(dropping)) as client:
+        response = client.get(f"{seller.base}/report")
+    # The first send was served and charged, its answer lost; the resend of the same credential
+    # under the same Idempotency-Key gets the stored answer.
+    assert response.status_code == 200
+    assert response.headers["idempotent-replayed"] == "true"
+    first, second = dropping.sent
+    assert first == second
+    assert dropping.keys[0] is not None
+    assert dropping.keys[0] == dropping.keys[1]
+    assert len(fake.posts(ISSUED_TOKENS_PATH)) == 1
+    [intent] = fake.intents.values()
+    assert intent["status"] == "succeeded"
+    spent = agent.budget.spent(now=int(time.time()))
+    assert (spent.total_committed, spent.total_reserved) == (50 * CENTS, 0)
+
+
+def test_a_lost_answer_without_the_key_is_not_paid_twice_and_counts_as_spent(
+    fake: FakeStripe, seller: Seller, agent_stripe: Any
+) -> None:
+    # A server that keeps no responses: the resend is refused as used, the charge counted.
+    agent = card_agent(agent_stripe)
+    dropping = Dropping(after=True, strip_idempotency=True)
     with (
         httpx.Client(auth=PaymentAuth(agent), transport=PaymentTransport(dropping)) as client,
         pytest.raises(PaymentFailed) as caught,
     ):
         client.get(f"{seller.base}/report")
-    # The first send was served and charged; the resend of the same credential is refused as
-    # used, and the budget counts the charge.
     assert caught.value.code == "proof_replayed"
-    first, second = dropping.sent
-    assert first == second
     assert len(fake.posts(ISSUED_TOKENS_PATH)) == 1
     [intent] = fake.intents.values()
-    assert intent["status"] == "succeeded"
+    assert intent["id"] in (caught.value.message or "")
     spent = agent.budget.spent(now=int(time.time()))
     assert (spent.total_committed, spent.total_reserved) == (50 * CENTS, 0)
 

@@ -437,7 +437,11 @@ class Agent:
                 challenge=challenge.echo(), payload=mpp.StripePayload(spt).to_json()
             )
             header = challenge.header or mpp.AUTHORIZATION
-            step = Retry({header: mpp.render_authorization(credential)})
+            # One id per logical request: a resend after a lost answer gets the stored response
+            # from a server that keeps them (farebox does) instead of a refusal.
+            step = Retry(
+                {header: mpp.render_authorization(credential), IDEMPOTENCY_KEY: new_request_id()}
+            )
             failures = 0
             while True:
                 sent = True
