@@ -7,6 +7,10 @@ facilitator such as :class:`LocalFacilitator` over an :class:`EvmLedger`, a stor
 its :class:`Policy` and :class:`Budget`, through httpx (:class:`PaymentAuth`) or requests
 (``farebox.agent.requests_adapter.PaymentSession``). :class:`DevChain` is the embedded EVM.
 
+Cards: a route's :class:`CardOffer` and the gate's :class:`CardRail` (over a :class:`StripeLedger`)
+offer MPP ``Payment`` challenges (Shared Payment Tokens) and X-Receipt invoices beside x402; an
+agent holding a :class:`CardWallet` pays them; :func:`refund_payment` refunds with a signed record.
+
 The wire layer stays importable on its own: :func:`render_challenge`, :func:`read_challenge`,
 :func:`decode_proof`, :func:`find_offer`, the ``exact`` scheme (:mod:`farebox.schemes.evm_exact`),
 and PEAC records (:func:`issue_receipt`, :func:`verify_receipt`). Importing ``farebox`` loads no
@@ -50,6 +54,7 @@ if _typing.TYPE_CHECKING:
     from farebox.agent.agent import Agent, Payment
     from farebox.agent.book import ReceiptBook
     from farebox.agent.budget import Budget, Limits
+    from farebox.agent.card import CardWallet
     from farebox.agent.httpx_auth import PaymentAuth
     from farebox.agent.policy import Policy
     from farebox.agent.wallet import load_wallet
@@ -57,9 +62,12 @@ if _typing.TYPE_CHECKING:
     from farebox.ledgers.devchain import DevChain
     from farebox.ledgers.evm import EvmLedger
     from farebox.ledgers.rpc import HttpRpc
+    from farebox.ledgers.stripe import StripeLedger
     from farebox.server.asgi import PaymentMiddleware
+    from farebox.server.card import CardRail
     from farebox.server.gate import Gate
-    from farebox.server.routes import RouteTable
+    from farebox.server.refunds import refund_payment
+    from farebox.server.routes import CardOffer, RouteTable
     from farebox.server.wsgi import WsgiPaymentMiddleware
     from farebox.store.memory import MemoryStore
     from farebox.store.sqlite import SqliteStore
@@ -71,6 +79,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Agent": "farebox.agent.agent",
     "Budget": "farebox.agent.budget",
+    "CardOffer": "farebox.server.routes",
+    "CardRail": "farebox.server.card",
+    "CardWallet": "farebox.agent.card",
     "DevChain": "farebox.ledgers.devchain",
     "EvmLedger": "farebox.ledgers.evm",
     "Gate": "farebox.server.gate",
@@ -85,8 +96,10 @@ _LAZY = {
     "ReceiptBook": "farebox.agent.book",
     "RouteTable": "farebox.server.routes",
     "SqliteStore": "farebox.store.sqlite",
+    "StripeLedger": "farebox.ledgers.stripe",
     "WsgiPaymentMiddleware": "farebox.server.wsgi",
     "load_wallet": "farebox.agent.wallet",
+    "refund_payment": "farebox.server.refunds",
 }
 
 
@@ -110,6 +123,9 @@ __all__ = [
     "Asset",
     "AssetRegistry",
     "Budget",
+    "CardOffer",
+    "CardRail",
+    "CardWallet",
     "Challenge",
     "ConfigError",
     "DevChain",
@@ -137,6 +153,7 @@ __all__ = [
     "Settlement",
     "SigningKey",
     "SqliteStore",
+    "StripeLedger",
     "VerifiedProof",
     "VerifiedReceipt",
     "WsgiPaymentMiddleware",
@@ -152,6 +169,7 @@ __all__ = [
     "parse_price",
     "payment_claims",
     "read_challenge",
+    "refund_payment",
     "render_challenge",
     "save_signing_key",
     "verify_receipt",
