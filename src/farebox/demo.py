@@ -3,10 +3,18 @@
 An unpaid call and its 402; the agent paying within its budget; the server verifying, serving,
 settling on the EVM and signing a PEAC record that the agent verifies; the same proof replayed and
 refused; and a call that the agent's budget refuses before anything is signed.
+
+Then cards, on a route that offers x402 and cards in one 402: an agent holding only a card pays
+with a Shared Payment Token (MPP ``Payment``), the crypto agent pays the same route with x402, a
+payer settles an invoice out of band and presents ``X-Receipt``, and the card payment is partly
+refunded with a signed refund record. Stripe cannot be reached offline: the card calls go to
+:mod:`farebox.ledgers.devstripe`, a local stand-in that follows Stripe's documented API and moves
+no money (the demo says so). Without the ``stripe`` library the card chapter is skipped.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import anyio
@@ -153,6 +161,13 @@ async def _story(console: Console) -> dict[str, Any]:
         f"{len(agent.book.entries()) if agent.book else 0} entries; spent today: "
         f"{format_amount(spent.today, SCALE)} {spent.currency}."
     )
+    if importlib.util.find_spec("stripe") is None:
+        console.print("Cards: skipped (install farebox[stripe] for the card chapter).")
+        facts["card"] = None
+        return facts
+    from farebox.demo_cards import card_story
+
+    facts["card"] = await card_story(console, chain)
     return facts
 
 

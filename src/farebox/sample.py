@@ -2,15 +2,17 @@
 
 ``GET /weather`` costs $0.01 in the devchain's test USDC; ``GET /health`` is free. The roles use the
 standard development accounts: #1 settles (pays the gas), #2 is the merchant (payTo), #3 is the
-agent of the demo.
+agent of the demo. Given a card ledger, ``GET /report`` ($0.50) also takes cards: MPP Shared
+Payment Tokens and X-Receipt invoices.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
@@ -18,10 +20,14 @@ from farebox.ledgers.evm import EvmLedger
 from farebox.money import ASSETS
 from farebox.receipts import SigningKey
 from farebox.server.asgi import PaymentMiddleware, run_lifespan
+from farebox.server.card import CardRail
 from farebox.server.gate import Gate
-from farebox.server.routes import RouteTable
+from farebox.server.routes import CardOffer, RouteTable
 from farebox.store.base import Store
 from farebox.store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from farebox.ledgers.stripe import StripeLedger
 
 __all__ = ["SampleApi", "build_sample_api", "weather_app"]
 
@@ -51,6 +57,8 @@ async def weather_app(
     path = scope["path"]
     if path == "/weather":
         status, body = 200, {"city": "Lisbon", "forecast": "sunny", "temperature_c": 21}
+    elif path == "/report":
+        status, body = 200, {"report": "Q3 weather outlook", "pages": 12}
     elif path == "/health":
         status, body = 200, {"ok": True}
     else:
@@ -93,8 +101,11 @@ def build_sample_api(
     issuer: str | None = None,
     price: str = "$0.01",
     app: ASGIApp = weather_app,
+    card: StripeLedger | None = None,
+    card_profile: str = "",
 ) -> SampleApi:
-    """The sample API on ``chain`` (a new embedded chain by default)."""
+    """The sample API on ``chain`` (a new embedded chain by default); with ``card`` (a Stripe
+    ledger of the seller whose Stripe profile is ``card_profile``) ``GET /report`` takes cards."""
     chain = chain or DevChain()
     ASSETS.register(chain.asset)
     routes = RouteTable()
@@ -107,6 +118,17 @@ def build_sample_api(
         description="Today's weather",
         mime_type="application/json",
     )
+    if card is not None:
+        routes.add(
+            "GET",
+            "/report",
+            "$0.50",
+            assets=chain.asset,
+            pay_to=chain.accounts[MERCHANT].address,
+            description="The quarterly report",
+            mime_type="application/json",
+            card=CardOffer(network_id=card_profile, realm="farebox-sample", invoice=True),
+        )
     ledger = EvmLedger(chain.rpc, chain.accounts[SETTLER].account, network=chain.network)
     store = store or MemoryStore()
     gate = Gate(
@@ -115,5 +137,6 @@ def build_sample_api(
         store,
         signing_key=signing_key or SigningKey.generate(),
         issuer=issuer,
+        card=CardRail(secrets.token_bytes(32), card) if card is not None else None,
     )
     return SampleApi(chain, gate, PaymentMiddleware(app, gate), ledger, routes, store)
