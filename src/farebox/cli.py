@@ -21,6 +21,7 @@ from rich.text import Text
 
 from farebox.cli_db import db_migrate_command
 from farebox.cli_devchain import devchain_command
+from farebox.cli_devstripe import devstripe_command
 from farebox.cli_facilitator import facilitator_command
 from farebox.cli_reconcile import reconcile_command
 from farebox.cli_refund import refund_command
@@ -46,6 +47,7 @@ db_app = typer.Typer(help="The PostgreSQL payment store.", no_args_is_help=True)
 db_app.command("migrate")(db_migrate_command)
 app.add_typer(db_app, name="db")
 app.command("devchain")(devchain_command)
+app.command("devstripe")(devstripe_command)
 app.command("facilitator")(facilitator_command)
 app.command("serve")(serve_command)
 app.command("reconcile")(reconcile_command)

@@ -242,3 +242,69 @@ def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) ->
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning")
+def test_serve_takes_cards_through_devstripe(tmp_path: Path) -> None:
+    """`farebox devstripe` and `farebox serve examples/card.toml` (pointed at it) in their own
+    processes; an agent holding only a card pays over HTTP, then an invoice is paid out of band."""
+    stripe = pytest.importorskip("stripe")
+    from farebox.agent.agent import Agent
+    from farebox.agent.budget import Budget
+    from farebox.agent.card import CardWallet
+    from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
+    from farebox.ledgers.devstripe import AGENT_KEY
+
+    stand_in_port, api_port = free_port(), free_port()
+    stand_in = f"http://127.0.0.1:{stand_in_port}"
+    api = f"http://127.0.0.1:{api_port}"
+    example = Path(__file__).parents[2] / "examples" / "card.toml"
+    config = tmp_path / "card.toml"
+    config.write_text(example.read_text().replace("http://127.0.0.1:12111", stand_in))
+    env = dict(os.environ, STRIPE_SECRET_KEY="sk_test_farebox_fake")
+    processes = [
+        subprocess.Popen(
+            [*FAREBOX, "devstripe", "--port", str(stand_in_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [*FAREBOX, "serve", str(config), "--port", str(api_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        ),
+    ]
+    try:
+        wait_for(api + "/weather")
+        assert "www-authenticate" not in httpx.get(api + "/weather").headers  # under the minimum
+        wallet = CardWallet(
+            stripe.StripeClient(AGENT_KEY, base_addresses={"api": stand_in}, max_network_retries=0),
+            "pm_card_visa",
+        )
+        agent = Agent(card=wallet, budget=Budget.from_prices(None, per_request="$1"))
+        with httpx.Client(auth=PaymentAuth(agent)) as client:
+            paid = client.get(api + "/report")
+        assert paid.status_code == 200, paid.text
+        assert paid.json() == {"report": "Q3 weather outlook"}
+        payment = paid.extensions[PAYMENT_EXTENSION]
+        assert payment.rail == "stripe"
+        assert payment.settlement.transaction.startswith("pi_")
+        assert payment.receipt is not None  # the PEAC record verified
+
+        unpaid = httpx.get(api + "/report").json()["payment"]
+        [invoice] = [m for m in unpaid["methods"] if m["protocol"] == "x-receipt"]
+        assert unpaid["reference"] == invoice["reference"]
+        confirmed = httpx.post(
+            f"{stand_in}/v1/payment_intents/{invoice['payment_intent']}/confirm",
+            data={"client_secret": invoice["client_secret"], "payment_method": "pm_card_visa"},
+            headers={"authorization": "Bearer pk_test_farebox_fake"},
+        )
+        assert confirmed.json()["status"] == "succeeded"
+        served = httpx.get(api + "/report", headers={"x-receipt": invoice["client_secret"]})
+        assert served.status_code == 200
+        assert "peac-receipt" in served.headers
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(timeout=10)

@@ -163,6 +163,7 @@ class DevStripe:
 
     api_key: str = "sk_test_farebox_fake"
     publishable_key: str = "pk_test_farebox_fake"
+    keep_requests: bool = True  # a long-running stand-in keeps no request log
     placement: Placement = "both"
     profile: str = SELLER_PROFILE
     agent_keys: Mapping[str, str] = field(default_factory=lambda: {AGENT_KEY: "profile_fake_agent"})
@@ -213,7 +214,8 @@ class DevStripe:
     ) -> tuple[int, dict[str, str], dict[str, Any]]:
         """Answer one request: (status, extra headers, JSON body)."""
         with self._lock:  # one request at a time: the state is small and tests are short
-            self.requests.append(RecordedRequest(method, path, dict(headers), query, form))
+            if self.keep_requests:
+                self.requests.append(RecordedRequest(method, path, dict(headers), query, form))
             account = self._account(headers.get("authorization"))
             if account is None:
                 return 401, {}, _error_body(_invalid("Invalid API Key provided.", status=401))
@@ -654,11 +656,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def running_devstripe(fake: DevStripe | None = None) -> Iterator[DevStripe]:
-    """Serve ``fake`` (a new one by default) on 127.0.0.1 for the duration of the block."""
+def running_devstripe(fake: DevStripe | None = None, *, port: int = 0) -> Iterator[DevStripe]:
+    """Serve ``fake`` (a new one by default) on 127.0.0.1 for the duration of the block.
+
+    Loopback only, always: the stand-in's keys are fixed and public. ``port`` 0 lets the kernel
+    pick a free one (``fake.url`` says which).
+    """
     fake = fake if fake is not None else DevStripe()
     handler = type("Handler", (_Handler,), {"fake": fake})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, name="fake-stripe", daemon=True)
     thread.start()
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
