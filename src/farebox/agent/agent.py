@@ -396,26 +396,35 @@ class Agent:
             )
             header = PAYMENT_SIGNATURE if proof.x402_version == 2 else X_PAYMENT
             step = Retry({header: encode_proof(proof), IDEMPOTENCY_KEY: request_id})
-            failures = 0
-            while True:
-                sent = True
-                try:
-                    answer = _reply_answer((yield step))
-                    break
-                except Exception:
-                    # A transport failure thrown in by the driver: the same proof and id again,
-                    # so a server that settled the first one replays instead of charging twice.
-                    failures += 1
-                    if failures > self.resends:
-                        raise
+            sent = True
+            answer = yield from self._send(step)
         except BaseException:
-            if sent:
-                # The signed authorization left the agent: it may settle until it expires.
-                self.budget.commit(reservation, now=int(self.clock()))
-            else:
-                self.budget.release(reservation)
+            self._unreserve(reservation, sent=sent)
             raise
         return self._conclude(method, url, offer, asset, reservation, keys, answer)
+
+    def _send(self, step: Retry) -> Generator[Step, Reply, Answer]:
+        """Send the paid retry; after a transport failure (thrown in by the driver) the very same
+        step again, up to ``resends`` times: the same proof or credential and the same id, so a
+        server that already took the payment replays its answer (or refuses the reuse) instead of
+        charging twice; the schemes (a nonce, a challenge id and Stripe's idempotency key) make
+        the payment itself single use."""
+        failures = 0
+        while True:
+            try:
+                return _reply_answer((yield step))
+            except Exception:
+                failures += 1
+                if failures > self.resends:
+                    raise
+
+    def _unreserve(self, reservation: Reservation, *, sent: bool) -> None:
+        """The flow failed: a payment that left the agent (a signed authorization, a token) may
+        still be taken until it expires, so it counts as spent; one that never left is released."""
+        if sent:
+            self.budget.commit(reservation, now=int(self.clock()))
+        else:
+            self.budget.release(reservation)
 
     def _pay_card(
         self, method: str, url: str, challenge: mpp.Challenge
@@ -442,24 +451,10 @@ class Agent:
             step = Retry(
                 {header: mpp.render_authorization(credential), IDEMPOTENCY_KEY: new_request_id()}
             )
-            failures = 0
-            while True:
-                sent = True
-                try:
-                    answer = _reply_answer((yield step))
-                    break
-                except Exception:
-                    # The same credential again: the server claims its challenge id once and
-                    # Stripe's idempotency key (challenge id + token) charges it once.
-                    failures += 1
-                    if failures > self.resends:
-                        raise
+            sent = True
+            answer = yield from self._send(step)
         except BaseException:
-            if sent:
-                # The token left the agent: the seller may still charge it until it expires.
-                self.budget.commit(reservation, now=int(self.clock()))
-            else:
-                self.budget.release(reservation)
+            self._unreserve(reservation, sent=sent)
             raise
         return self._conclude_card(method, url, challenge, seller, reservation, keys, answer)
 
