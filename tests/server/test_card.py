@@ -245,18 +245,46 @@ async def test_a_credential_for_a_cheaper_route_is_refused(
     assert fake.posts(INTENTS) == []
 
 
-async def test_an_app_error_charges_nothing(
+async def test_an_app_error_is_refunded_in_full(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    paid, asgi = setup(chain, ledger, Clock())
     [card] = await offered(asgi, "/boom")
     header = authorization(card, "spt_succeeds_6")
     [start, _] = await call(asgi, "/boom", [header])
+    # The token was charged before the app ran; the app failed, so nothing was delivered: the
+    # error passes through, the charge is refunded in full, and no receipt is issued.
     assert start["status"] == 500
-    assert fake.posts(INTENTS) == []
-    # The claim was released: the same credential may be answered again.
-    [start, _] = await call(asgi, "/boom", [header])
-    assert start["status"] == 500
+    assert not [k for k, _ in headers_of(start) if k in ("payment-receipt", "peac-receipt")]
+    [intent] = fake.intents.values()
+    assert intent["status"] == "succeeded"
+    [refund] = fake.refunds.values()
+    assert (refund["payment_intent"], refund["amount"]) == (intent["id"], 50)
+    [posted] = fake.posts("/v1/refunds")
+    assert posted.headers["idempotency-key"] == "farebox_unserved_" + intent["id"]
+    kinds = [e.kind for e in await paid.store.events(reference=intent["id"])]
+    assert sorted(kinds) == ["refund", "settlement"]
+    # The credential is spent: presenting it again is refused, and nothing more is charged.
+    again = await call(asgi, "/boom", [header])
+    assert problem(again)["code"] == "proof_replayed"
+    assert len(fake.posts(INTENTS)) == 1
+
+
+async def test_a_token_that_does_not_pay_never_reaches_the_app(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    reached: list[str] = []
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await app(scope, receive, send)
+
+    paid, _ = setup(chain, ledger, Clock())
+    asgi = PaymentMiddleware(counting, paid.gate)
+    [card] = await offered(asgi, "/report")
+    for token in ("spt_declines_9", "spt_unknown_9", "spt_requires_action_9"):
+        problem(await call(asgi, "/report", [authorization(card, token)]))
+    assert reached == []  # the 402s and the three refusals are the gate's own answers
 
 
 async def test_a_lost_response_is_replayed_under_its_idempotency_key(

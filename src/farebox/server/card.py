@@ -8,12 +8,13 @@ offered (x402 still is).
 A request carrying ``Authorization: Payment …`` is checked here: the credential is parsed, its
 challenge verified statelessly (HMAC binding and expiry, :func:`~farebox.protocol.mpp.verify_credential`),
 its request must match this route's card price and currency now (a credential bought for a cheaper
-route is refused), and the challenge id is claimed in the store as ``mpp/<id>`` (single use) before
-the app runs. After a 2xx the Shared Payment Token is charged through
-:class:`~farebox.ledgers.stripe.StripeLedger`; on success the response gains ``Payment-Receipt`` and a
-PEAC record (rail ``stripe``, reference the PaymentIntent id). When the charge fails, no money moved:
-the claim is released, the app's body is withheld and a fresh 402 names the reason. When the app
-fails, the claim is released and nothing is charged.
+route is refused), the challenge id is claimed in the store as ``mpp/<id>`` (single use), and the
+Shared Payment Token is charged through :class:`~farebox.ledgers.stripe.StripeLedger`, all before
+the app runs (as the MPP Stripe method says: charge, require ``succeeded``, then serve; a token that
+does not pay never reaches the app). When the charge fails, no money moved: the claim is released
+and a fresh 402 names the reason. After a 2xx the response gains ``Payment-Receipt`` and a PEAC
+record (rail ``stripe``, reference the PaymentIntent id). When the app fails or answers an error,
+nothing was delivered: the charge is refunded in full and the credential stays spent.
 
 A route whose offer sets ``invoice`` also takes the X-Receipt pattern: each 402 (not a HEAD) names an
 invoice (``payment.reference``, ``inv_…``) for which the server created an unconfirmed PaymentIntent
@@ -40,6 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from farebox.errors import ConfigError, PaymentError
 from farebox.protocol import mpp
@@ -394,52 +397,114 @@ class CardRail:
             where = f": paid by {claim.transaction}" if claim and claim.transaction else ""
             raise PaymentError("proof_replayed", f"this card payment was already used{where}")
         invoice = admission.invoice
-        if invoice is None:
-            return replace(admission, owner=owner)
         receipt = admission.receipt or ""
         try:
-            paid = await self.ledger.retrieve_paid(
-                invoice.payment_intent,
-                amount=invoice.amount,
-                currency=invoice.currency,
-                reference=invoice.reference,
-                client_secret=receipt if "_secret_" in receipt else None,
-            )
-        except BaseException:
-            await store.release(key, owner=owner)
-            raise
-        return replace(admission, owner=owner, paid=paid)
-
-    # --- after the app -------------------------------------------------------------------------
-
-    async def abandon(self, admission: CardAdmission, store: Store) -> None:
-        """The app failed: nothing is charged and the challenge may be answered again."""
-        await store.release(admission.claim_key, owner=admission.owner)
-
-    async def settle(
-        self, admission: CardAdmission, store: Store, *, issuer: str, signing_key: SigningKey
-    ) -> Headers:
-        """Charge the token; the headers to add to the app's response.
-
-        Raises :class:`PaymentError` when the charge failed (the claim is released first: no money
-        moved, or Stripe's idempotency key makes a retry of this credential return the same charge).
-        """
-        if admission.paid is not None:
-            charged = admission.paid  # an X-Receipt: the money moved before the request
-        else:
-            assert admission.spt is not None
-            assert admission.card_challenge is not None
-            try:
-                charged = await self.ledger.charge(
+            if invoice is not None:
+                paid = await self.ledger.retrieve_paid(
+                    invoice.payment_intent,
+                    amount=invoice.amount,
+                    currency=invoice.currency,
+                    reference=invoice.reference,
+                    client_secret=receipt if "_secret_" in receipt else None,
+                )
+            else:
+                assert admission.spt is not None
+                assert admission.card_challenge is not None
+                # Charged before the app runs (as the MPP Stripe method does): a token that does
+                # not pay never reaches the app. A retry of this credential after a failure here
+                # meets Stripe's idempotency key (challenge id + token): never a second charge.
+                paid = await self.ledger.charge(
                     spt=admission.spt,
                     amount=admission.amount,
                     currency=admission.currency,
                     challenge_id=admission.card_challenge.id,
                     metadata={"farebox_route": admission.route.name[:500]},
                 )
-            except BaseException:
-                await store.release(admission.claim_key, owner=admission.owner)
-                raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await store.release(key, owner=owner)
+            raise
+        return replace(admission, owner=owner, paid=paid)
+
+    # --- after the app -------------------------------------------------------------------------
+
+    async def abandon(self, admission: CardAdmission, store: Store) -> None:
+        """The app failed or answered an error: nothing was delivered.
+
+        An X-Receipt's claim is released, so the paid receipt can be presented again. A token was
+        charged before the app ran: the charge is refunded in full (an idempotency key naming the
+        PaymentIntent, so it is never refunded twice) and the credential stays spent; a refund
+        Stripe refuses or cannot take is logged (event ``refund_failed``) for the operator.
+        """
+        if admission.invoice is not None or admission.paid is None:
+            await store.release(admission.claim_key, owner=admission.owner)
+            return
+        charged = admission.paid
+        now = int(self.clock())
+        event = Event(
+            "settlement",
+            now,
+            admission.route.name,
+            reference=charged.payment_intent,
+            data={
+                "success": True,
+                "rail": METHOD,
+                "claim": admission.claim_key,
+                "amount": str(charged.amount),
+                "currency": charged.currency,
+                "served": False,
+            },
+        )
+        try:
+            refund = await self.ledger.refund(
+                charged.payment_intent,
+                idempotency_key="farebox_unserved_" + charged.payment_intent,
+                metadata={"farebox_reason": "not_served"},
+            )
+            refunded = Event(
+                "refund",
+                now,
+                admission.route.name,
+                reference=charged.payment_intent,
+                data={
+                    "refund": refund.refund,
+                    "amount": str(refund.amount),
+                    "status": refund.status,
+                },
+            )
+        except PaymentError as exc:
+            logger.error(
+                "could not refund unserved card payment %s: %s", charged.payment_intent, exc.code
+            )
+            refunded = Event(
+                "refund_failed",
+                now,
+                admission.route.name,
+                reference=charged.payment_intent,
+                data={"code": exc.code, "amount": str(charged.amount)},
+            )
+        try:
+            await store.finish(
+                admission.claim_key,
+                owner=admission.owner,
+                state="settled",
+                transaction=charged.payment_intent,
+                events=(event, refunded),
+            )
+        except PaymentError as exc:
+            logger.error("could not record card charge %s: %s", charged.payment_intent, exc.code)
+
+    async def settle(
+        self, admission: CardAdmission, store: Store, *, issuer: str, signing_key: SigningKey
+    ) -> Headers:
+        """Record the payment of a served request; the headers to add to the app's response.
+
+        The money moved before the app ran (a token charged at admission, or an invoice paid out
+        of band); what is left is the record: the claim settled with its events, a PEAC record
+        and, for an MPP credential, ``Payment-Receipt``.
+        """
+        charged = admission.paid
+        assert charged is not None  # set by take()
         now = int(self.clock())
         record = self._record(admission, charged, now, issuer, signing_key)
         receipt = mpp.render_payment_receipt(
