@@ -112,7 +112,12 @@ def build(chain: DevChain, ledger: StripeLedger, *, require_secret: bool = False
     routes = RouteTable()
     merchant = "0x" + "22" * 20
     card = CardOffer(network_id=NETWORK, realm="api.test", invoice=True)
-    for path, price in (("/report", "$0.50"), ("/premium", "$1.00"), ("/boom", "$0.50")):
+    for path, price in (
+        ("/report", "$0.50"),
+        ("/premium", "$1.00"),
+        ("/boom", "$0.50"),
+        ("/reports/{id}", "$0.50"),
+    ):
         routes.add("GET", path, price, assets=chain.asset, pay_to=merchant, card=card)
     paid = make_gate(chain, routes=routes)
     rail = CardRail(SECRET, ledger, clock=clock, require_client_secret=require_secret)
@@ -402,7 +407,7 @@ async def test_without_stripe_the_402_offers_no_invoice(chain: DevChain) -> None
         await http_client.close_async()
 
 
-async def test_the_reconciler_frees_a_dead_requests_invoice_and_prunes_unpaid_ones(
+async def test_the_reconciler_keeps_a_dead_requests_invoice_and_prunes_unpaid_ones(
     chain: DevChain, ledger: StripeLedger, stripe_client: Any
 ) -> None:
     api = build(chain, ledger)
@@ -410,20 +415,52 @@ async def test_the_reconciler_frees_a_dead_requests_invoice_and_prunes_unpaid_on
     paid_one = await api.invoice()
     unpaid = await api.invoice()
     pay(stripe_client, paid_one["payment_intent"])
-    # A request that claimed the paid invoice and whose process died before recording anything.
+    # A request that claimed the paid invoice and whose process died: served or not, nobody knows.
     key = invoice_claim_key(paid_one["reference"])
     assert await store.claim(key, owner="dead", now=int(api.clock())) is not None
-    status, problem = await api.present(paid_one["payment_intent"])
-    assert (status, problem["code"]) == (402, "proof_replayed")
 
     reconciler = Reconciler(store, [], clock=lambda: api.clock.now + 121)
     report = await reconciler.run_once()
-    assert (report.released, report.pruned) == (1, 0)
-    assert (await api.present(paid_one["payment_intent"]))[0] == 200
+    assert (report.released, report.waiting, report.pruned) == (0, 1, 0)
+    # Never released, so never served twice.
+    status, problem = await api.present(paid_one["payment_intent"])
+    assert (status, problem["code"]) == (402, "proof_replayed")
 
-    # A day after expiry, the invoices nobody paid (the 402 above and the one that came with the
-    # refusal) are pruned; the paid one is kept.
+    # A day after expiry, the invoices nobody paid (the 402 above and the ones that came with the
+    # refusal) are pruned; the claimed one is kept.
     later = Reconciler(store, [], clock=lambda: api.clock.now + 900 + 86_401)
     assert (await later.run_once()).pruned == 2
     assert await store.get_invoice(unpaid["reference"]) is None
     assert await store.get_invoice(paid_one["reference"]) is not None
+
+
+async def test_a_replay_needs_the_receipt_the_first_request_showed(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger, require_secret=True)
+    method = await api.invoice()
+    pay(stripe_client, method["payment_intent"])
+    key = (b"idempotency-key", b"pay_0123456789abcdef0123")
+    secret = method["client_secret"].encode()
+    [first, _] = await call(api.asgi, "/report", [(b"x-receipt", secret), key])
+    assert first["status"] == 200
+    [replayed, _] = await call(api.asgi, "/report", [(b"x-receipt", secret), key])
+    assert replayed["status"] == 200  # the same receipt and key: the stored answer
+    # Someone who knows the public id and the key, but not the secret, gets no replay.
+    forged = (method["payment_intent"] + "_secret_guessedguessed").encode()
+    [refused, body] = await call(api.asgi, "/report", [(b"x-receipt", forged), key])
+    assert refused["status"] == 402
+    assert b"Q3" not in body["body"]
+    assert b"the goods" not in body["body"]
+
+
+async def test_an_unrecordable_request_gets_a_402_without_an_invoice(
+    chain: DevChain, ledger: StripeLedger, stripe_client: Any
+) -> None:
+    api = build(chain, ledger)
+    before = len(stripe_client.v1.payment_intents.list({"limit": 100}).data)
+    [start, body] = await call(api.asgi, "/reports/a\x00b")
+    assert start["status"] == 402
+    methods = json.loads(body["body"])["payment"]["methods"]
+    assert [m["protocol"] for m in methods] == ["x402", "mpp"]
+    assert len(stripe_client.v1.payment_intents.list({"limit": 100}).data) == before

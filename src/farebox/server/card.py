@@ -33,6 +33,7 @@ whose callers want them, and prune expired ones (:meth:`~farebox.store.base.Stor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -127,7 +128,10 @@ class CardAdmission:
         (its challenge id) or of this invoice's receipt."""
         if self.card_challenge is not None:
             return "mpp:" + self.card_challenge.id
-        return "invoice:" + (self.invoice.reference if self.invoice else "")
+        # The receipt as presented is part of the scope: a replay needs what the first request
+        # showed (the client secret, when one is required), not just the invoice's public id.
+        shown = hashlib.sha256((self.receipt or "").encode()).hexdigest()[:32]
+        return f"invoice:{self.invoice.reference if self.invoice else ''}:{shown}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,27 +259,34 @@ class CardRail:
         card = route.card
         assert card is not None
         now = int(self.clock())
-        reference = "inv_" + secrets.token_hex(16)
+        try:
+            # Checked before Stripe is asked, so a request the store could not record (a URL
+            # that is not valid text, say) creates no PaymentIntent.
+            draft = Invoice(
+                reference="inv_" + secrets.token_hex(16),
+                route=route.name,
+                resource=request.url,
+                amount=amount,
+                currency=card.currency,
+                payment_intent="pi_unassigned",
+                created_at=now,
+                expires_at=now + int(self.invoice_lifetime),
+            )
+        except ConfigError:
+            logger.warning("no card invoice offered for %s: unrecordable request", route.name)
+            return None, ""
         try:
             payment = await self.ledger.create_invoice_payment(
                 amount=amount,
                 currency=card.currency,
-                reference=reference,
+                reference=draft.reference,
                 metadata={"farebox_route": route.name[:500]},
             )
-            made = Invoice(
-                reference=reference,
-                route=route.name,
-                resource=request.url,
-                amount=payment.amount,
-                currency=payment.currency,
-                payment_intent=payment.payment_intent,
-                created_at=now,
-                expires_at=now + int(self.invoice_lifetime),
-            )
+            made = replace(draft, payment_intent=payment.payment_intent)
             await store.add_invoice(made)
-        except PaymentError as exc:
-            logger.warning("no card invoice offered for %s: %s", route.name, exc.code)
+        except (PaymentError, ConfigError) as exc:
+            code = exc.code if isinstance(exc, PaymentError) else "invalid_invoice"
+            logger.warning("no card invoice offered for %s: %s", route.name, code)
             return None, ""
         return made, payment.client_secret
 

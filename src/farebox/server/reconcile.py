@@ -9,13 +9,12 @@ released when it provably never will (its transaction reverted or vanished and t
 is still unused after ``release_after`` seconds, longer than any authorization's window).
 Nothing is ever broadcast here.
 
-Card claims: an X-Receipt invoice (``invoice/<reference>``) is claimed only after its payment
-succeeded, so one held past ``held_grace`` is a request whose process died before the response was
-recorded; it is released, so the payer can present the same receipt again (the payer paid; whether
-the lost response reached it is unknown, and re-serving errs on the side of the payer). Expired
-invoices nobody paid are pruned a day after they expire. An MPP claim (``mpp/<challenge id>``)
-left held is not judged here: whether its token was charged is known only to Stripe, and its
-challenge expires within minutes, so a payer is never left without a way to pay.
+Card claims (``mpp/<challenge id>``, ``invoice/<reference>``) are not judged here: the money moved
+before the app ran, and a claim left held means a process died between admitting the request and
+recording it, which cannot tell a response never sent from one sent but not recorded. Releasing
+would let the same receipt be served twice; the claim stays held (its PaymentIntent is in the
+store's events when it was recorded, and in Stripe in any case) for an operator to refund. Expired
+invoices nobody paid are pruned a day after they expire.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import anyio
 
 from farebox.errors import PaymentError
 from farebox.ledgers.evm import EvmLedger
-from farebox.store.base import INVOICE_CLAIM_PREFIX, Claim, Event, Store
+from farebox.store.base import Claim, Event, Store
 
 __all__ = ["ReconcileReport", "Reconciler", "parse_claim_key"]
 
@@ -127,8 +126,6 @@ class Reconciler:
             await anyio.sleep(interval)
 
     async def _resolve(self, claim: Claim, now: int) -> str:
-        if claim.key.startswith(INVOICE_CLAIM_PREFIX) and claim.state == "held":
-            return await self._record(claim, False, None, now)  # see the module docstring
         parsed = parse_claim_key(claim.key)
         ledger = self.ledgers.get(parsed[0]) if parsed is not None else None
         if parsed is None or ledger is None:
