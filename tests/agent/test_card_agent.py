@@ -99,14 +99,15 @@ async def goods(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await run_lifespan(receive, send)
         return
+    failing = scope["path"] == "/boom"
     await send(
         {
             "type": "http.response.start",
-            "status": 200,
+            "status": 500 if failing else 200,
             "headers": [(b"content-type", b"text/plain")],
         }
     )
-    await send({"type": "http.response.body", "body": b"the goods"})
+    await send({"type": "http.response.body", "body": b"broken" if failing else b"the goods"})
 
 
 @contextmanager
@@ -116,6 +117,7 @@ def serve_seller(chain: DevChain, fake: FakeStripe) -> Iterator[Seller]:
     card = CardOffer(network_id=fake.profile, realm="127.0.0.1")
     merchant = EvmAccount.generate().address
     routes.add("GET", "/report", "$0.50", assets=chain.asset, pay_to=merchant, card=card)
+    routes.add("GET", "/boom", "$0.50", assets=chain.asset, pay_to=merchant, card=card)
     ledger = EvmLedger(chain.rpc, chain.accounts[1].account, network=chain.network)
     # No https origin here: the records are signed by the key's did:key, which the agent checks.
     gate = Gate(
@@ -405,6 +407,22 @@ def test_a_lost_answer_without_the_key_is_not_paid_twice_and_counts_as_spent(
     assert len(fake.posts(ISSUED_TOKENS_PATH)) == 1
     [intent] = fake.intents.values()
     assert intent["id"] in (caught.value.message or "")
+    spent = agent.budget.spent(now=int(time.time()))
+    assert (spent.total_committed, spent.total_reserved) == (50 * CENTS, 0)
+
+
+def test_an_app_error_after_the_charge_comes_back_as_is_and_counts_as_spent(
+    fake: FakeStripe, seller: Seller, agent_stripe: Any
+) -> None:
+    agent = card_agent(agent_stripe)
+    with httpx.Client(auth=PaymentAuth(agent)) as client:
+        response = client.get(f"{seller.base}/boom")
+    # The app's own error, handed back; the seller charged before the app ran and refunded.
+    assert (response.status_code, response.text) == (500, "broken")
+    [intent] = fake.intents.values()
+    [refund] = fake.refunds.values()
+    assert refund["payment_intent"] == intent["id"]
+    # The agent cannot know about the refund: it counts the payment, never less than spent.
     spent = agent.budget.spent(now=int(time.time()))
     assert (spent.total_committed, spent.total_reserved) == (50 * CENTS, 0)
 

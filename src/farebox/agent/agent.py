@@ -92,6 +92,8 @@ PAYMENT_IDENTIFIER = "payment-identifier"
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 PEAC_RECEIPT = "peac-receipt"
+# Card refusals after which the token may have been charged.
+_MAYBE_CHARGED = frozenset({"proof_replayed", "ledger_unavailable", "idempotency_in_progress"})
 ISSUER_PATH = "/.well-known/peac-issuer.json"
 _DISCOVERY_TTL = 300  # PEAC: cache issuer documents for 5 minutes to 24 hours
 _MAX_DOCUMENT = 64 * 1024
@@ -476,15 +478,17 @@ class Agent:
         header = answer.headers.get(mpp.PAYMENT_RECEIPT.lower())
         if answer.status >= 300:
             code, message = _refusal_of(answer, None)
-            if code == "proof_replayed":
-                # This challenge came to us and the token is fresh: only our own earlier send
-                # (resent by the driver after a lost answer) can have used it, and been charged.
+            app_answer = answer.status != 402 and "www-authenticate" not in answer.headers
+            if app_answer or code in _MAYBE_CHARGED or answer.status >= 500:
+                # The token left the agent and may have been charged: by our own earlier send
+                # (proof_replayed after a lost answer), by a charge whose answer the seller lost,
+                # or before an app that then failed (sellers charge before serving; farebox
+                # refunds what it did not serve, others may not). Counted, never less than spent.
                 self.budget.commit(reservation, now=int(self.clock()))
             else:
-                self.budget.release(reservation)
-            if answer.status != 402 and "www-authenticate" not in answer.headers:
-                # The app's own error or redirect (the server charges only after a 2xx).
-                return None
+                self.budget.release(reservation)  # refused before any charge: no money moved
+            if app_answer:
+                return None  # the app's own error or redirect, handed back as it is
             raise PaymentFailed(code, message, status=answer.status, payer=payer, answer=answer)
         paid: mpp.Receipt | None = None
         problem = "the paid response carries no Payment-Receipt"

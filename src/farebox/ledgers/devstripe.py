@@ -630,6 +630,9 @@ def _error_body(exc: _StripeError) -> dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     fake: DevStripe  # set on a subclass per server
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle on, a kept-alive connection waits for
+    # the client's delayed ACK (about 40 ms) before the body.
+    disable_nagle_algorithm = True
 
     def _serve(self) -> None:
         split = urlsplit(self.path)
