@@ -10,6 +10,7 @@ BENCHMARKS = [
     "bench.bench_receipts",
     "bench.bench_gate",
     "bench.bench_facilitator",
+    "bench.bench_card",
 ]
 
 
