@@ -24,6 +24,7 @@ from farebox.agent.book import ReceiptBook
 from farebox.agent.budget import Budget, fiat_to_units
 from farebox.agent.card import ISSUED_TOKENS_PATH, CardWallet, mint_idempotency_key
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth, PaymentTransport
+from farebox.agent.policy import Policy
 from farebox.agent.requests_adapter import PaymentSession
 from farebox.errors import ConfigError, PaymentError
 from farebox.eth import EvmAccount
@@ -476,6 +477,24 @@ def test_card_choice_follows_the_budget_currency(agent_stripe: Any) -> None:
         card=wallet, budget=Budget.from_prices(None, per_request="1000 JPY", currency="JPY")
     )
     assert yen.choose_card([challenge_for(500, "jpy")]).request.amount == 500
+
+
+def test_card_choice_follows_the_policy(agent_stripe: Any) -> None:
+    wallet = CardWallet(agent_stripe, "pm_card_visa")
+    budget = Budget.from_prices(None, per_request="$1")
+    allowed = Agent(card=wallet, budget=budget, policy=Policy.build(payees=["profile_x"]))
+    assert allowed.choose_card([challenge_for(10, "usd")]).request.amount == 10
+    for policy, why in (
+        (Policy.build(payees=["profile_other"]), "payee profile_x is not allowed"),
+        (Policy.build(networks=["eip155:8453"]), "network stripe"),
+    ):
+        agent = Agent(card=wallet, budget=budget, policy=policy)
+        with pytest.raises(PaymentError) as caught:
+            agent.choose_card([challenge_for(10, "usd")])
+        assert caught.value.code == "no_payable_offer"
+        assert why in caught.value.message
+    by_card = Agent(card=wallet, budget=budget, policy=Policy.build(networks=["stripe"]))
+    assert by_card.choose_card([challenge_for(10, "usd")]).request.amount == 10
 
 
 def test_fiat_amounts_in_budget_units_exactly() -> None:

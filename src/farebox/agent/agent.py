@@ -311,6 +311,10 @@ class Agent:
         for index, challenge in enumerate(challenges):
             why = self.card.refusal(challenge, now=now)
             if why is None:
+                why = self.policy.card_refusal(
+                    mpp.StripeDetails.from_request(challenge.request).network_id
+                )
+            if why is None:
                 try:
                     units = self.budget.fiat_units(
                         challenge.request.amount, challenge.request.currency

@@ -24,6 +24,8 @@ class Policy:
 
     ``None`` means "any". ``networks`` are CAIP-2 ids; ``assets`` token addresses; ``hosts`` host
     names (``api.example.com``, or ``*.example.com`` for subdomains); ``payees`` payTo addresses.
+    Card payments count as network ``stripe``, their payee being the seller's Stripe profile
+    (``profile_…``, the challenge's ``networkId``).
     Only ``https`` URLs are paid, and plain ``http`` on the loopback interface (local development),
     unless ``allow_http`` is set.
     """
@@ -72,6 +74,15 @@ class Policy:
             return f"asset {offer.asset} is not allowed"
         if self.payees is not None and offer.pay_to.lower() not in self.payees:
             return f"payee {offer.pay_to} is not allowed"
+        return None
+
+
+    def card_refusal(self, network_id: str) -> str | None:
+        """Why a card payment to the Stripe profile ``network_id`` may not be made, or ``None``."""
+        if self.networks is not None and "stripe" not in self.networks:
+            return "card payments (network stripe) are not allowed"
+        if self.payees is not None and network_id.lower() not in self.payees:
+            return f"payee {network_id} is not allowed"
         return None
 
 
