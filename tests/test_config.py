@@ -542,6 +542,7 @@ CARD_ERRORS = [
     ({"lifetime": 86_401}, None, "card.lifetime: must be more than 0 and at most 86400"),
     ({"lifetime": "300"}, None, "card.lifetime: must be a number"),
     ({"invoice_lifetime": -1}, None, "card.invoice_lifetime: must be more than 0"),
+    ({"require_client_secret": "yes"}, None, "card.require_client_secret: must be true or false"),
     ({"secret_key": STRIPE_KEY}, None, "card.secret_key: unknown key"),
 ]
 
@@ -616,7 +617,12 @@ async def test_build_app_with_cards(
     from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION
     from farebox.server.card import CardRail
 
-    document = with_card(api_base="http://127.0.0.1:9", lifetime=120, invoice_lifetime=600)
+    document = with_card(
+        api_base="http://127.0.0.1:9",
+        lifetime=120,
+        invoice_lifetime=600,
+        require_client_secret=True,
+    )
     document["routes"][1]["price"] = "$0.50"
     with caplog.at_level("WARNING", logger="farebox.server"):
         app = build_app(parse(document, tmp_path, env=CARD_ENV), chain=chain)
@@ -624,6 +630,7 @@ async def test_build_app_with_cards(
     rail = app.gate.card
     assert isinstance(rail, CardRail)
     assert (rail.lifetime, rail.invoice_lifetime) == (120, 600)
+    assert rail.require_client_secret is True
     assert rail.ledger.stripe_version == STRIPE_PREVIEW_VERSION
     assert rail.ledger.spt_parameter == "top_level"
     async with httpx.AsyncClient(

@@ -60,6 +60,7 @@ app. The schema::
     spt_parameter = "top_level"         # optional: or "payment_method_data"
     lifetime = 300                      # optional, seconds a challenge may be answered
     invoice_lifetime = 900              # optional, seconds an X-Receipt invoice stays payable
+    require_client_secret = false       # optional: accept only the client secret as an X-Receipt
 
 Relative paths are resolved against the config file's folder. ``X402_FACILITATOR_URL`` (the x402
 tools' variable) supplies the facilitator when ``[settlement]`` is absent and overrides a
@@ -206,6 +207,7 @@ class CardConfig:
     spt_parameter: str = "top_level"
     lifetime: float = 300.0
     invoice_lifetime: float = 900.0
+    require_client_secret: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +475,7 @@ def _card(
             "spt_parameter",
             "lifetime",
             "invoice_lifetime",
+            "require_client_secret",
         },
     )
     network_id = _string(table, "card.network_id", "network_id")
@@ -528,6 +531,9 @@ def _card(
         )
     lifetime = _card_seconds(table, "lifetime", 300, 86_400)
     invoice_lifetime = _card_seconds(table, "invoice_lifetime", 900, 7 * 86_400)
+    require_secret = table.get("require_client_secret", False)
+    if not isinstance(require_secret, bool):
+        raise ConfigError("card.require_client_secret: must be true or false")
     return CardConfig(
         network_id=network_id,
         realm=realm,
@@ -542,6 +548,7 @@ def _card(
         spt_parameter=spt_parameter,
         lifetime=lifetime,
         invoice_lifetime=invoice_lifetime,
+        require_client_secret=require_secret,
     )
 
 
@@ -854,7 +861,13 @@ def _card_rail(card: CardConfig, ledger: StripeLedger) -> CardRail:
             CARD_SECRET_ENV,
         )
         secret = os.urandom(_MIN_CARD_SECRET)
-    return CardRail(secret, ledger, lifetime=card.lifetime, invoice_lifetime=card.invoice_lifetime)
+    return CardRail(
+        secret,
+        ledger,
+        lifetime=card.lifetime,
+        invoice_lifetime=card.invoice_lifetime,
+        require_client_secret=card.require_client_secret,
+    )
 
 
 def open_store(config: ServerConfig) -> Store:
