@@ -76,7 +76,6 @@ class Policy:
             return f"payee {offer.pay_to} is not allowed"
         return None
 
-
     def card_refusal(self, network_id: str) -> str | None:
         """Why a card payment to the Stripe profile ``network_id`` may not be made, or ``None``."""
         if self.networks is not None and "stripe" not in self.networks:
