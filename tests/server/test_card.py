@@ -245,6 +245,17 @@ async def test_a_credential_for_a_cheaper_route_is_refused(
     assert fake.posts(INTENTS) == []
 
 
+async def test_a_credential_for_another_route_of_the_same_price_is_refused(
+    chain: DevChain, ledger: StripeLedger, fake: FakeStripe
+) -> None:
+    _, asgi = setup(chain, ledger, Clock())
+    [card] = await offered(asgi, "/report")  # $0.50, like /boom
+    assert card.opaque == {"route": "GET /report"}
+    sent = await call(asgi, "/boom", [authorization(card, "spt_succeeds_8")])
+    assert problem(sent)["code"] == "card_payment_mismatch"
+    assert fake.posts(INTENTS) == []
+
+
 async def test_an_app_error_is_refunded_in_full(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:

@@ -73,6 +73,7 @@ logger = logging.getLogger("farebox.server")
 METHOD = "stripe"
 CLAIM_PREFIX = "mpp/"
 X_RECEIPT = "X-Receipt"
+_ROUTE_KEY = "route"  # in a challenge's opaque map
 _MIN_SECRET = 32
 _MAX_RECEIPT = 512
 # A PaymentIntent id, or its client secret (``pi_…_secret_…``); checked before any lookup.
@@ -205,6 +206,9 @@ class CardRail:
             method=METHOD,
             request=self._request(route, amount),
             expires=self.clock() + self.lifetime,
+            # Bound by the id's HMAC like the rest: a credential pays this route, not another one
+            # that happens to cost the same.
+            opaque={_ROUTE_KEY: route.name},
         )
         return (challenge,)
 
@@ -330,7 +334,9 @@ class CardRail:
         wanted = self._request(route, amount)
         terms = verified.request
         if (
-            terms.amount != wanted.amount
+            verified.opaque is None
+            or verified.opaque.get(_ROUTE_KEY) != route.name
+            or terms.amount != wanted.amount
             or terms.currency.lower() != wanted.currency
             or mpp.StripeDetails.from_request(terms).network_id != card.network_id
         ):
