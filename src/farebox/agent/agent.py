@@ -495,22 +495,22 @@ class Agent:
                 return None  # the app's own error or redirect, handed back as it is
             raise PaymentFailed(code, message, status=answer.status, payer=payer, answer=answer)
         paid: mpp.Receipt | None = None
-        problem = "the paid response carries no Payment-Receipt"
+        unreadable = "the paid response carries no Payment-Receipt"
         if header is not None:
             try:
                 paid = mpp.parse_payment_receipt(header)
             except PaymentError as exc:
-                problem = f"Payment-Receipt: {exc.message}"
+                unreadable = f"Payment-Receipt: {exc.message}"
             else:
                 if paid.method != CARD_RAIL or not paid.reference.startswith("pi_"):
-                    problem = "the Payment-Receipt is not a Stripe PaymentIntent"
+                    unreadable = "the Payment-Receipt is not a Stripe PaymentIntent"
                     paid = None
         now = int(self.clock())
         if paid is None:
             # A 2xx to a presented token: the seller may have charged it.
             self.budget.commit(reservation, now=now)
             raise PaymentFailed(
-                "receipt_invalid", f"paid by card, but {problem}", payer=payer, answer=answer
+                "receipt_invalid", f"paid by card, but {unreadable}", payer=payer, answer=answer
             )
         reference = paid.reference
         self.budget.commit(reservation, now=now, reference=reference)
@@ -525,54 +525,18 @@ class Agent:
         settlement = Settlement(
             success=True, network=CARD_RAIL, transaction=reference, payer=payer, amount=amount
         )
-        jws = answer.headers.get(PEAC_RECEIPT)
-        receipt: VerifiedReceipt | None = None
-        failure: ReceiptError | None = None
-        if jws is None:
-            failure = ReceiptError("E_RECEIPT_MISSING", "the paid response carries no PEAC-Receipt")
-        else:
-            expected = {
-                "payment_rail": CARD_RAIL,
-                "amount_minor": str(amount),
-                "currency": currency.upper(),
-                "reference": reference,
-                "event": "settlement",
-            }
-            try:
-                receipt = self._verify_record(jws, keys, url, expected, now)
-            except ReceiptError as exc:
-                failure = exc
+        expected = {
+            "payment_rail": CARD_RAIL,
+            "amount_minor": str(amount),
+            "currency": currency.upper(),
+            "reference": reference,
+            "event": "settlement",
+        }
+        jws, receipt, problem = self._check_record(answer, keys, url, expected, now)
         payment = Payment(
             url, offer, None, payer, settlement, receipt, jws, rail=CARD_RAIL, payment_receipt=paid
         )
-        if self.book is not None:
-            self.book.add(
-                BookEntry(
-                    at=now,
-                    url=url,
-                    method=method,
-                    status=answer.status,
-                    network=CARD_RAIL,
-                    asset=currency,
-                    amount=amount,
-                    pay_to=seller,
-                    payer=payer,
-                    transaction=reference,
-                    receipt_jws=jws,
-                    receipt_ref=receipt.receipt_ref if receipt is not None else None,
-                    issuer=receipt.issuer if receipt is not None else None,
-                    verified=receipt is not None,
-                )
-            )
-        if failure is not None and (self.require_receipt or jws is not None):
-            raise PaymentFailed(
-                "receipt_invalid",
-                f"paid (PaymentIntent {reference}), but the receipt failed: {failure}",
-                payer=payer,
-                answer=answer,
-                settlement=settlement,
-            )
-        return payment
+        return self._deliver(method, answer, payment, problem, now)
 
     def _conclude(
         self,
@@ -608,44 +572,62 @@ class Agent:
             )
         now = int(self.clock())
         self.budget.commit(reservation, now=now, reference=settlement.transaction)
-        jws = answer.headers.get(PEAC_RECEIPT)
-        receipt: VerifiedReceipt | None = None
-        problem: ReceiptError | None = None
-        if jws is None:
-            problem = ReceiptError("E_RECEIPT_MISSING", "the paid response carries no PEAC-Receipt")
-        else:
-            try:
-                receipt = self._verify_receipt(jws, keys, url, offer, settlement, now)
-            except ReceiptError as exc:
-                problem = exc
+        expected = {
+            "amount_minor": str(offer.amount),
+            "reference": settlement.transaction,
+            "event": "settlement",
+        }
+        jws, receipt, problem = self._check_record(answer, keys, url, expected, now)
         payment = Payment(url, offer, asset, self.payer, settlement, receipt, jws)
+        return self._deliver(method, answer, payment, problem, now)
+
+    def _check_record(
+        self, answer: Answer, keys: _IssuerKeys, url: str, expected: Mapping[str, str], now: int
+    ) -> tuple[str | None, VerifiedReceipt | None, ReceiptError | None]:
+        """The paid response's PEAC record: ``(jws, verified record, why not)``."""
+        jws = answer.headers.get(PEAC_RECEIPT)
+        if jws is None:
+            missing = ReceiptError("E_RECEIPT_MISSING", "the paid response carries no PEAC-Receipt")
+            return None, None, missing
+        try:
+            return jws, self._verify_record(jws, keys, url, expected, now), None
+        except ReceiptError as exc:
+            return jws, None, exc
+
+    def _deliver(
+        self, method: str, answer: Answer, payment: Payment, problem: ReceiptError | None, now: int
+    ) -> Payment:
+        """Book a payment that was made, then refuse it if its record failed: a record that does
+        not verify always, a missing one only under ``require_receipt``."""
+        offer, receipt = payment.offer, payment.receipt
+        transaction = payment.settlement.transaction or None
         if self.book is not None:
             self.book.add(
                 BookEntry(
                     at=now,
-                    url=url,
+                    url=payment.url,
                     method=method,
                     status=answer.status,
                     network=offer.network,
                     asset=offer.asset,
                     amount=offer.amount,
                     pay_to=offer.pay_to,
-                    payer=self.payer,
-                    transaction=settlement.transaction or None,
-                    receipt_jws=jws,
+                    payer=payment.payer,
+                    transaction=transaction,
+                    receipt_jws=payment.receipt_jws,
                     receipt_ref=receipt.receipt_ref if receipt is not None else None,
                     issuer=receipt.issuer if receipt is not None else None,
                     verified=receipt is not None,
                 )
             )
-        missing = jws is None
-        if problem is not None and (self.require_receipt or not missing):
+        if problem is not None and (self.require_receipt or payment.receipt_jws is not None):
+            what = "PaymentIntent" if payment.rail == CARD_RAIL else "transaction"
             raise PaymentFailed(
                 "receipt_invalid",
-                f"paid (transaction {settlement.transaction}), but the receipt failed: {problem}",
-                payer=self.payer,
+                f"paid ({what} {transaction}), but the receipt failed: {problem}",
+                payer=payment.payer,
                 answer=answer,
-                settlement=settlement,
+                settlement=payment.settlement,
             )
         return payment
 
@@ -693,22 +675,6 @@ class Agent:
         with self._lock:
             self._issuers[origin] = keys
         return keys
-
-    def _verify_receipt(
-        self,
-        jws: str,
-        keys: _IssuerKeys,
-        url: str,
-        offer: Offer,
-        settlement: Settlement,
-        now: int,
-    ) -> VerifiedReceipt:
-        expected = {
-            "amount_minor": str(offer.amount),
-            "reference": settlement.transaction,
-            "event": "settlement",
-        }
-        return self._verify_record(jws, keys, url, expected, now)
 
     def _verify_record(
         self, jws: str, keys: _IssuerKeys, url: str, expected: Mapping[str, str], now: int
