@@ -458,20 +458,7 @@ class CardRail:
             return
         charged = admission.paid
         now = int(self.clock())
-        event = Event(
-            "settlement",
-            now,
-            admission.route.name,
-            reference=charged.payment_intent,
-            data={
-                "success": True,
-                "rail": METHOD,
-                "claim": admission.claim_key,
-                "amount": str(charged.amount),
-                "currency": charged.currency,
-                "served": False,
-            },
-        )
+        event = _settlement_event(admission, charged, now, served=False)
         try:
             refund = await self.ledger.refund(
                 charged.payment_intent,
@@ -532,20 +519,12 @@ class CardRail:
             )
         )
         events = (
-            Event(
-                "settlement",
+            _settlement_event(
+                admission,
+                charged,
                 now,
-                admission.route.name,
-                reference=charged.payment_intent,
-                data={
-                    "success": True,
-                    "rail": METHOD,
-                    "claim": admission.claim_key,
-                    "amount": str(charged.amount),
-                    "currency": charged.currency,
-                    "replayed": charged.replayed,
-                    "invoice": admission.invoice.reference if admission.invoice else None,
-                },
+                replayed=charged.replayed,
+                invoice=admission.invoice.reference if admission.invoice else None,
             ),
             Event(
                 "receipt",
@@ -591,3 +570,23 @@ class CardRail:
             occurred_at=rfc3339(now),
         )
         return issue_receipt(claims, signing_key).jws
+
+
+def _settlement_event(
+    admission: CardAdmission, charged: CardCharge, now: int, **details: Any
+) -> Event:
+    """The log line of a card payment that moved money (``details`` say what became of it)."""
+    return Event(
+        "settlement",
+        now,
+        admission.route.name,
+        reference=charged.payment_intent,
+        data={
+            "success": True,
+            "rail": METHOD,
+            "claim": admission.claim_key,
+            "amount": str(charged.amount),
+            "currency": charged.currency,
+            **details,
+        },
+    )

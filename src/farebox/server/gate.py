@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
@@ -30,7 +31,7 @@ from farebox.money import ASSETS, AssetRegistry
 from farebox.protocol import mpp
 from farebox.protocol.challenge import render_challenge
 from farebox.protocol.lifecycle import claim_outcome
-from farebox.protocol.models import Challenge, Settlement, VerifiedProof
+from farebox.protocol.models import Challenge, Proof, Settlement, VerifiedProof
 from farebox.protocol.x402 import (
     DEFAULT_MAX_HEADER_BYTES,
     PAYMENT_REQUIRED,
@@ -265,18 +266,33 @@ class Gate:
         try:
             return await self._accept(route, request, challenge, header, now, body)
         except PaymentError as exc:
-            await self._log(
-                Event(
-                    "refusal",
-                    now,
-                    route.name,
-                    payer=exc.payer,
-                    reference=challenge.reference,
-                    data={"code": exc.code},
-                ),
-                quiet=True,
-            )
-            return await self._challenge(challenge, request, exc, route)
+            return await self._refuse(route, request, challenge, now, exc)
+
+    async def _refuse(
+        self,
+        route: Route,
+        request: RequestInfo,
+        challenge: Challenge,
+        now: int,
+        exc: PaymentError,
+        *,
+        rail: str | None = None,
+        mpp_problem: bool = False,
+    ) -> Reply:
+        """Log why a payment was refused and answer with a fresh challenge naming it."""
+        data = {"code": exc.code} if rail is None else {"code": exc.code, "rail": rail}
+        await self._log(
+            Event(
+                "refusal",
+                now,
+                route.name,
+                payer=exc.payer,
+                reference=challenge.reference,
+                data=data,
+            ),
+            quiet=True,
+        )
+        return await self._challenge(challenge, request, exc, route, mpp_problem=mpp_problem)
 
     async def _accept_card(
         self,
@@ -287,39 +303,27 @@ class Gate:
         now: int,
         body: BodyReader | None,
     ) -> CardAdmission | Reply:
-        mpp_problem = is_card_credential(request)
+        assert route.card is not None  # only card routes come here
         try:
             checked = await card.check(route, request, challenge, self.store)
             owner = secrets.token_hex(8)
-            run: IdempotentRun | None = None
-            request_id = read_id(None, request.headers) if body is not None else None
-            if body is not None and request_id is not None:
-                assert route.card is not None
-                scope = _Scope("stripe " + route.card.network_id, checked.payer, checked.claim_key)
-                taken = await self._begin(route, request, scope, request_id, owner, now, body)
-                if isinstance(taken, Reply):
-                    return taken
-                run = taken
-            try:
+            scope = _Scope("stripe " + route.card.network_id, checked.payer, checked.claim_key)
+            run = await self._take_id(route, request, None, scope, owner, now, body)
+            if isinstance(run, Reply):
+                return run
+            async with self._forgotten_on_error(run):
                 admitted = await card.take(checked, self.store, owner)
-            except BaseException:
-                if run is not None:
-                    with anyio.CancelScope(shield=True):
-                        await self._forget(run)
-                raise
             return replace(admitted, idempotency=run)
         except PaymentError as exc:
-            await self._log(
-                Event(
-                    "refusal",
-                    now,
-                    route.name,
-                    reference=challenge.reference,
-                    data={"code": exc.code, "rail": "stripe"},
-                ),
-                quiet=True,
+            return await self._refuse(
+                route,
+                request,
+                challenge,
+                now,
+                exc,
+                rail="stripe",
+                mpp_problem=is_card_credential(request),
             )
-            return await self._challenge(challenge, request, exc, route, mpp_problem=mpp_problem)
 
     async def _accept(
         self,
@@ -340,16 +344,11 @@ class Gate:
         # Offline verification first: the payer it proves scopes the idempotency key.
         verified = verify(proof, offer, now=now)
         owner = secrets.token_hex(8)
-        run: IdempotentRun | None = None
-        if body is not None:
-            request_id = read_id(proof, request.headers)
-            if request_id is not None:
-                scope = _Scope(verified.offer.pay_to.lower(), verified.payer, verified.claim_key)
-                taken = await self._begin(route, request, scope, request_id, owner, now, body)
-                if isinstance(taken, Reply):
-                    return taken
-                run = taken
-        try:
+        scope = _Scope(verified.offer.pay_to.lower(), verified.payer, verified.claim_key)
+        run = await self._take_id(route, request, proof, scope, owner, now, body)
+        if isinstance(run, Reply):
+            return run
+        async with self._forgotten_on_error(run):
             if await self.store.claim(verified.claim_key, owner=owner, now=now) is None:
                 raise await self._used(verified)
             try:
@@ -358,14 +357,40 @@ class Gate:
                 with anyio.CancelScope(shield=True):
                     await self.store.release(verified.claim_key, owner=owner)
                 raise
+        return Admission(route, request, challenge, verified, owner, run)
+
+    # --- idempotency ---------------------------------------------------------------------------
+
+    async def _take_id(
+        self,
+        route: Route,
+        request: RequestInfo,
+        proof: Proof | None,
+        scope: _Scope,
+        owner: str,
+        now: int,
+        body: BodyReader | None,
+    ) -> IdempotentRun | Reply | None:
+        """Take the request's idempotency id (from the x402 ``proof`` or ``Idempotency-Key``), or
+        answer from the request that has it; ``None`` without an id, or without a body reader
+        (nothing to fingerprint, so nothing could be replayed safely)."""
+        if body is None:
+            return None
+        request_id = read_id(proof, request.headers)
+        if request_id is None:
+            return None
+        return await self._begin(route, request, scope, request_id, owner, now, body)
+
+    @asynccontextmanager
+    async def _forgotten_on_error(self, run: IdempotentRun | None) -> AsyncIterator[None]:
+        """Give the id back when the payment is not admitted, so a retry runs afresh."""
+        try:
+            yield
         except BaseException:
             if run is not None:
                 with anyio.CancelScope(shield=True):
                     await self._forget(run)
             raise
-        return Admission(route, request, challenge, verified, owner, run)
-
-    # --- idempotency ---------------------------------------------------------------------------
 
     async def _begin(
         self,
