@@ -30,13 +30,12 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 import anyio
 import httpx
 
-import stripe
 from bench._harness import fmt_time
 from bench.bench_gate import _call
 from farebox.agent.card import CardWallet
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.devstripe import AGENT_KEY, SELLER_PROFILE, running_devstripe
-from farebox.ledgers.stripe import StripeLedger
+from farebox.ledgers.stripe import StripeLedger, stripe_client
 from farebox.protocol import mpp
 from farebox.sample import build_sample_api
 from farebox.store.sqlite import SqliteStore
@@ -76,19 +75,8 @@ async def _bench() -> dict[str, float]:
     chain = DevChain()
     with tempfile.TemporaryDirectory() as tmp, running_devstripe() as dev:
         dev.keep_requests = False
-        seller_http, agent_http = stripe.HTTPXClient(), stripe.HTTPXClient()
-        seller = stripe.StripeClient(
-            dev.api_key,
-            base_addresses={"api": dev.url},
-            max_network_retries=0,
-            http_client=seller_http,
-        )
-        agent = stripe.StripeClient(
-            AGENT_KEY,
-            base_addresses={"api": dev.url},
-            max_network_retries=0,
-            http_client=agent_http,
-        )
+        seller, seller_http = stripe_client(dev.api_key, api_base=dev.url)
+        agent, agent_http = stripe_client(AGENT_KEY, api_base=dev.url)
         ledger = StripeLedger(seller)
         wallet = CardWallet(agent, "pm_card_visa")
         api = build_sample_api(

@@ -830,17 +830,17 @@ def card_ledger(card: CardConfig) -> tuple[StripeLedger, stripe.HTTPXClient]:
     with ``await client.close_async()``). The client is httpx-based, so the ledger's async calls
     never block the event loop, and makes no retries of its own (see the ledger)."""
     try:
-        import stripe
-        from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION, SptPlacement, StripeLedger
+        from farebox.ledgers.stripe import (
+            STRIPE_PREVIEW_VERSION,
+            SptPlacement,
+            StripeLedger,
+            stripe_client,
+        )
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"card: card payments need {exc.name}: pip install 'farebox[stripe]'"
         ) from None
-    http_client = stripe.HTTPXClient()
-    options: dict[str, Any] = {"max_network_retries": 0, "http_client": http_client}
-    if card.api_base is not None:
-        options["base_addresses"] = {"api": card.api_base}
-    client = stripe.StripeClient(card.secret_key, **options)
+    client, http_client = stripe_client(card.secret_key, api_base=card.api_base)
     placement = cast("SptPlacement", card.spt_parameter)
     ledger = StripeLedger(
         client,

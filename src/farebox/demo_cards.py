@@ -23,7 +23,7 @@ from farebox.agent.card import CardWallet
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.devstripe import AGENT_KEY, SELLER_PROFILE, running_devstripe
-from farebox.ledgers.stripe import StripeLedger
+from farebox.ledgers.stripe import StripeLedger, stripe_client
 from farebox.protocol import mpp
 from farebox.receipts.records import verify_receipt
 from farebox.sample import AGENT, build_sample_api
@@ -44,20 +44,9 @@ async def card_story(console: Console, chain: DevChain) -> dict[str, Any]:
     """Tell the card chapter on ``chain``; return its facts (for tests)."""
     facts: dict[str, Any] = {}
     with running_devstripe() as dev:
-        seller_http, agent_http = stripe.HTTPXClient(), stripe.HTTPXClient()
+        seller, seller_http = stripe_client(dev.api_key, api_base=dev.url)
+        agent_stripe, agent_http = stripe_client(AGENT_KEY, api_base=dev.url)
         try:
-            seller = stripe.StripeClient(
-                dev.api_key,
-                base_addresses={"api": dev.url},
-                max_network_retries=0,
-                http_client=seller_http,
-            )
-            agent_stripe = stripe.StripeClient(
-                AGENT_KEY,
-                base_addresses={"api": dev.url},
-                max_network_retries=0,
-                http_client=agent_http,
-            )
             ledger = StripeLedger(seller)
             api = build_sample_api(chain, issuer=BASE_URL, card=ledger, card_profile=SELLER_PROFILE)
             await _chapter(console, facts, api, dev, ledger, agent_stripe, chain)

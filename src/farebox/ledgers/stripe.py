@@ -51,6 +51,7 @@ __all__ = [
     "SptPlacement",
     "StripeLedger",
     "idempotency_key_for",
+    "stripe_client",
 ]
 
 # The preview API version that knows Shared Payment Tokens: pympp 0.16.0
@@ -73,6 +74,23 @@ _CURRENCY = re.compile(r"[A-Za-z]{3}")
 _METADATA_MAX_KEYS = 50  # Stripe's documented metadata limits (as pympp's validate_metadata)
 _METADATA_MAX_KEY = 40
 _METADATA_MAX_VALUE = 500
+
+
+def stripe_client(
+    secret_key: str, *, api_base: str | None = None
+) -> tuple[stripe.StripeClient, stripe.HTTPXClient]:
+    """A ``StripeClient`` fit for farebox, and its HTTP client (close it with
+    ``await http_client.close_async()``).
+
+    httpx-based, so async calls never block the event loop, and with no automatic retries (see
+    :meth:`StripeLedger._options` for why). ``api_base`` points it at another Stripe-compatible
+    API (localstripe, :mod:`farebox.ledgers.devstripe`).
+    """
+    http_client = stripe.HTTPXClient()
+    options: dict[str, Any] = {"max_network_retries": 0, "http_client": http_client}
+    if api_base is not None:
+        options["base_addresses"] = {"api": api_base}
+    return stripe.StripeClient(secret_key, **options), http_client
 
 
 def idempotency_key_for(challenge_id: str, spt: str) -> str:
