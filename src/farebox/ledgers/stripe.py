@@ -172,6 +172,12 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
             raise ConfigError(f"Stripe metadata value for {key!r} is too long")
 
 
+def _check_payment_intent_id(value: object) -> None:
+    # Before the id goes into a URL path: it comes from the payer (a receipt) or an operator.
+    if not isinstance(value, str) or not _PAYMENT_INTENT_ID.fullmatch(value):
+        raise PaymentError("invalid_payload", "not a PaymentIntent id")
+
+
 def _check_amount(amount: int, currency: str) -> str:
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
         raise ConfigError("amount must be a positive integer in minor units")
@@ -404,10 +410,7 @@ class StripeLedger:
         reference differ), ``card_payment_refunded`` and ``ledger_unavailable``.
         """
         currency = _check_amount(amount, currency)
-        if not isinstance(payment_intent_id, str) or not _PAYMENT_INTENT_ID.fullmatch(
-            payment_intent_id
-        ):
-            raise PaymentError("invalid_payload", "not a PaymentIntent id")
+        _check_payment_intent_id(payment_intent_id)
         try:
             intent = await self.client.v1.payment_intents.retrieve_async(
                 payment_intent_id, {"expand": ["latest_charge"]}, self._options()
@@ -487,10 +490,7 @@ class StripeLedger:
         ``card_payment_not_found``, ``refund_refused`` (already refunded, more than what is left,
         a failed payment) and ``ledger_unavailable``.
         """
-        if not isinstance(payment_intent_id, str) or not _PAYMENT_INTENT_ID.fullmatch(
-            payment_intent_id
-        ):
-            raise PaymentError("invalid_payload", "not a PaymentIntent id")
+        _check_payment_intent_id(payment_intent_id)
         params: dict[str, Any] = {"payment_intent": payment_intent_id}
         if amount is not None:
             if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:

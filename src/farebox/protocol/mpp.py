@@ -358,9 +358,9 @@ _REQUEST_KEYS = frozenset(
 )
 
 
-def _req_str(data: Mapping[str, Any], key: str, where: str) -> str:
+def _req_str(data: Mapping[str, Any], key: str, where: str, *, limit: int = _MAX_STR) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not value or len(value) > _MAX_STR:
+    if not isinstance(value, str) or not value or len(value) > limit:
         raise _bad(f"{where}.{key} must be a non-empty string")
     return value
 
@@ -1098,7 +1098,7 @@ def parse_authorization(value: str, *, max_bytes: int = MAX_AUTHORIZATION_BYTES)
         realm=_req_str(echo_data, "realm", where),
         method=_req_str(echo_data, "method", where),
         intent=_req_str(echo_data, "intent", where),
-        request=_req_str_sized(echo_data, "request", where),
+        request=_req_str(echo_data, "request", where, limit=MAX_REQUEST_BYTES),
         expires=_opt_str(echo_data, "expires", where),
         digest=_opt_str(echo_data, "digest", where),
         opaque=_opt_str_sized(echo_data, "opaque", where),
@@ -1116,17 +1116,11 @@ def _echo_dict(echo: ChallengeEcho) -> dict[str, Any]:
     return {name: getattr(echo, name) for name in ChallengeEcho.__slots__}
 
 
-def _req_str_sized(data: Mapping[str, Any], key: str, where: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value or len(value) > MAX_REQUEST_BYTES:
-        raise _bad(f"{where}.{key} must be a non-empty string")
-    return value
-
-
 def _opt_str_sized(data: Mapping[str, Any], key: str, where: str) -> str | None:
+    # The encoded request and opaque maps may be longer than a plain parameter.
     if data.get(key) is None:
         return None
-    return _req_str_sized(data, key, where)
+    return _req_str(data, key, where, limit=MAX_REQUEST_BYTES)
 
 
 # --- Payment-Receipt -------------------------------------------------------------------------------
