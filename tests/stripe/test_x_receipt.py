@@ -450,7 +450,6 @@ async def test_a_replay_needs_the_receipt_the_first_request_showed(
     forged = (method["payment_intent"] + "_secret_guessedguessed").encode()
     [refused, body] = await call(api.asgi, "/report", [(b"x-receipt", forged), key])
     assert refused["status"] == 402
-    assert b"Q3" not in body["body"]
     assert b"the goods" not in body["body"]
 
 
