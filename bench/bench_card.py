@@ -85,33 +85,38 @@ async def _bench() -> dict[str, float]:
             card=ledger,
             card_profile=SELLER_PROFILE,
         )
-        route = api.routes.match("GET", "/report")
-        assert route is not None
-        card = route.route.card
-        assert card is not None
+        # The same route without invoices: tokens only.
+        plain = build_sample_api(
+            chain,
+            store=SqliteStore(os.path.join(tmp, "plain.sqlite")),
+            card=ledger,
+            card_profile=SELLER_PROFILE,
+            card_invoice=False,
+        )
+
+        async def minted() -> tuple[mpp.Challenge, str]:
+            """A fresh challenge of the plain route and a token minted for it."""
+            unpaid = await _unpaid(plain.app)
+            lines = [v for k, v in unpaid.headers.multi_items() if k == "www-authenticate"]
+            [challenge] = [c for line in lines for c in mpp.parse_www_authenticate(line)]
+            return challenge, await wallet.mint_async(
+                wallet.mint_request(challenge, now=time.time())
+            )
 
         free = await _timed(lambda i: _ok(api.app, "/health", [], 200), 2000)
         invoice_402 = await _timed(lambda i: _ok(api.app, "/report", [], 402), COUNT)
-        # The same route without invoices (a frozen offer: switched in place for the bench only).
-        object.__setattr__(card, "invoice", False)
-        plain_402 = await _timed(lambda i: _ok(api.app, "/report", [], 402), COUNT)
+        plain_402 = await _timed(lambda i: _ok(plain.app, "/report", [], 402), COUNT)
 
         # Shared Payment Tokens: challenges and tokens made before the clock runs.
         credentials = []
         for _ in range(COUNT):
-            unpaid = await _unpaid(api.app)
-            lines = [v for k, v in unpaid.headers.multi_items() if k == "www-authenticate"]
-            [challenge] = [c for line in lines for c in mpp.parse_www_authenticate(line)]
-            spt = await wallet.mint_async(wallet.mint_request(challenge, now=time.time()))
+            challenge, spt = await minted()
             credential = mpp.Credential(challenge.echo(), mpp.StripePayload(spt).to_json())
             credentials.append([(b"authorization", mpp.render_authorization(credential).encode())])
-        spt_paid = await _timed(lambda i: _ok(api.app, "/report", credentials[i], 200), COUNT)
+        spt_paid = await _timed(lambda i: _ok(plain.app, "/report", credentials[i], 200), COUNT)
         tokens = []
         for index in range(COUNT):
-            unpaid = await _unpaid(api.app)
-            lines = [v for k, v in unpaid.headers.multi_items() if k == "www-authenticate"]
-            [challenge] = [c for line in lines for c in mpp.parse_www_authenticate(line)]
-            spt = await wallet.mint_async(wallet.mint_request(challenge, now=time.time()))
+            challenge, spt = await minted()
             tokens.append((f"bench-{index}-{challenge.id}", spt))
 
         async def charge(i: int) -> None:
@@ -122,7 +127,6 @@ async def _bench() -> dict[str, float]:
         charge_alone = await _timed(charge, COUNT)
 
         # X-Receipt: invoices made and paid before the clock runs.
-        object.__setattr__(card, "invoice", True)
         receipts: list[list[tuple[bytes, bytes]]] = []
         paid_invoices: list[tuple[str, str]] = []
         async with httpx.AsyncClient() as browser:

@@ -103,9 +103,11 @@ def build_sample_api(
     app: ASGIApp = weather_app,
     card: StripeLedger | None = None,
     card_profile: str = "",
+    card_invoice: bool = True,
 ) -> SampleApi:
     """The sample API on ``chain`` (a new embedded chain by default); with ``card`` (a Stripe
-    ledger of the seller whose Stripe profile is ``card_profile``) ``GET /report`` takes cards."""
+    ledger of the seller whose Stripe profile is ``card_profile``) ``GET /report`` takes cards
+    (Shared Payment Tokens, and X-Receipt invoices unless ``card_invoice`` is false)."""
     chain = chain or DevChain()
     ASSETS.register(chain.asset)
     routes = RouteTable()
@@ -127,7 +129,7 @@ def build_sample_api(
             pay_to=chain.accounts[MERCHANT].address,
             description="The quarterly report",
             mime_type="application/json",
-            card=CardOffer(network_id=card_profile, realm="farebox-sample", invoice=True),
+            card=CardOffer(network_id=card_profile, realm="farebox-sample", invoice=card_invoice),
         )
     ledger = EvmLedger(chain.rpc, chain.accounts[SETTLER].account, network=chain.network)
     store = store or MemoryStore()
