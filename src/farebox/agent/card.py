@@ -48,7 +48,6 @@ ISSUED_TOKENS_PATH = "/v1/shared_payment/issued_tokens"
 #: use now + 3600 for a challenge without ``expires``).
 MAX_TOKEN_LIFETIME = 3600
 
-_SPT = re.compile(r"spt_[A-Za-z0-9_]{1,250}")
 _PAYMENT_METHOD = re.compile(r"pm_[A-Za-z0-9_]{1,250}")
 _CURRENCY = re.compile(r"[a-z]{3}")
 
@@ -239,7 +238,7 @@ def _token_of(data: object, request: MintRequest) -> str:
     if not isinstance(data, Mapping):
         raise PaymentError("ledger_unavailable", "Stripe answered the mint without an object")
     token = data.get("id")
-    if not isinstance(token, str) or not _SPT.fullmatch(token):
+    if not mpp.is_spt(token):
         raise PaymentError("ledger_unavailable", "Stripe answered the mint without a token id")
     limits = data.get("usage_limits")
     # Stripe echoes the limits; a token with looser ones than asked is not presented.

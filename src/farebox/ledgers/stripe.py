@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import stripe
 from farebox.errors import ConfigError, PaymentError
+from farebox.protocol import mpp
 
 if TYPE_CHECKING:
     from stripe.params import PaymentIntentCreateParams, RefundCreateParams
@@ -67,7 +68,6 @@ SptPlacement = Literal["top_level", "payment_method_data"]
 CHALLENGE_METADATA_KEY = "mpp_challenge_id"  # the same key pympp writes
 REFERENCE_METADATA_KEY = "farebox_reference"  # the invoice reference of the X-Receipt pattern
 
-_SPT = re.compile(r"spt_[A-Za-z0-9_]{1,250}")
 # Checked before an id goes into a URL path: a receipt is attacker input.
 _PAYMENT_INTENT_ID = re.compile(r"pi_[A-Za-z0-9]{8,250}")
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
@@ -268,7 +268,7 @@ class StripeLedger:
         Stripe refuses as malformed, such as a token placement this API version does not know).
         """
         currency = _check_amount(amount, currency)
-        if not isinstance(spt, str) or not _SPT.fullmatch(spt):
+        if not mpp.is_spt(spt):
             raise PaymentError("invalid_payload", "not a Shared Payment Token")
         if not challenge_id:
             raise ConfigError("challenge_id is required")

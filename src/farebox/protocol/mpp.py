@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import rfc8785
 
@@ -60,6 +60,7 @@ __all__ = [
     "b64url_jcs",
     "challenge_id",
     "format_rfc3339",
+    "is_spt",
     "issue_challenge",
     "parse_accept_payment",
     "parse_authorization",
@@ -420,6 +421,15 @@ class StripeDetails:
         ):
             raise _bad("methodDetails.metadata must map strings to strings")
         return cls(network_id, types, metadata)
+
+
+# The shape of a Shared Payment Token id (``spt_…``), checked before one is sent to Stripe.
+_SPT = re.compile(r"spt_[A-Za-z0-9_]{1,250}")
+
+
+def is_spt(value: object) -> TypeGuard[str]:
+    """Whether ``value`` has the shape of a Shared Payment Token id."""
+    return isinstance(value, str) and _SPT.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
