@@ -194,10 +194,13 @@ class CardRail:
             method_details=details.to_json(),
         )
 
-    def challenges(self, route: Route, request: RequestInfo) -> tuple[mpp.Challenge, ...]:
+    def challenges(
+        self, route: Route, request: RequestInfo, amount: int | None = None
+    ) -> tuple[mpp.Challenge, ...]:
         """The card challenges for this route and request; none without a card offer, or below its
-        minimum."""
-        amount = route.card_amount(request)
+        minimum. ``amount`` is the route's card price for the request, when already known."""
+        if amount is None:
+            amount = route.card_amount(request)
         if amount is None or route.card is None or not route.card.spt:
             return ()
         challenge = mpp.issue_challenge(
@@ -218,7 +221,9 @@ class CardRail:
         """What a 402 of ``route`` offers for cards; with ``invoice`` (and a route that takes
         X-Receipts) a new invoice is created and recorded, unless Stripe or the store is down (then
         the 402 goes out without it, and the reason is logged)."""
-        found = self.challenges(route, request)
+        # Priced once: a price function is asked once per 402, and both card methods agree.
+        amount = route.card_amount(request)
+        found = self.challenges(route, request, amount)
         lines = mpp.render_www_authenticate_lines(found)
         methods: list[dict[str, Any]] = [
             {
@@ -232,24 +237,28 @@ class CardRail:
         ]
         made: Invoice | None = None
         card = route.card
-        if invoice and card is not None and card.invoice and request.method != "HEAD":
-            amount = route.card_amount(request)
-            if amount is not None:
-                made, client_secret = await self._invoice(route, request, store, amount)
-                if made is not None:
-                    methods.append(
-                        {
-                            "protocol": "x-receipt",
-                            "method": METHOD,
-                            "amount": str(made.amount),
-                            "currency": made.currency,
-                            "reference": made.reference,
-                            "payment_intent": made.payment_intent,
-                            "client_secret": client_secret,
-                            "expires": mpp.format_rfc3339(made.expires_at),
-                            "header": X_RECEIPT,
-                        }
-                    )
+        if (
+            invoice
+            and amount is not None
+            and card is not None
+            and card.invoice
+            and request.method != "HEAD"
+        ):
+            made, client_secret = await self._invoice(route, request, store, amount)
+            if made is not None:
+                methods.append(
+                    {
+                        "protocol": "x-receipt",
+                        "method": METHOD,
+                        "amount": str(made.amount),
+                        "currency": made.currency,
+                        "reference": made.reference,
+                        "payment_intent": made.payment_intent,
+                        "client_secret": client_secret,
+                        "expires": mpp.format_rfc3339(made.expires_at),
+                        "header": X_RECEIPT,
+                    }
+                )
         return Offered(
             headers=tuple((mpp.WWW_AUTHENTICATE, line) for line in lines),
             methods=tuple(methods),
