@@ -305,12 +305,6 @@ class CardRail:
 
     # --- before the app ------------------------------------------------------------------------
 
-    async def admit(
-        self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
-    ) -> CardAdmission:
-        """:meth:`check` the request's card payment (credential or receipt) and :meth:`take` it."""
-        return await self.take(await self.check(route, request, challenge, store), store)
-
     async def check(
         self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
     ) -> CardAdmission:
@@ -404,9 +398,7 @@ class CardRail:
             receipt=found[0],
         )
 
-    async def take(
-        self, admission: CardAdmission, store: Store, owner: str | None = None
-    ) -> CardAdmission:
+    async def take(self, admission: CardAdmission, store: Store, owner: str) -> CardAdmission:
         """Claim a checked card payment (single use), and for a receipt check its PaymentIntent.
 
         Raises :class:`PaymentError` ``proof_replayed`` (already used; the message names the
@@ -416,7 +408,6 @@ class CardRail:
         refunded or disputed, another amount, currency or reference, Stripe unavailable); then
         nothing stays claimed.
         """
-        owner = owner or secrets.token_hex(8)
         key = admission.claim_key
         if await store.claim(key, owner=owner, now=int(self.clock())) is None:
             claim = await store.get_claim(key)
