@@ -60,14 +60,19 @@ from farebox.server.idempotency import (
     BodyCapture,
     BodyReader,
     IdempotentRun,
+    Withheld,
     body_omitted,
     declaration,
     fingerprint,
+    late_owner,
     read_id,
     replay_headers,
     scope_key,
+    spent_by,
     stored_response,
     wait_for,
+    withheld,
+    withholding,
 )
 from farebox.server.routes import RequestInfo, Route, RouteTable
 from farebox.server.wellknown import WellKnown
@@ -348,6 +353,9 @@ class Gate:
         run = await self._take_id(route, request, proof, scope, owner, now, body)
         if isinstance(run, Reply):
             return run
+        if run is not None and run.delivers is not None:
+            # Paid already (settled after its response was withheld): this proof is not spent.
+            return Admission(route, request, challenge, verified, run.owner, run)
         async with self._forgotten_on_error(run):
             if await self.store.claim(verified.claim_key, owner=owner, now=now) is None:
                 raise await self._used(verified)
@@ -445,6 +453,13 @@ class Gate:
                         payer=scope.payer,
                     )
             stored = entry.response
+            paid = withheld(stored)
+            if paid is not None:
+                retry = await self._after_withheld(entry, paid, scope.claim_key, owner, now)
+                if isinstance(retry, IdempotentRun):
+                    return retry
+                if retry:
+                    continue  # another retry reopened the entry meanwhile: meet it
             if body_omitted(stored):
                 raise PaymentError(
                     "idempotency_conflict",
@@ -465,6 +480,33 @@ class Gate:
             replayed = b"" if request.method == "HEAD" else stored.body
             return Reply(stored.status, replay_headers(stored), replayed)
 
+    async def _after_withheld(
+        self, entry: IdempotencyEntry, paid: Withheld, claim_key: str, owner: str, now: int
+    ) -> IdempotentRun | bool:
+        """A retry of a request whose response was withheld, its payment not confirmed then.
+
+        What that payment became decides: still pending, ``False`` (the stored answer is
+        replayed); settled, a run that delivers it (the app runs, since nothing was delivered);
+        released or spent by someone else since, it never moved money, and a run that pays with
+        this retry's own proof. Reopening the entry is atomic, so of concurrent retries one runs
+        and the others (``True``) meet it running and wait for its response.
+        """
+        claim = await self.store.get_claim(paid.claim)
+        if claim is not None and claim.owner == paid.owner:
+            if claim.state != "settled":
+                return False
+            runner = late_owner(paid.owner)
+            if await self.store.reopen_idempotent(
+                entry.key, owner=entry.owner, new_owner=runner, now=now, claim=paid.claim
+            ):
+                return IdempotentRun(entry.key, runner, entry.fingerprint, delivers=paid)
+            return True
+        if await self.store.reopen_idempotent(
+            entry.key, owner=entry.owner, new_owner=owner, now=now, claim=claim_key
+        ):
+            return IdempotentRun(entry.key, owner, entry.fingerprint)
+        return True
+
     def _stale(self, entry: IdempotencyEntry) -> bool:
         """Whether a running ``entry`` is older than any live request can be (see the class)."""
         return self.clock() - entry.at >= self.idempotency_stale
@@ -480,8 +522,9 @@ class Gate:
         """
         claim = await self.store.get_claim(entry.claim) if entry.claim is not None else None
         # A claim of another owner is a later request that spent the same proof after the dead
-        # one released it: the dead request itself moved nothing.
-        if claim is not None and claim.owner == entry.owner:
+        # one released it: the dead request itself moved nothing. A dead delivery of a withheld
+        # payment is judged like that payment's own request: it may have delivered, so a 409.
+        if claim is not None and spent_by(claim.owner, entry.owner):
             if claim.state == "held" or (claim.state == "pending" and not claim.transaction):
                 return False
             where = f" in transaction {claim.transaction}" if claim.transaction else ""
@@ -553,13 +596,18 @@ class Gate:
         """The app failed or answered an error: nothing is charged, the proof can be used again,
         and a retry with the same idempotency id runs again."""
         with anyio.CancelScope(shield=True):
+            run = admission.idempotency
             if isinstance(admission, CardAdmission):
                 if self.card is not None:
                     await self.card.abandon(admission, self.store)
+            elif run is not None and run.delivers is not None:
+                # Paid for and still not delivered: the next retry may try again.
+                await self._keep(run, run.delivers.answer)
+                return
             else:
                 await self.store.release(admission.verified.claim_key, owner=admission.owner)
-            if admission.idempotency is not None:
-                await self._forget(admission.idempotency)
+            if run is not None:
+                await self._forget(run)
 
     async def complete(self, admission: Admission | CardAdmission, status: int) -> Headers | Reply:
         """Settle for an app that answered ``status``.
@@ -576,6 +624,8 @@ class Gate:
         with anyio.CancelScope(shield=True):
             if isinstance(admission, CardAdmission):
                 outcome = await self._settle_card(admission)
+            elif admission.idempotency is not None and admission.idempotency.delivers is not None:
+                outcome = await self._deliver(admission, admission.idempotency.delivers)
             else:
                 outcome = await self._settle(admission)
         return outcome
@@ -648,14 +698,27 @@ class Gate:
                 # and a retry under the same id hears the same, rather than paying a second time.
                 await self._finish(admission, "pending", settlement, events)
                 if admission.idempotency is not None:
-                    stored = StoredResponse(refusal.status, refusal.headers, refusal.body)
+                    answer = StoredResponse(refusal.status, refusal.headers, refusal.body)
+                    offer = verified.offer
+                    stored = withholding(
+                        answer,
+                        claim=verified.claim_key,
+                        owner=admission.owner,
+                        network=offer.network,
+                        asset=offer.asset,
+                        amount=offer.amount,
+                        payer=verified.payer,
+                    )
                     await self._keep(admission.idempotency, stored)
             else:
                 await self.store.release(verified.claim_key, owner=admission.owner)
                 await self._unrun(admission)
                 await self._log(*events, quiet=True)
             return refusal
-        receipt = self._receipt(admission, settlement, now)
+        offer = verified.offer
+        receipt = self._receipt(
+            offer.network, offer.asset, offer.amount, settlement.transaction, admission, now
+        )
         events.append(
             Event(
                 "receipt",
@@ -667,31 +730,68 @@ class Gate:
             )
         )
         await self._finish(admission, "settled", settlement, events)
+        return self._paid(admission, settlement, receipt)
+
+    def _paid(self, admission: Admission, settlement: Settlement, receipt: str) -> Headers:
         headers: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]
-        if verified.proof.x402_version == 1:
+        if admission.verified.proof.x402_version == 1:
             headers.append((X_PAYMENT_RESPONSE, encode_settlement(settlement, x402_version=1)))
         headers.append((PEAC_RECEIPT, receipt))
         headers.append(("access-control-expose-headers", EXPOSED_HEADERS))
         return tuple(headers)
 
+    async def _deliver(self, admission: Admission, paid: Withheld) -> Headers:
+        """The headers of a response delivered for ``paid``, which settled after its first
+        response was withheld: the settlement and a receipt naming its transaction."""
+        claim = await self.store.get_claim(paid.claim)
+        transaction = claim.transaction if claim is not None and claim.transaction else ""
+        settlement = Settlement(
+            success=True,
+            network=paid.network,
+            transaction=transaction,
+            payer=paid.payer,
+            amount=paid.amount,
+        )
+        now = int(self.clock())
+        receipt = self._receipt(paid.network, paid.asset, paid.amount, transaction, admission, now)
+        await self._log(
+            Event(
+                "receipt",
+                now,
+                admission.route.name,
+                payer=paid.payer,
+                reference=receipt_ref(receipt),
+                data={"transaction": transaction, "jws": receipt, "delivered": "late"},
+            ),
+            quiet=True,
+        )
+        return self._paid(admission, settlement, receipt)
+
     async def _unrun(self, admission: Admission) -> None:
         if admission.idempotency is not None:
             await self._forget(admission.idempotency)
 
-    def _receipt(self, admission: Admission, settlement: Settlement, now: int) -> str:
-        offer = admission.verified.offer
-        asset = self.assets.find(offer.network, offer.asset)
+    def _receipt(
+        self,
+        network: str,
+        token: str,
+        amount: int,
+        transaction: str,
+        admission: Admission,
+        now: int,
+    ) -> str:
+        asset = self.assets.find(network, token)
         claims = payment_claims(
             iss=self.issuer,
             iat=now,
             jti=uuid7(now * 1000),
             payment_rail="x402",
-            amount_minor=offer.amount,
+            amount_minor=amount,
             currency=asset.symbol if asset is not None else "UNKNOWN",
-            asset=asset.caip19 if asset is not None else f"{offer.network}/erc20:{offer.asset}",
+            asset=asset.caip19 if asset is not None else f"{network}/erc20:{token}",
             env="test" if asset is None or asset.is_testnet else "live",
             event="settlement",
-            reference=settlement.transaction,
+            reference=transaction,
             sub=admission.request.url,
             occurred_at=rfc3339(now),
         )

@@ -29,6 +29,14 @@ Design decisions:
   the entry (50 ms, growing to 500 ms) for up to ``wait`` seconds (15 by default), then get a 409
   ``idempotency_in_progress`` with ``Retry-After``. An entry that disappears while waited on was
   abandoned (nothing charged), and the waiter tries to become the runner itself.
+* **Withheld responses.** A settlement broadcast but not confirmed in time answers a 402
+  ``settlement_pending`` instead of the app's response, and the entry keeps that answer with a
+  marker naming the payment. A retry with the same id reads the payment's claim: still pending,
+  it hears the same; settled since (the reconciler confirmed it), the one retry that reopens the
+  entry (:meth:`~farebox.store.base.Store.reopen_idempotent`, atomic) runs the app and is
+  delivered what was paid for, once, with a receipt naming the transaction, and spends nothing of
+  its own proof; released (the money never moved), the entry is reopened and the retry pays as
+  any request does.
 * **Dead runners.** An entry still running after ``stale`` seconds (120 by default) belongs to a
   request whose process died. The entry records the claim key of the proof that request spent,
   and its claim tells what happened: settled or pending, a 409 names the transaction; released
@@ -46,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import orjson
 
 from farebox.errors import PaymentError
 from farebox.protocol.models import Proof
@@ -62,15 +71,20 @@ __all__ = [
     "BodyCapture",
     "BodyReader",
     "IdempotentRun",
+    "Withheld",
     "body_omitted",
     "declaration",
     "fingerprint",
+    "late_owner",
     "new_id",
     "read_id",
     "replay_headers",
     "scope_key",
+    "spent_by",
     "stored_response",
     "wait_for",
+    "withheld",
+    "withholding",
 ]
 
 PAYMENT_IDENTIFIER = "payment-identifier"
@@ -93,6 +107,12 @@ _POLL_MAX = 0.5
 
 # Stored (never sent) in place of a body too large to keep; its value is the body's size.
 _OMITTED = "x-farebox-idempotent-body-omitted"
+# Stored (never sent) with an answer that withheld the response of a payment not confirmed yet;
+# its value is that payment (JSON), for the retry that is delivered once it settled.
+_WITHHELD = "x-farebox-idempotent-withheld"
+_STORED_ONLY = ("content-length", "transfer-encoding", _OMITTED, _WITHHELD)
+# Joins a claim's owner to the owner of the retry that delivers for it (owners are hex tokens).
+_LATE = ".late."
 
 #: Reads the request body for the gate, once: the body, or ``None`` when it exceeds the limit.
 BodyReader = Callable[[], Awaitable[bytes | None]]
@@ -114,12 +134,31 @@ _SCHEMA: Mapping[str, Any] = {
 
 
 @dataclass(frozen=True, slots=True)
+class Withheld:
+    """A payment whose response was withheld (not confirmed when it answered), as its entry
+    keeps it: the claim it spent, who spent it, and what it paid (``network``, ``asset``,
+    ``amount`` in atomic units, ``payer``). ``answer`` is the stored 402, marker included."""
+
+    claim: str
+    owner: str
+    network: str
+    asset: str
+    amount: int
+    payer: str
+    answer: StoredResponse
+
+
+@dataclass(frozen=True, slots=True)
 class IdempotentRun:
-    """A paid request that took its idempotency key and runs: who owns it, under which key."""
+    """A paid request that took its idempotency key and runs: who owns it, under which key.
+
+    ``delivers`` is set for a retry that is delivered a payment settled after its response was
+    withheld: it runs the app without spending a proof of its own."""
 
     key: str
     owner: str
     fingerprint: str
+    delivers: Withheld | None = None
 
 
 def declaration(*, required: bool = False) -> dict[str, Any]:
@@ -193,12 +232,63 @@ def body_omitted(response: StoredResponse) -> bool:
     return any(name == _OMITTED for name, _ in response.headers)
 
 
+def withholding(
+    answer: StoredResponse,
+    *,
+    claim: str,
+    owner: str,
+    network: str,
+    asset: str,
+    amount: int,
+    payer: str,
+) -> StoredResponse:
+    """``answer`` (the 402 sent instead of a response whose payment is not confirmed) as its
+    entry keeps it: marked with the payment, so that a retry can be delivered once it settled."""
+    payment = {
+        "claim": claim,
+        "owner": owner,
+        "network": network,
+        "asset": asset,
+        "amount": str(amount),
+        "payer": payer,
+    }
+    marker = (_WITHHELD, orjson.dumps(payment).decode())
+    return StoredResponse(answer.status, (*answer.headers, marker), answer.body)
+
+
+def withheld(response: StoredResponse) -> Withheld | None:
+    """The payment a stored answer withheld the response of, or ``None`` for any other."""
+    raw = next((value for name, value in response.headers if name == _WITHHELD), None)
+    if raw is None:
+        return None
+    payment = orjson.loads(raw)
+    return Withheld(
+        claim=payment["claim"],
+        owner=payment["owner"],
+        network=payment["network"],
+        asset=payment["asset"],
+        amount=int(payment["amount"]),
+        payer=payment["payer"],
+        answer=response,
+    )
+
+
+def late_owner(claim_owner: str) -> str:
+    """The owner of a retry delivering for ``claim_owner``'s claim: it is that payment's
+    request, run again, so a dead delivery is judged by the claim like its first attempt."""
+    return f"{claim_owner}{_LATE}{secrets.token_hex(8)}"
+
+
+def spent_by(claim_owner: str, entry_owner: str) -> bool:
+    """Whether an entry of ``entry_owner`` is the request that spent a claim of
+    ``claim_owner``: its first attempt, or a retry delivering for it."""
+    return entry_owner == claim_owner or entry_owner.startswith(claim_owner + _LATE)
+
+
 def replay_headers(response: StoredResponse) -> tuple[tuple[str, str], ...]:
     """The stored headers, marked as a replay; length and framing are the face's to set."""
     kept = tuple(
-        (name, value)
-        for name, value in response.headers
-        if name.lower() not in ("content-length", "transfer-encoding", _OMITTED)
+        (name, value) for name, value in response.headers if name.lower() not in _STORED_ONLY
     )
     return (*kept, (REPLAYED, "true"))
 

@@ -309,6 +309,15 @@ class Store(Protocol):
         that a retry runs again; returns whether it was removed. A completed entry stays."""
         ...
 
+    async def reopen_idempotent(
+        self, key: str, *, owner: str, new_owner: str, now: int, claim: str | None
+    ) -> bool:
+        """Turn ``owner``'s completed entry back into a running one of ``new_owner`` (taken at
+        ``now``, spending ``claim``), atomically; returns whether it was. Only for an entry whose
+        stored answer withheld the response (a payment not confirmed when it answered): the one
+        retry that reopens it runs the request, every other one finds it running."""
+        ...
+
     async def get_idempotent(self, key: str) -> IdempotencyEntry | None:
         """The entry for ``key``, if any."""
         ...

@@ -162,6 +162,20 @@ class MemoryStore:
             del self._idempotent[key]
             return True
 
+    async def reopen_idempotent(
+        self, key: str, *, owner: str, new_owner: str, now: int, claim: str | None
+    ) -> bool:
+        """See :meth:`farebox.store.base.Store.reopen_idempotent`."""
+        with self._lock:
+            self._check_open()
+            entry = self._idempotent.get(key)
+            if entry is None or entry.owner != owner or entry.response is None:
+                return False
+            self._idempotent[key] = IdempotencyEntry(
+                key, entry.fingerprint, new_owner, now, claim=claim
+            )
+            return True
+
     async def get_idempotent(self, key: str) -> IdempotencyEntry | None:
         """See :meth:`farebox.store.base.Store.get_idempotent`."""
         with self._lock:

@@ -98,6 +98,10 @@ _COMPLETE_IDEMPOTENT = (
     "WHERE key = %s AND owner = %s AND status IS NULL"
 )
 _ABANDON_IDEMPOTENT = "DELETE FROM idempotency WHERE key = %s AND owner = %s AND status IS NULL"
+_REOPEN_IDEMPOTENT = (
+    "UPDATE idempotency SET owner = %s, at = %s, claim = %s, status = NULL, headers = NULL, "
+    "body = NULL WHERE key = %s AND owner = %s AND status IS NOT NULL"
+)
 _ADD_INVOICE, _GET_INVOICE, _FIND_INVOICE, _PRUNE_INVOICES = invoice_statements("%s")
 
 # begin_idempotent inserts, and on a conflict reads the entry; an entry abandoned between the two
@@ -397,6 +401,15 @@ class PostgresStore:
         """See :meth:`farebox.store.base.Store.abandon_idempotent`."""
         async with self._connection() as conn:
             cursor = await conn.execute(_ABANDON_IDEMPOTENT, (key, owner))
+            return cursor.rowcount == 1
+
+    async def reopen_idempotent(
+        self, key: str, *, owner: str, new_owner: str, now: int, claim: str | None
+    ) -> bool:
+        """See :meth:`farebox.store.base.Store.reopen_idempotent`."""
+        params = (new_owner, now, claim, key, owner)
+        async with self._connection() as conn:
+            cursor = await conn.execute(_REOPEN_IDEMPOTENT, params)
             return cursor.rowcount == 1
 
     async def get_idempotent(self, key: str) -> IdempotencyEntry | None:

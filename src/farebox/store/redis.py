@@ -232,6 +232,19 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS: entry. ARGV: owner, new owner, at, claim (empty for none).
+_REOPEN_IDEMPOTENT_LUA = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local e = cjson.decode(raw)
+if e.owner ~= ARGV[1] or e.status == nil or e.status == cjson.null then return 0 end
+local claim = cjson.null
+if ARGV[4] ~= '' then claim = ARGV[4] end
+redis.call('SET', KEYS[1], cjson.encode({fingerprint = e.fingerprint, owner = ARGV[2],
+  at = tonumber(ARGV[3]), claim = claim}))
+return 1
+"""
+
 # KEYS: invoice, invoice-pi, invoices:expiry. ARGV: invoice JSON, reference, expires_at.
 _ADD_INVOICE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
@@ -325,6 +338,7 @@ class RedisStore:
         self._begin_script = register(_BEGIN_IDEMPOTENT_LUA)
         self._complete_script = register(_COMPLETE_IDEMPOTENT_LUA)
         self._abandon_script = register(_ABANDON_IDEMPOTENT_LUA)
+        self._reopen_script = register(_REOPEN_IDEMPOTENT_LUA)
         self._add_invoice_script = register(_ADD_INVOICE_LUA)
         self._find_invoice_script = register(_FIND_INVOICE_LUA)
         self._prune_invoices_script = register(_PRUNE_INVOICES_LUA)
@@ -488,6 +502,14 @@ class RedisStore:
     async def abandon_idempotent(self, key: str, *, owner: str) -> bool:
         """See :meth:`farebox.store.base.Store.abandon_idempotent`."""
         done = await self._run(self._abandon_script, [self._idem_key(key)], [owner])
+        return bool(done == 1)
+
+    async def reopen_idempotent(
+        self, key: str, *, owner: str, new_owner: str, now: int, claim: str | None
+    ) -> bool:
+        """See :meth:`farebox.store.base.Store.reopen_idempotent`."""
+        args = [owner, new_owner, now, claim or ""]
+        done = await self._run(self._reopen_script, [self._idem_key(key)], args)
         return bool(done == 1)
 
     async def get_idempotent(self, key: str) -> IdempotencyEntry | None:

@@ -174,6 +174,10 @@ _COMPLETE_IDEMPOTENT = (
     "WHERE key = ? AND owner = ? AND status IS NULL"
 )
 _ABANDON_IDEMPOTENT = "DELETE FROM idempotency WHERE key = ? AND owner = ? AND status IS NULL"
+_REOPEN_IDEMPOTENT = (
+    "UPDATE idempotency SET owner = ?, at = ?, claim = ?, status = NULL, headers = NULL, "
+    "body = NULL WHERE key = ? AND owner = ? AND status IS NOT NULL"
+)
 _INSERT_EVENT = (
     "INSERT INTO events (kind, at, route, payer, payer_key, reference, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -495,6 +499,17 @@ class SqliteStore:
 
         def run(conn: sqlite3.Connection) -> bool:
             return conn.execute(_ABANDON_IDEMPOTENT, (key, owner)).rowcount == 1
+
+        return await self._call(run, write=True)
+
+    async def reopen_idempotent(
+        self, key: str, *, owner: str, new_owner: str, now: int, claim: str | None
+    ) -> bool:
+        """See :meth:`farebox.store.base.Store.reopen_idempotent`."""
+        params = (new_owner, now, claim, key, owner)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_REOPEN_IDEMPOTENT, params).rowcount == 1
 
         return await self._call(run, write=True)
 
