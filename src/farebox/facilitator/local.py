@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from farebox.errors import PaymentError
 from farebox.ledgers.evm import EvmLedger
+from farebox.ledgers.evm_asset import DEFAULT_ASSET_TTL, TokenCheck
 from farebox.protocol.models import Offer, Settlement, VerifiedProof
 from farebox.schemes import evm_exact
 
@@ -13,11 +14,23 @@ __all__ = ["LocalFacilitator"]
 
 
 class LocalFacilitator:
-    """Simulates and settles ``exact`` EVM proofs on the ledger of their network."""
+    """Checks the token, simulates and settles ``exact`` EVM proofs on the ledger of their network.
 
-    def __init__(self, ledgers: Iterable[EvmLedger], *, simulate: bool = True) -> None:
+    ``verify`` first checks that the offer's asset is a deployed EIP-3009 token (remembered per
+    asset for ``asset_ttl`` seconds, see :mod:`farebox.ledgers.evm_asset`), then, with
+    ``simulate``, dry-runs the transfer.
+    """
+
+    def __init__(
+        self,
+        ledgers: Iterable[EvmLedger],
+        *,
+        simulate: bool = True,
+        asset_ttl: float = DEFAULT_ASSET_TTL,
+    ) -> None:
         self._ledgers = {ledger.network: ledger for ledger in ledgers}
         self._simulate = simulate
+        self._tokens = {network: TokenCheck(ttl=asset_ttl) for network in self._ledgers}
 
     @property
     def ledgers(self) -> tuple[EvmLedger, ...]:
@@ -34,7 +47,10 @@ class LocalFacilitator:
         return offer.scheme == evm_exact.SCHEME and offer.network in self._ledgers
 
     async def verify(self, verified: VerifiedProof) -> None:
-        ledger = self.ledger_for(verified.offer.network)
+        network = verified.offer.network
+        ledger = self.ledger_for(network)
+        # Before the simulation: a call to an address without code "succeeds" and proves nothing.
+        await self._tokens[network].check(ledger.rpc, verified.offer.asset)
         if self._simulate:
             await ledger.simulate(verified)
 

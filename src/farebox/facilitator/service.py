@@ -10,9 +10,16 @@ HTTP status rules: a refused payment is a 200 carrying ``isValid: false`` / ``su
 the x402 reason code (what the reference facilitators do); a request that cannot be read at all is
 a 400 ``application/problem+json``; a body over the limit is a 413. Nothing raises out of the app.
 
-One authorization is settled at most once, even when ``/settle`` is asked twice at the same time:
-the proof's ``claim_key`` is claimed in the :class:`~farebox.store.base.Store` first, and a
-concurrent or repeated request answers the recorded outcome instead of broadcasting again.
+One nonce is settled at most once, and answered ``success: true`` at most once: the proof's
+``claim_key`` (network, token, payer, EIP-3009 nonce) is claimed in the
+:class:`~farebox.store.base.Store` first, and only the request that took the claim broadcasts and
+can answer success. A repeated or concurrent ``/settle`` (or ``/verify``) of a claimed nonce, for
+the same authorization or another one signed with the same nonce, is refused with
+``invalid_exact_evm_nonce_already_used``; the message says whether it was this authorization or
+another, and names the transaction when there is one. A resource server that lost the answer to
+its own ``/settle`` learns the outcome from that refusal (``this authorization was already
+settled in transaction 0x...``) and can confirm it on chain: the token's
+``authorizationState(payer, nonce)`` and the transaction's ``Transfer`` log.
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ from farebox.protocol.x402 import (
     settlement_to_json,
 )
 from farebox.schemes import evm_exact
+from farebox.schemes.evm_exact import VerifiedEvmProof
 from farebox.server.asgi import run_lifespan
-from farebox.store.base import Event, Store
+from farebox.store.base import Claim, Event, Store
 
 __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
 
@@ -62,6 +70,9 @@ _VERIFIERS: Mapping[str, Callable[..., VerifiedProof]] = {evm_exact.SCHEME: evm_
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
 _SETTLE_ROUTE = "POST /settle"
+_NONCE_USED = "invalid_exact_evm_nonce_already_used"
+# Between the authorization's name and the attempt's random part, in a claim's owner.
+_OWNER_SEP = ":"
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +284,11 @@ class FacilitatorApp:
         request = await self._request(scope, receive)
         try:
             verified = self._check_offline(request)
+            # A nonce claimed here is spent, or being spent, whatever the chain says yet: the
+            # official middleware runs the handler on a valid verdict, so refuse before that.
+            claimed = await self.store.get_claim(verified.claim_key)
+            if claimed is not None:
+                raise PaymentError(*_taken(claimed, _identity(verified)), payer=verified.payer)
             await self.facilitator.verify(verified)
         except PaymentError as exc:
             answer: dict[str, Any] = {
@@ -311,49 +327,43 @@ class FacilitatorApp:
         )
 
     async def _settle_once(self, verified: VerifiedProof) -> Settlement:
-        """Settle ``verified`` unless its authorization was (or is being) settled already."""
+        """Settle ``verified`` unless its nonce was (or is being) settled already.
+
+        Only the request that takes the claim broadcasts, and only its answer can be a success:
+        a resource server serves on that answer alone (the official middleware does), so a
+        second "success" for one transfer is a response given away. Every other request, a
+        retry or a concurrent duplicate of the same authorization, or another authorization
+        that shares its nonce, is refused with ``invalid_exact_evm_nonce_already_used``, naming
+        the transaction when one is known. A request that finds the claim held waits (up to
+        ``settle_wait``) for the holder: released, the nonce is free again and it claims it.
+        """
         key = verified.claim_key
+        mine = _identity(verified)
         deadline = time.monotonic() + self.settle_wait
         while True:
-            owner = secrets.token_hex(8)
+            # The owner names the authorization as well as the attempt: whoever finds the claim
+            # later can tell "this authorization" from "another one with this nonce".
+            owner = f"{mine}{_OWNER_SEP}{secrets.token_hex(8)}"
             try:
                 if await self.store.claim(key, owner=owner, now=int(self.clock())) is not None:
                     return await self._settle_claimed(verified, owner)
                 existing = await self.store.get_claim(key)
             except PaymentError as exc:  # the store is down: nothing was broadcast
                 return self._outcome(verified, exc.code, exc.message)
-            if existing is not None and existing.state == "settled":
-                # The same answer as the first time: the caller may be retrying a lost reply.
-                return Settlement(
-                    success=True,
-                    network=verified.offer.network,
-                    transaction=existing.transaction or "",
-                    payer=verified.payer,
-                    amount=verified.offer.amount,
-                )
-            if existing is not None and existing.state == "pending":
-                return self._outcome(
-                    verified,
-                    "settlement_pending",
-                    "an earlier settlement was broadcast but is not confirmed",
-                    existing.transaction or "",
-                )
-            # Held by a request in flight (or released just now: then claim again at once).
-            if time.monotonic() >= deadline:
-                # It may still broadcast: not settled, not failed, so the caller keeps its claim.
-                return self._outcome(
-                    verified, "settlement_pending", "another settlement of it is in progress"
-                )
-            # A claim released between our two calls is claimed again at once (after a yield).
-            await anyio.sleep(self.poll_interval if existing is not None else 0)
+            if existing is None:
+                # Released between the two calls: claim again at once (after a yield).
+                await anyio.sleep(0)
+                continue
+            if existing.state != "held" or time.monotonic() >= deadline:
+                return self._outcome(verified, *_taken(existing, mine))
+            await anyio.sleep(self.poll_interval)
 
-    def _outcome(
-        self, verified: VerifiedProof, code: str, message: str, transaction: str = ""
-    ) -> Settlement:
+    def _outcome(self, verified: VerifiedProof, code: str, message: str) -> Settlement:
+        # A refusal names no transaction in its field (the official shape): a server must not
+        # file someone else's transfer under this payment. The message names it.
         return Settlement(
             success=False,
             network=verified.offer.network,
-            transaction=transaction,
             payer=verified.payer,
             error_reason=code,
             error_message=message,
@@ -383,6 +393,7 @@ class FacilitatorApp:
             reference=settlement.transaction or None,
             data={
                 "claim": key,
+                "authorization": _identity(verified),
                 "success": settlement.success,
                 "error": settlement.error_reason,
                 "network": verified.offer.network,
@@ -462,6 +473,35 @@ def facilitator_app(
         settle_wait=settle_wait,
         close_on_shutdown=close_on_shutdown,
     )
+
+
+def _identity(verified: VerifiedProof) -> str:
+    """The whole authorization's name (the claim key names only its nonce)."""
+    if isinstance(verified, VerifiedEvmProof):
+        return evm_exact.authorization_id(verified)
+    return verified.claim_key
+
+
+def _taken(claim: Claim, mine: str) -> tuple[str, str]:
+    """The refusal of a request that found ``claim`` taken by another: code and message."""
+    holder = claim.owner.partition(_OWNER_SEP)[0] if _OWNER_SEP in claim.owner else ""
+    whose = (
+        "this authorization"
+        if holder == mine
+        else "another authorization with the same nonce"
+        if holder
+        else "an authorization with this nonce"
+    )
+    tx = claim.transaction
+    if claim.state == "settled":
+        where = f" in transaction {tx}" if tx else ""
+        message = f"{whose} was already settled{where}"
+    elif claim.state == "pending":
+        what = f"transaction {tx}" if tx else "a transaction that may have been sent"
+        message = f"{whose} was already broadcast, in {what}, not confirmed yet"
+    else:
+        message = f"{whose} is being settled by another request"
+    return _NONCE_USED, message
 
 
 def _payer_of(proof: Proof) -> str | None:

@@ -34,6 +34,7 @@ __all__ = [
     "Authorization",
     "VerifiedEvmProof",
     "authorization_digest",
+    "authorization_id",
     "chain_id_of",
     "domain_separator",
     "make_proof",
@@ -154,6 +155,29 @@ def _offer_terms(offer: Offer, payer: str | None = None) -> tuple[bytes, bytes]:
         raise PaymentError(
             "invalid_payment_requirements", "offer has a malformed address"
         ) from None
+
+
+def authorization_id(proof: VerifiedEvmProof) -> str:
+    """What names one signed authorization: network, token and every signed field, hashed.
+
+    The claim key names only the EIP-3009 nonce (the token's own uniqueness: one of the payer's
+    authorizations with that nonce can ever move money), but one payer can sign several
+    authorizations with the same nonce, to different recipients or amounts. An answer about a
+    settlement (``this one moved money``) must be about the whole authorization, never about
+    another one that shares its nonce.
+    """
+    auth = proof.authorization
+    return keccak256(
+        proof.offer.network.encode("utf-8")
+        + b"\0"
+        + address_bytes(proof.offer.asset)
+        + auth.from_
+        + auth.to
+        + auth.value.to_bytes(32, "big")
+        + auth.valid_after.to_bytes(32, "big")
+        + auth.valid_before.to_bytes(32, "big")
+        + auth.nonce
+    ).hex()
 
 
 # --- the payer's side -----------------------------------------------------------------------------
@@ -338,7 +362,8 @@ def verify(proof: Proof, offer: Offer, *, now: int) -> VerifiedEvmProof:
             + ("" if len(signature) == 65 else " (only 65-byte EOA signatures are accepted)"),
             payer=payer,
         )
-    # EIP-3009 nonces are per payer and token: this names the authorization, however encoded.
+    # EIP-3009 nonces are per payer and token: this names the nonce, however encoded (the unit
+    # the token lets move money once). Authorizations sharing it differ: see authorization_id.
     claim_key = f"{offer.network}/{offer.asset.lower()}/{authorization.from_.hex()}/{authorization.nonce.hex()}"
     return VerifiedEvmProof(
         proof=proof,
