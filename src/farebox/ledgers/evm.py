@@ -25,6 +25,7 @@ __all__ = [
     "TRANSFER_TOPIC",
     "TRANSFER_WITH_AUTHORIZATION",
     "EvmLedger",
+    "EvmReader",
     "code_for_revert",
     "encode_transfer_with_authorization",
     "revert_reason",
@@ -138,35 +139,14 @@ def _quantity(value: Any, what: str) -> int:
     raise RpcUnavailable(f"the node returned a malformed {what}")
 
 
-class EvmLedger:
-    """Settles verified ``exact`` proofs on one EVM network through a JSON-RPC endpoint.
+class EvmReader:
+    """Reads what one EVM network's chain says about authorizations and transactions, through a
+    JSON-RPC endpoint; holds no key and never sends (a server settling through a facilitator
+    reconciles with one)."""
 
-    ``settler`` signs and pays for the transactions; its nonce is tracked locally so concurrent
-    settlements do not collide, and resynchronised from the node after a refused send.
-    """
-
-    def __init__(
-        self,
-        rpc: Rpc,
-        settler: EvmAccount,
-        *,
-        network: str,
-        gas_limit: int = 200_000,
-        confirm_timeout: float = 15.0,
-        poll_interval: float = 0.05,
-        fee_ttl: float = 15.0,
-    ) -> None:
+    def __init__(self, rpc: Rpc, *, network: str) -> None:
         self.rpc = rpc
-        self.settler = settler
         self.network = network
-        self.chain_id = chain_id_of(network)
-        self.gas_limit = gas_limit
-        self.confirm_timeout = confirm_timeout
-        self.poll_interval = poll_interval
-        self._fee_ttl = fee_ttl
-        self._fees: tuple[float, int, int] | None = None  # (fetched at, max fee, priority fee)
-        self._nonce: int | None = None
-        self._send_lock = anyio.Lock()
 
     async def aclose(self) -> None:
         """Close the connection to the node, if the RPC holds one."""
@@ -221,6 +201,36 @@ class EvmLedger:
         except (RpcError, RpcUnavailable) as exc:
             raise PaymentError("ledger_unavailable", f"transaction lookup failed: {exc}") from None
         return "pending" if isinstance(known, dict) else "unknown"
+
+
+class EvmLedger(EvmReader):
+    """Settles verified ``exact`` proofs on one EVM network through a JSON-RPC endpoint.
+
+    ``settler`` signs and pays for the transactions; its nonce is tracked locally so concurrent
+    settlements do not collide, and resynchronised from the node after a refused send.
+    """
+
+    def __init__(
+        self,
+        rpc: Rpc,
+        settler: EvmAccount,
+        *,
+        network: str,
+        gas_limit: int = 200_000,
+        confirm_timeout: float = 15.0,
+        poll_interval: float = 0.05,
+        fee_ttl: float = 15.0,
+    ) -> None:
+        super().__init__(rpc, network=network)
+        self.settler = settler
+        self.chain_id = chain_id_of(network)
+        self.gas_limit = gas_limit
+        self.confirm_timeout = confirm_timeout
+        self.poll_interval = poll_interval
+        self._fee_ttl = fee_ttl
+        self._fees: tuple[float, int, int] | None = None  # (fetched at, max fee, priority fee)
+        self._nonce: int | None = None
+        self._send_lock = anyio.Lock()
 
     # --- checking before the resource is served -------------------------------------------------
 
