@@ -103,6 +103,16 @@ ERRORS = [
     ("server.upstream", "http://x.test/?a=1", "server.upstream: must not have a query"),
     ("server.upstream_timeout", 0, "server.upstream_timeout: must be more than 0"),
     ("server.upstream_timeout", "5", "server.upstream_timeout: must be a number"),
+    ("server.log_challenges", "no", "server.log_challenges: must be true or false"),
+    ("server.traffic_retention", -1, "server.traffic_retention: must be a whole number"),
+    ("server.traffic_keep", 1.5, "server.traffic_keep: must be a whole number"),
+    ("server.traffic_keep", True, "server.traffic_keep: must be a whole number"),
+    (
+        "settlement.reconcile_rpc_url",
+        "http://node.test",
+        "settlement.reconcile_rpc_url: only used with a facilitator",
+    ),
+    ("settlement.reconcile_rpc_url", "ftp://x", "settlement.reconcile_rpc_url: "),
     ("payment", DELETE, "payment: the [payment] table is required"),
     ("payment.network", DELETE, "payment.network: required"),
     ("payment.network", "eip155:999999", "payment.network: no known asset on 'eip155:999999'"),
@@ -265,6 +275,42 @@ def test_the_examples_parse() -> None:
     assert sepolia.upstream == "http://127.0.0.1:9000"
     assert sepolia.store == EXAMPLES / "payments.sqlite"
     assert sepolia.issuer == "https://api.example.com"
+
+
+def test_traffic_settings_reach_the_gate_and_the_reconciler(
+    tmp_path: Path, chain: DevChain
+) -> None:
+    defaults = build_app(parse(valid(), tmp_path), chain=chain)
+    assert defaults.gate.log_challenges is True
+    assert (defaults.reconciler.traffic_retention, defaults.reconciler.traffic_keep) == (
+        86_400,
+        100_000,
+    )
+    document = valid()
+    document["server"].update(log_challenges=False, traffic_retention=600, traffic_keep=5)
+    config = parse(document, tmp_path)
+    assert (config.log_challenges, config.traffic_retention, config.traffic_keep) == (
+        False,
+        600,
+        5,
+    )
+    app = build_app(config, chain=chain)
+    assert app.gate.log_challenges is False
+    assert (app.reconciler.traffic_retention, app.reconciler.traffic_keep) == (600, 5)
+
+
+def test_a_facilitator_server_reconciles_from_its_own_node(tmp_path: Path) -> None:
+    pytest.importorskip("farebox.facilitator.remote")
+    document = edit("payment.network", "eip155:84532")
+    document["settlement"] = {"facilitator": FACILITATOR}
+    blind = build_app(parse(document, tmp_path))
+    assert blind.reconciler.ledgers == {}  # pending payments wait for an operator
+    document["settlement"]["reconcile_rpc_url"] = "https://node.test/key-in-path"
+    config = parse(document, tmp_path)
+    assert "key-in-path" not in repr(config)
+    [reader] = build_app(config).reconciler.ledgers.values()
+    assert reader.network == "eip155:84532"
+    assert not hasattr(reader, "settler")  # it reads; it holds no key and sends nothing
 
 
 def test_remote_facilitator_is_built_from_the_config(tmp_path: Path) -> None:

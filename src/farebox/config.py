@@ -15,6 +15,11 @@ app. The schema::
                                         # postgresql://... or redis://... (for many instances)
     upstream = "http://127.0.0.1:9000"  # optional: proxy every request to this URL
     upstream_timeout = 30               # optional, seconds (connect, and each wait for bytes)
+    log_challenges = true               # optional: log each 402 challenge (it is counted anyway
+                                        #   while true; false writes nothing for a 402)
+    traffic_retention = 86400           # optional, seconds the reconciler keeps challenge,
+                                        #   refusal and replay events (their daily counts stay)
+    traffic_keep = 100000               # optional: at most this many of those events are kept
 
     [payment]
     network = "eip155:84532"            # CAIP-2, or "devchain" for the embedded chain
@@ -30,6 +35,8 @@ app. The schema::
                                                   #   names the variable holding its bearer token
                                                   #   (default: FAREBOX_FACILITATOR_TOKEN if set)
     timeout = 15                        # optional, seconds per call to the node or facilitator
+    reconcile_rpc_url = "https://..."   # optional, with facilitator: a node to read the chain
+                                        #   from, to resolve payments whose settlement was pending
 
     [[routes]]                          # one or more
     method = "GET"                      # optional, GET by default; "*" for any
@@ -90,14 +97,19 @@ from farebox.errors import ConfigError
 from farebox.eth import EvmAccount, checksum_address, is_address
 from farebox.facilitator.base import Facilitator
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.evm import EvmLedger
+from farebox.ledgers.evm import EvmLedger, EvmReader
 from farebox.ledgers.rpc import HttpRpc
 from farebox.money import ASSETS, DEVCHAIN_USDC, Asset, AssetRegistry, parse_price
 from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, save_signing_key
 from farebox.server.asgi import PaymentMiddleware, run_lifespan
 from farebox.server.gate import Gate
 from farebox.server.proxy import ReverseProxy
-from farebox.server.reconcile import Reconciler
+from farebox.server.reconcile import (
+    DEFAULT_TRAFFIC_KEEP,
+    DEFAULT_TRAFFIC_RETENTION,
+    ChainReader,
+    Reconciler,
+)
 from farebox.server.routes import CardOffer, Route, RouteTable
 from farebox.store.base import Store
 from farebox.store.memory import MemoryStore
@@ -179,6 +191,8 @@ class FacilitatorSettlement:
     source: str = "config"
     token: str | None = field(default=None, repr=False)
     timeout: float = 15.0
+    #: A node to read the chain from when reconciling (never to send).
+    reconcile_rpc_url: str | None = field(default=None, repr=False)
 
 
 Settlement = EmbeddedSettlement | RpcSettlement | FacilitatorSettlement
@@ -232,6 +246,9 @@ class ServerConfig:
     receipt_key: Path | None = None
     upstream: str | None = None
     upstream_timeout: float = 30.0
+    log_challenges: bool = True
+    traffic_retention: int = DEFAULT_TRAFFIC_RETENTION
+    traffic_keep: int = DEFAULT_TRAFFIC_KEEP
     source: Path | None = None
     card: CardConfig | None = None
 
@@ -293,7 +310,20 @@ def parse_config(
     _only(document, "", {"server", "payment", "settlement", "routes", "card"})
     server = _table(document, "server", required=False)
     payment = _table(document, "payment", required=True)
-    _only(server, "server", {"issuer", "receipt_key", "store", "upstream", "upstream_timeout"})
+    _only(
+        server,
+        "server",
+        {
+            "issuer",
+            "receipt_key",
+            "store",
+            "upstream",
+            "upstream_timeout",
+            "log_challenges",
+            "traffic_retention",
+            "traffic_keep",
+        },
+    )
     _only(payment, "payment", {"network", "asset", "pay_to"})
 
     issuer = _string(server, "server.issuer", "issuer")
@@ -327,6 +357,13 @@ def parse_config(
         if urlsplit(upstream).query or urlsplit(upstream).fragment:
             raise ConfigError("server.upstream: must not have a query or fragment")
     upstream_timeout = _seconds(server, "server.upstream_timeout", "upstream_timeout", 30.0)
+    log_challenges = server.get("log_challenges", True)
+    if not isinstance(log_challenges, bool):
+        raise ConfigError("server.log_challenges: must be true or false")
+    traffic_retention = _count(
+        server, "server.traffic_retention", "traffic_retention", DEFAULT_TRAFFIC_RETENTION
+    )
+    traffic_keep = _count(server, "server.traffic_keep", "traffic_keep", DEFAULT_TRAFFIC_KEEP)
 
     network = _string(payment, "payment.network", "network")
     if network is None:
@@ -355,6 +392,9 @@ def parse_config(
         receipt_key=receipt_key,
         upstream=upstream,
         upstream_timeout=upstream_timeout,
+        log_challenges=log_challenges,
+        traffic_retention=traffic_retention,
+        traffic_keep=traffic_keep,
         source=source,
         card=card,
     )
@@ -391,7 +431,15 @@ def _settlement(
     _only(
         table,
         "settlement",
-        {"ledger", "rpc_url", "settler_key", "facilitator", "token_env", "timeout"},
+        {
+            "ledger",
+            "rpc_url",
+            "settler_key",
+            "facilitator",
+            "token_env",
+            "timeout",
+            "reconcile_rpc_url",
+        },
     )
     timeout = _seconds(table, "settlement.timeout", "timeout", 15.0)
     ledger = _string(table, "settlement.ledger", "ledger")
@@ -399,6 +447,9 @@ def _settlement(
     url = _string(table, "settlement.facilitator", "facilitator")
     settler_key = _path(table, "settlement.settler_key", "settler_key", base)
     token_env = _string(table, "settlement.token_env", "token_env")
+    reader_url = _string(table, "settlement.reconcile_rpc_url", "reconcile_rpc_url")
+    if reader_url is not None:
+        _check_url(reader_url, "settlement.reconcile_rpc_url", show=False)
     modes = (("ledger", ledger), ("rpc_url", rpc_url), ("facilitator", url))
     chosen = [key for key, value in modes if value is not None]
     if len(chosen) > 1:
@@ -431,6 +482,11 @@ def _settlement(
     if remote is None:
         if token_env is not None:
             raise ConfigError("settlement.token_env: only used with a facilitator")
+        if reader_url is not None:
+            raise ConfigError(
+                "settlement.reconcile_rpc_url: only used with a facilitator (a ledger of its own "
+                "is read already)"
+            )
         if rpc_url is not None and settler_key is not None:
             return RpcSettlement(rpc_url, settler_key, timeout)
         if ledger is None:
@@ -443,6 +499,7 @@ def _settlement(
                 'set payment.network = "devchain"'
             )
         return EmbeddedSettlement()
+    remote = replace(remote, reconcile_rpc_url=reader_url)
     if token_env is not None:
         # The file names the variable; the secret itself never sits in the file.
         token = env.get(token_env)
@@ -726,6 +783,13 @@ def _string(table: Mapping[str, Any], where: str, key: str) -> str | None:
     return value
 
 
+def _count(table: Mapping[str, Any], where: str, key: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+        raise ConfigError(f"{where}: must be a whole number, 0 or more")
+    return value
+
+
 def _seconds(table: Mapping[str, Any], where: str, key: str, default: float) -> float:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -806,6 +870,7 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
         signing_key=signing_key,
         issuer=config.issuer,
         card=card_rail,
+        log_challenges=config.log_challenges,
     )
     proxy = None
     inner: Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -981,15 +1046,34 @@ class FareboxApp:
         self._app = app
         self._card_http = card_http
         self._closed = False
+        self._reconciler: Reconciler | None = None
+        self._reader_rpc: HttpRpc | None = None
 
     @property
-    def reconciler(self) -> Reconciler | None:
-        """The reconciler of this server's unfinished payments, when it settles on a ledger it
-        can read (a remote facilitator reconciles its own)."""
+    def reconciler(self) -> Reconciler:
+        """The reconciler of this server: it resolves unfinished payments from the chain it can
+        read (its ledger's, or ``reconcile_rpc_url`` with a facilitator; with neither, pending
+        payments wait for ``farebox reconcile --settled/--release``) and prunes old traffic."""
+        if self._reconciler is None:
+            config = self.config
+            self._reconciler = Reconciler(
+                self.gate.store,
+                self._readers(),
+                traffic_retention=config.traffic_retention,
+                traffic_keep=config.traffic_keep,
+            )
+        return self._reconciler
+
+    def _readers(self) -> list[ChainReader]:
         facilitator = self.gate.facilitator
-        if not isinstance(facilitator, LocalFacilitator):
-            return None
-        return Reconciler(self.gate.store, facilitator.ledgers)
+        if isinstance(facilitator, LocalFacilitator):
+            return list(facilitator.ledgers)
+        settlement = self.config.settlement
+        if isinstance(settlement, FacilitatorSettlement) and settlement.reconcile_rpc_url:
+            rpc = HttpRpc(settlement.reconcile_rpc_url, timeout=settlement.timeout)
+            self._reader_rpc = rpc
+            return [EvmReader(rpc, network=self.config.network)]
+        return []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -1002,8 +1086,7 @@ class FareboxApp:
 
         async def reconcile() -> None:
             with reconciling:
-                if reconciler is not None:
-                    await reconciler.run_forever(interval=30.0)
+                await reconciler.run_forever(interval=30.0)
 
         async def shutdown() -> None:
             reconciling.cancel()
@@ -1027,6 +1110,8 @@ class FareboxApp:
             finally:
                 if self._card_http is not None:
                     await self._card_http.close_async()  # type: ignore[no-untyped-call]
+                if self._reader_rpc is not None:
+                    await self._reader_rpc.aclose()
 
 
 class _BuiltinApp:

@@ -221,6 +221,7 @@ def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) ->
             "waiting": 0,
             "errors": 0,
             "pruned": 0,
+            "traffic_pruned": 0,
         }
 
         async def recorded() -> tuple[str, str | None]:
@@ -239,6 +240,116 @@ def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) ->
             check=False,
         )
         assert json.loads(again.stdout)["settled"] == 0  # nothing left, nothing done twice
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_reconcile_behind_a_facilitator_reads_its_own_node_or_takes_the_operators_word(
+    tmp_path: Path,
+) -> None:
+    """A server settling through a facilitator was left with a pending claim (the facilitator's
+    answer was lost; the money moved). With `reconcile_rpc_url` the reconciler reads the chain
+    and settles it; without, `--list` shows it and `--settled` records the operator's finding."""
+    import time
+
+    import anyio
+
+    from farebox.eth import EvmAccount
+    from farebox.ledgers.evm import EvmLedger
+    from farebox.ledgers.rpc import HttpRpc
+    from farebox.money import DEVCHAIN_USDC as USDC
+    from farebox.protocol.models import Offer
+    from farebox.schemes.evm_exact import make_proof, verify
+    from farebox.store.sqlite import SqliteStore
+
+    node_port = free_port()
+    node = f"http://127.0.0.1:{node_port}"
+    common = (
+        "[server]\nstore = 'payments.sqlite'\n"
+        f"[payment]\nnetwork = 'devchain'\npay_to = '0x{'5b' * 20}'\n"
+        # Nobody listens there: reconciling never asks the facilitator.
+        "[settlement]\nfacilitator = 'http://127.0.0.1:9'\n"
+    )
+    routes = "[[routes]]\npath = '/weather'\nprice = '$0.01'\n"
+    reading = tmp_path / "reading.toml"
+    reading.write_text(common + f"reconcile_rpc_url = '{node}'\n" + routes)
+    blind = tmp_path / "blind.toml"
+    blind.write_text(common + routes)
+    process = subprocess.Popen(
+        [*FAREBOX, "devchain", "--port", str(node_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def reconcile(config: Path, *options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*FAREBOX, "reconcile", str(config), *options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    try:
+        wait_for(node, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
+        offer = Offer(
+            "exact",
+            USDC.network,
+            10_000,
+            USDC.address,
+            "0x" + "5b" * 20,
+            extra={"name": USDC.name, "version": USDC.version},
+        )
+        now = int(time.time())
+        payer = EvmAccount.from_hex(DEV_KEYS[3])
+
+        async def pending_payment() -> tuple[str, str]:
+            """A payment the facilitator settled whose answer the server never heard."""
+            proof = verify(make_proof(payer, offer, now=now, nonce=os.urandom(32)), offer, now=now)
+            store = SqliteStore(tmp_path / "payments.sqlite")
+            assert await store.claim(proof.claim_key, owner="gate", now=now)
+            ledger = EvmLedger(
+                HttpRpc(node), EvmAccount.from_hex(DEV_KEYS[2]), network=USDC.network
+            )
+            settlement = await ledger.settle(proof)
+            await ledger.aclose()
+            assert settlement.success
+            await store.finish(proof.claim_key, owner="gate", state="pending", transaction=None)
+            await store.aclose()
+            return proof.claim_key, settlement.transaction
+
+        async def claim_of(key: str) -> tuple[str, str | None]:
+            store = SqliteStore(tmp_path / "payments.sqlite")
+            claim = await store.get_claim(key)
+            await store.aclose()
+            assert claim is not None
+            return claim.state, claim.transaction
+
+        key, transaction = anyio.run(pending_payment)
+        blind_pass = reconcile(blind)
+        assert blind_pass.returncode == 0, blind_pass.stderr
+        assert json.loads(blind_pass.stdout)["waiting"] == 1  # no chain to read: it waits
+        read = reconcile(reading)
+        assert read.returncode == 0, read.stderr
+        assert json.loads(read.stdout)["settled"] == 1
+        assert anyio.run(claim_of, key) == ("settled", transaction)
+
+        other, other_transaction = anyio.run(pending_payment)
+        listed = reconcile(blind, "--list")
+        assert listed.returncode == 0, listed.stderr
+        assert [c["key"] for c in json.loads(listed.stdout)] == [other]
+        bad = reconcile(blind, "--settled", other, "--transaction", "0x12")
+        assert bad.returncode == 1
+        assert "E_USAGE" in bad.stderr
+        recorded = reconcile(blind, "--settled", other, "--transaction", other_transaction)
+        assert recorded.returncode == 0, recorded.stderr
+        assert json.loads(recorded.stdout) == {"claim": other, "recorded": True}
+        assert anyio.run(claim_of, other) == ("settled", other_transaction)
+        # A settled claim is not changed again by anyone's word.
+        again = reconcile(blind, "--release", other)
+        assert again.returncode == 1
+        assert anyio.run(claim_of, other) == ("settled", other_transaction)
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -89,7 +89,9 @@ def empty_postgres(postgres_dsn: str) -> str:
     """:func:`postgres_dsn`, with its tables emptied (faster than migrating for each test)."""
     with psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=5) as conn:
         # TRUNCATE fires no row trigger: the log's append-only guard does not stop it.
-        conn.execute("TRUNCATE claims, events, idempotency, invoices RESTART IDENTITY")
+        conn.execute(
+            "TRUNCATE claims, events, idempotency, invoices, traffic_counts RESTART IDENTITY"
+        )
     return postgres_dsn
 
 

@@ -9,6 +9,16 @@ released when it provably never will (its transaction reverted or vanished and t
 is still unused after ``release_after`` seconds, longer than any authorization's window).
 Nothing is ever broadcast here.
 
+A server settling through a remote facilitator reads the chain through a node of its own
+(``[settlement] reconcile_rpc_url``: a read-only :class:`ChainReader`, no key). Without one, its
+pending claims wait for an operator: ``farebox reconcile CONFIG --list`` shows them and
+``--settled KEY --transaction TX`` or ``--release KEY`` records what the operator found (in the
+facilitator's answer, its logs or a block explorer), as the reconciler would have.
+
+Traffic (challenges, refusals, replays: :data:`~farebox.store.base.TRAFFIC_KINDS`) is pruned on
+every pass: events older than ``traffic_retention`` seconds, and all but the newest
+``traffic_keep``, whatever the traffic; their daily counts are kept ``count_retention`` seconds.
+
 Card claims (``mpp/<challenge id>``, ``invoice/<reference>``) are not judged here: the money moved
 before the app ran, and a claim left held means a process died between admitting the request and
 recording it, which cannot tell a response never sent from one sent but not recorded. Releasing
@@ -23,14 +33,37 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 
 from farebox.errors import PaymentError
-from farebox.ledgers.evm import EvmLedger
-from farebox.store.base import Claim, Event, Store
+from farebox.store.base import MAX_EVENTS, Claim, Event, Store
 
-__all__ = ["ReconcileReport", "Reconciler", "parse_claim_key"]
+__all__ = ["ChainReader", "ReconcileReport", "Reconciler", "parse_claim_key"]
+
+#: How long traffic events are kept (a day), how many at most, and how long their counts stay.
+DEFAULT_TRAFFIC_RETENTION = 86_400
+DEFAULT_TRAFFIC_KEEP = 100_000
+DEFAULT_COUNT_RETENTION = 400 * 86_400
+# Traffic prune batches per pass: a pass keeps up with 10,000 x this many events per interval.
+_PRUNE_BATCHES = 20
+
+
+class ChainReader(Protocol):
+    """What reconciliation reads of one network's chain (an
+    :class:`~farebox.ledgers.evm.EvmLedger`, or a read-only reader with no key)."""
+
+    network: str
+
+    async def authorization_used(self, token: str, authorizer: bytes, nonce: bytes) -> bool: ...
+
+    async def authorization_transaction(
+        self, token: str, authorizer: bytes, nonce: bytes
+    ) -> str | None: ...
+
+    async def transaction_status(self, tx_hash: str) -> str: ...
+
 
 logger = logging.getLogger("farebox.reconcile")
 
@@ -38,13 +71,14 @@ logger = logging.getLogger("farebox.reconcile")
 @dataclass
 class ReconcileReport:
     """What one pass found: claims settled, released, still open, and ledger errors; and how many
-    expired unpaid invoices were pruned."""
+    expired unpaid invoices and traffic events were pruned."""
 
     settled: int = 0
     released: int = 0
     waiting: int = 0
     errors: int = 0
     pruned: int = 0
+    traffic_pruned: int = 0
 
     @property
     def examined(self) -> int:
@@ -71,7 +105,8 @@ def parse_claim_key(key: str) -> tuple[str, str, bytes, bytes] | None:
 
 
 class Reconciler:
-    """Resolves unfinished claims of ``store`` against the chains of ``ledgers``.
+    """Resolves unfinished claims of ``store`` against the chains of ``ledgers`` (none: claims
+    wait for an operator) and prunes old traffic.
 
     ``held_grace`` is how long a ``held`` claim may run (a request in flight) before it counts as
     abandoned; ``release_after`` how old an unused claim must be before it is released.
@@ -80,11 +115,14 @@ class Reconciler:
     def __init__(
         self,
         store: Store,
-        ledgers: Iterable[EvmLedger],
+        ledgers: Iterable[ChainReader],
         *,
         held_grace: int = 120,
         release_after: int = 3600,
         invoice_retention: int = 86_400,
+        traffic_retention: int = DEFAULT_TRAFFIC_RETENTION,
+        traffic_keep: int = DEFAULT_TRAFFIC_KEEP,
+        count_retention: int = DEFAULT_COUNT_RETENTION,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -92,6 +130,9 @@ class Reconciler:
         self.held_grace = held_grace
         self.release_after = release_after
         self.invoice_retention = invoice_retention
+        self.traffic_retention = traffic_retention
+        self.traffic_keep = traffic_keep
+        self.count_retention = count_retention
         self.clock = clock
 
     async def run_once(self, *, limit: int = 500) -> ReconcileReport:
@@ -112,14 +153,43 @@ class Reconciler:
             else:
                 report.waiting += 1
         report.pruned = await self.store.prune_invoices(before=now - self.invoice_retention)
+        report.traffic_pruned = await self.prune_traffic(now)
         return report
+
+    async def prune_traffic(self, now: int) -> int:
+        """Delete the traffic events past their retention or beyond the newest
+        ``traffic_keep``, and counts past theirs; returns how many events went."""
+        pruned = 0
+        for _ in range(_PRUNE_BATCHES):
+            batch = await self.store.prune_traffic(
+                before=now - self.traffic_retention, keep=self.traffic_keep, limit=MAX_EVENTS
+            )
+            pruned += batch
+            if batch < MAX_EVENTS:
+                break
+        await self.store.prune_traffic_counts(before=now - self.count_retention)
+        return pruned
+
+    async def unresolved(self, *, limit: int = 500) -> list[Claim]:
+        """The claims a pass would look at now: pending, and held past the grace."""
+        now = int(self.clock())
+        return await self.store.unfinished(held_before=now - self.held_grace, limit=limit)
+
+    async def resolve_by_hand(self, key: str, *, settled: bool, transaction: str | None) -> bool:
+        """Record an operator's finding for the unfinished claim ``key``: the money moved (in
+        ``transaction``) or it never will. False when the claim is not pending or held."""
+        claim = await self.store.get_claim(key)
+        if claim is None or claim.state == "settled":
+            return False
+        outcome = await self._record(claim, settled, transaction, int(self.clock()), by="operator")
+        return outcome != "waiting"
 
     async def run_forever(self, *, interval: float = 15.0) -> None:
         """Reconcile every ``interval`` seconds until cancelled (a server's background task)."""
         while True:
             try:
                 report = await self.run_once()
-                if report.examined or report.pruned:
+                if report.examined or report.pruned or report.traffic_pruned:
                     logger.info("reconciled: %s", report)
             except PaymentError as exc:  # the store is down: try again later
                 logger.warning("reconciliation skipped: %s", exc.code)
@@ -149,7 +219,9 @@ class Reconciler:
             return await self._record(claim, False, claim.transaction, now)
         return "waiting"
 
-    async def _record(self, claim: Claim, settled: bool, transaction: str | None, now: int) -> str:
+    async def _record(
+        self, claim: Claim, settled: bool, transaction: str | None, now: int, *, by: str = "chain"
+    ) -> str:
         event = Event(
             "reconciliation",
             now,
@@ -158,6 +230,7 @@ class Reconciler:
                 "claim": claim.key,
                 "was": claim.state,
                 "outcome": "settled" if settled else "released",
+                "by": by,
             },
         )
         changed = await self.store.resolve(

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_EVENTS",
     "MAX_INVOICE_ID",
     "MAX_INVOICE_REFERENCE",
+    "TRAFFIC_KINDS",
     "Claim",
     "ClaimState",
     "Event",
@@ -32,6 +33,7 @@ __all__ = [
     "Invoice",
     "Store",
     "StoredResponse",
+    "TrafficCount",
     "check_finish_state",
     "claim_not_held",
     "clamp_limit",
@@ -41,6 +43,7 @@ __all__ = [
     "invoice_conflict",
     "invoice_id_ok",
     "payer_key",
+    "traffic_tally",
 ]
 
 ClaimState = Literal["held", "settled", "pending"]
@@ -49,6 +52,15 @@ ClaimState = Literal["held", "settled", "pending"]
 MAX_EVENTS = 10_000
 
 _EMPTY = EMPTY
+
+#: The kinds of event that traffic writes, paid or not, and any client can make more of: a 402
+#: challenge, a refused payment, a replayed response. Each is counted per day, route and code
+#: (:meth:`Store.traffic_counts`) as it is appended, and may be pruned
+#: (:meth:`Store.prune_traffic`); every other kind is the payment log, which is never deleted.
+TRAFFIC_KINDS = ("challenge", "refusal", "replay")
+
+#: The width of a traffic count's bucket, in seconds.
+TRAFFIC_DAY = 86_400
 
 #: The claim key prefix of invoices: an invoice is paid for once, by claiming
 #: :func:`invoice_claim_key` of its reference through :meth:`Store.claim`.
@@ -134,6 +146,18 @@ class IdempotencyEntry:
     at: int
     response: StoredResponse | None = None
     claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficCount:
+    """How many traffic events of ``kind`` on ``route`` with ``code`` (a refusal's reason code,
+    else empty) were appended in the day starting at ``day`` (unix seconds, UTC)."""
+
+    day: int
+    kind: str
+    route: str
+    code: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +289,22 @@ class Store(Protocol):
         """
         ...
 
+    async def prune_traffic(self, *, before: int, keep: int, limit: int = MAX_EVENTS) -> int:
+        """Delete traffic events (:data:`TRAFFIC_KINDS`) appended before ``before`` or older than
+        the newest ``keep`` of them, oldest first, at most ``limit`` (capped at
+        :data:`MAX_EVENTS`), never the newest event of the log; returns how many were deleted.
+        Their counts stay."""
+        ...
+
+    async def traffic_counts(self, *, since: int = 0) -> list[TrafficCount]:
+        """Every traffic count of the days from ``since`` on (their events pruned or not), oldest
+        day first, then by kind, route and code."""
+        ...
+
+    async def prune_traffic_counts(self, *, before: int) -> int:
+        """Delete the counts of days that started before ``before``; returns how many."""
+        ...
+
     # --- recovery: claims left pending or held ------------------------------------------------
 
     async def unfinished(self, *, held_before: int, limit: int = 100) -> list[Claim]:
@@ -351,6 +391,16 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Release the store's resources; later calls raise ``store_unavailable``."""
         ...
+
+
+def traffic_tally(event: Event) -> tuple[int, str, str, str] | None:
+    """The count ``(day, kind, route, code)`` that ``event`` adds to, or ``None`` for an event of
+    the payment log. Codes are the gate's own reason codes, routes its route patterns: the
+    counts stay as few as the server's routes and codes, whatever clients send."""
+    if event.kind not in TRAFFIC_KINDS:
+        return None
+    code = event.data.get("code", "")
+    return event.at - event.at % TRAFFIC_DAY, event.kind, event.route, str(code)[:64]
 
 
 def invoice_claim_key(reference: str) -> str:

@@ -14,11 +14,13 @@ from typing import Literal
 
 from farebox.errors import PaymentError
 from farebox.store.base import (
+    TRAFFIC_KINDS,
     Claim,
     Event,
     IdempotencyEntry,
     Invoice,
     StoredResponse,
+    TrafficCount,
     check_finish_state,
     claim_not_held,
     clamp_limit,
@@ -28,6 +30,7 @@ from farebox.store.base import (
     invoice_conflict,
     invoice_id_ok,
     payer_key,
+    traffic_tally,
 )
 
 __all__ = ["MemoryStore"]
@@ -50,6 +53,8 @@ class MemoryStore:
         self._invoice_by_intent: dict[str, str] = {}
         # (event, its payer key, its data as JSON) in id order.
         self._log: list[tuple[Event, str | None, str]] = []
+        self._last_id = 0  # ids are never reused, though traffic events may be pruned
+        self._counts: dict[tuple[int, str, str, str], int] = {}
         self._closed = False
 
     def _check_open(self) -> None:
@@ -205,10 +210,49 @@ class MemoryStore:
                 event.payer,
                 event.reference,
                 {},
-                len(self._log) + 1,
+                self._last_id + 1,
             )
+            self._last_id += 1
             key = payer_key(event.payer) if event.payer is not None else None
             self._log.append((stored, key, data))
+            tally = traffic_tally(event)
+            if tally is not None:
+                self._counts[tally] = self._counts.get(tally, 0) + 1
+
+    async def prune_traffic(self, *, before: int, keep: int, limit: int = 10_000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic`."""
+        with self._lock:
+            self._check_open()
+            traffic = [item for item in self._log if item[0].kind in TRAFFIC_KINDS]
+            beyond = max(0, len(traffic) - max(0, keep))
+            newest = self._log[-1] if self._log else None
+            doomed = [
+                item
+                for n, item in enumerate(traffic)
+                if (n < beyond or item[0].at < before) and item is not newest
+            ][: clamp_limit(limit)]
+            gone = {id(item) for item in doomed}
+            self._log = [item for item in self._log if id(item) not in gone]
+            return len(doomed)
+
+    async def traffic_counts(self, *, since: int = 0) -> list[TrafficCount]:
+        """See :meth:`farebox.store.base.Store.traffic_counts`."""
+        with self._lock:
+            self._check_open()
+            return [
+                TrafficCount(*key, count)
+                for key, count in sorted(self._counts.items())
+                if key[0] >= since
+            ]
+
+    async def prune_traffic_counts(self, *, before: int) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic_counts`."""
+        with self._lock:
+            self._check_open()
+            doomed = [key for key in self._counts if key[0] < before]
+            for key in doomed:
+                del self._counts[key]
+            return len(doomed)
 
     async def events(
         self,

@@ -26,7 +26,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -40,6 +40,7 @@ from farebox.store.base import (
     IdempotencyEntry,
     Invoice,
     StoredResponse,
+    TrafficCount,
     check_finish_state,
     claim_not_held,
     clamp_limit,
@@ -48,8 +49,15 @@ from farebox.store.base import (
     invoice_conflict,
     invoice_id_ok,
     payer_key,
+    traffic_tally,
 )
-from farebox.store.sql import events_query, invoice_from_row, invoice_row, invoice_statements
+from farebox.store.sql import (
+    events_query,
+    invoice_from_row,
+    invoice_row,
+    invoice_statements,
+    traffic_statements,
+)
 from farebox.store.sqlite import decode_headers, encode_headers, store_unavailable
 
 __all__ = ["MIGRATIONS_TABLE", "PostgresStore", "applied_migrations", "migrate", "migrations"]
@@ -103,6 +111,7 @@ _REOPEN_IDEMPOTENT = (
     "body = NULL WHERE key = %s AND owner = %s AND status IS NOT NULL"
 )
 _ADD_INVOICE, _GET_INVOICE, _FIND_INVOICE, _PRUNE_INVOICES = invoice_statements("%s")
+_TRAFFIC = traffic_statements("%s")
 
 # begin_idempotent inserts, and on a conflict reads the entry; an entry abandoned between the two
 # makes the read come back empty and the insert is tried again. Each round needs another request
@@ -300,7 +309,7 @@ class PostgresStore:
     async def append(self, *events: Event) -> None:
         """See :meth:`farebox.store.base.Store.append`."""
         rows = _event_rows(events)
-        if not rows:
+        if not rows.events:
             return
         async with self._connection() as conn, conn.transaction():
             await _insert_events(conn, rows)
@@ -334,6 +343,28 @@ class PostgresStore:
             Event(kind, at, route, payer, reference, decode_event_data(data), event_id)
             for event_id, kind, at, route, payer, reference, data in rows
         ]
+
+    async def prune_traffic(self, *, before: int, keep: int, limit: int = 10_000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic`."""
+        async with self._connection() as conn, conn.transaction():
+            cursor = await conn.execute(_TRAFFIC.cut, (max(0, keep),))
+            row = await cursor.fetchone()
+            cut = row[0] if row is not None else 0
+            cursor = await conn.execute(_TRAFFIC.prune, (int(before), cut, clamp_limit(limit)))
+            return max(cursor.rowcount, 0)
+
+    async def traffic_counts(self, *, since: int = 0) -> list[TrafficCount]:
+        """See :meth:`farebox.store.base.Store.traffic_counts`."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(_TRAFFIC.counts, (int(since),))
+            rows = await cursor.fetchall()
+        return [TrafficCount(int(d), k, r, c, int(n)) for d, k, r, c, n in rows]
+
+    async def prune_traffic_counts(self, *, before: int) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic_counts`."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(_TRAFFIC.prune_counts, (int(before),))
+            return max(cursor.rowcount, 0)
 
     async def unfinished(self, *, held_before: int, limit: int = 100) -> list[Claim]:
         """See :meth:`farebox.store.base.Store.unfinished`."""
@@ -526,8 +557,15 @@ class PostgresStore:
             )
 
 
-def _event_rows(events: Sequence[Event]) -> list[tuple[Any, ...]]:
-    return [
+class _Rows(NamedTuple):
+    """What appending events writes: their rows, and the traffic counts they add to."""
+
+    events: list[tuple[Any, ...]]
+    tallies: list[tuple[int, str, str, str]]
+
+
+def _event_rows(events: Sequence[Event]) -> _Rows:
+    rows = [
         (
             event.kind,
             event.at,
@@ -539,14 +577,17 @@ def _event_rows(events: Sequence[Event]) -> list[tuple[Any, ...]]:
         )
         for event in events
     ]
+    return _Rows(rows, [tally for tally in map(traffic_tally, events) if tally is not None])
 
 
-async def _insert_events(conn: psycopg.AsyncConnection[Any], rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
+async def _insert_events(conn: psycopg.AsyncConnection[Any], rows: _Rows) -> None:
+    if not rows.events:
         return
     async with conn.cursor() as cursor:
         # executemany pipelines the inserts: one round trip for all of them.
-        await cursor.executemany(_INSERT_EVENT, rows)
+        await cursor.executemany(_INSERT_EVENT, rows.events)
+        if rows.tallies:
+            await cursor.executemany(_TRAFFIC.add, rows.tallies)
 
 
 def _claim(row: Sequence[Any]) -> Claim:

@@ -16,7 +16,10 @@ Layout (``P`` is the prefix):
 - The log: ``P events:seq`` (the id counter), ``P events`` (a hash, id -> the event as JSON) and
   sorted-set indexes whose score is the event's ``at`` and whose member is its id written with 20
   digits, so that equal times order by id: ``P ix:all``, ``P ix:kind:<kind>``,
-  ``P ix:payer:<payer key>``, ``P ix:route:<route>`` and ``P ix:ref:<reference>``.
+  ``P ix:payer:<payer key>``, ``P ix:route:<route>`` and ``P ix:ref:<reference>``. Traffic
+  events (:data:`~farebox.store.base.TRAFFIC_KINDS`) are also in ``P ix:traffic``, which pruning
+  walks oldest first, and counted in the hash ``P traffic:counts`` (field: the JSON of ``[day,
+  kind, route, code]``, value: the count), by the script that appends them.
 
 Costs. Appending an event is one ``HSET`` and three to five ``ZADD`` (O(log N) each), about
 150 bytes of index per event. A query walks, newest first, the smallest index its filters name
@@ -51,12 +54,14 @@ from redis.exceptions import RedisError
 
 from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
+    TRAFFIC_KINDS,
     Claim,
     ClaimState,
     Event,
     IdempotencyEntry,
     Invoice,
     StoredResponse,
+    TrafficCount,
     check_finish_state,
     claim_not_held,
     clamp_limit,
@@ -66,13 +71,15 @@ from farebox.store.base import (
     invoice_conflict,
     invoice_id_ok,
     payer_key,
+    traffic_tally,
 )
 from farebox.store.sqlite import decode_headers, encode_headers, store_unavailable
 
 __all__ = ["RedisStore"]
 
 # Appends the events packed in ARGV from index i: a count, then for each event its `at`, its JSON,
-# the number of its indexes and their key names.
+# the number of its indexes and their key names, then the traffic count it adds to: the counts'
+# hash key and field, or two empty strings.
 _APPEND_LUA = """
 local function append(seq, hash, argv, i)
   local n = tonumber(argv[i])
@@ -86,8 +93,28 @@ local function append(seq, hash, argv, i)
       redis.call('ZADD', argv[i + j], at, id)
     end
     i = i + nidx
+    if argv[i] ~= '' then redis.call('HINCRBY', argv[i], argv[i + 1], 1) end
+    i = i + 2
   end
 end
+"""
+
+# KEYS: events. ARGV: a count, then for each event its id, the number of its indexes and their
+# key names. An event another prune removed first is skipped.
+_PRUNE_TRAFFIC_LUA = """
+local n, i, deleted = tonumber(ARGV[1]), 2, 0
+for _ = 1, n do
+  local id, nidx = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  if redis.call('HDEL', KEYS[1], id) == 1 then
+    deleted = deleted + 1
+    for j = 0, nidx - 1 do
+      redis.call('ZREM', ARGV[i + j], id)
+    end
+  end
+  i = i + nidx
+end
+return deleted
 """
 
 # KEYS: claim, held. ARGV: claim JSON, at, key.
@@ -325,6 +352,8 @@ class RedisStore:
         self._pending = f"{prefix}pending"
         self._seq = f"{prefix}events:seq"
         self._events = f"{prefix}events"
+        self._traffic = f"{prefix}ix:traffic"
+        self._traffic_counts = f"{prefix}traffic:counts"
         self._invoice_expiry = f"{prefix}invoices:expiry"
         self._closed = False
         register = self._client.register_script
@@ -339,6 +368,7 @@ class RedisStore:
         self._complete_script = register(_COMPLETE_IDEMPOTENT_LUA)
         self._abandon_script = register(_ABANDON_IDEMPOTENT_LUA)
         self._reopen_script = register(_REOPEN_IDEMPOTENT_LUA)
+        self._prune_traffic_script = register(_PRUNE_TRAFFIC_LUA)
         self._add_invoice_script = register(_ADD_INVOICE_LUA)
         self._find_invoice_script = register(_FIND_INVOICE_LUA)
         self._prune_invoices_script = register(_PRUNE_INVOICES_LUA)
@@ -521,6 +551,65 @@ class RedisStore:
             raise store_unavailable() from exc
         return None if raw is None else _entry(key, raw)
 
+    async def prune_traffic(self, *, before: int, keep: int, limit: int = 10_000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic`."""
+        self._check_open()
+        wanted = clamp_limit(limit)
+        if not wanted:
+            return 0
+        try:
+            old = await self._client.zrangebyscore(
+                self._traffic, "-inf", f"({int(before)}", start=0, num=wanted
+            )
+            beyond = await self._client.zcard(self._traffic) - max(0, keep)
+            over = await self._client.zrange(self._traffic, 0, beyond - 1) if beyond > 0 else []
+            # Ids are zero-padded: their order is the log's.
+            newest = await self._client.get(self._seq)
+            found: set[bytes] = {bytes(i) for i in (*old, *over[:wanted])}
+            # Never the newest event of the log, as every store does (SQLite would reuse its id).
+            found.discard(b"%020d" % int(newest or 0))
+            ids = sorted(found)[:wanted]
+            bodies = await self._client.hmget(self._events, ids) if ids else []
+        except (RedisError, OSError) as exc:
+            raise store_unavailable() from exc
+        args: list[Any] = [0]
+        for event_id, raw in zip(ids, bodies, strict=True):
+            if raw is None:
+                continue  # pruned meanwhile
+            kind, _, route, payer, reference, _ = orjson.loads(raw)
+            key = payer_key(payer) if payer is not None else None
+            indexes = self._indexes(kind, route, key, reference)
+            args += [event_id, len(indexes), *indexes]
+            args[0] += 1
+        if not args[0]:
+            return 0
+        return int(await self._run(self._prune_traffic_script, [self._events], args))
+
+    async def traffic_counts(self, *, since: int = 0) -> list[TrafficCount]:
+        """See :meth:`farebox.store.base.Store.traffic_counts`."""
+        self._check_open()
+        try:
+            raw = await self._client.hgetall(self._traffic_counts)
+        except (RedisError, OSError) as exc:
+            raise store_unavailable() from exc
+        counts: list[TrafficCount] = []
+        for field, n in raw.items():
+            day, kind, route, code = orjson.loads(field)
+            counts.append(TrafficCount(int(day), kind, route, code, int(n)))
+        counts.sort(key=lambda c: (c.day, c.kind, c.route, c.code))
+        return [count for count in counts if count.day >= since]
+
+    async def prune_traffic_counts(self, *, before: int) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic_counts`."""
+        old = [c for c in await self.traffic_counts() if c.day < before]
+        if not old:
+            return 0
+        fields = [orjson.dumps([c.day, c.kind, c.route, c.code]) for c in old]
+        try:
+            return int(await self._client.hdel(self._traffic_counts, *fields))
+        except (RedisError, OSError) as exc:
+            raise store_unavailable() from exc
+
     async def add_invoice(self, invoice: Invoice) -> None:
         """See :meth:`farebox.store.base.Store.add_invoice`."""
         value = orjson.dumps(_invoice_fields(invoice))
@@ -621,7 +710,6 @@ class RedisStore:
     def _packed(self, events: Sequence[Event]) -> list[Any]:
         # Encoded here, before any script runs: Redis would not undo a half-run script.
         packed: list[Any] = [len(events)]
-        prefix = self._prefix
         for event in events:
             key = payer_key(event.payer) if event.payer is not None else None
             body = orjson.dumps(
@@ -634,14 +722,28 @@ class RedisStore:
                     encode_event_data(event.data),
                 ]
             )
-            indexes = [f"{prefix}ix:all", f"{prefix}ix:kind:{event.kind}"]
-            indexes.append(f"{prefix}ix:route:{event.route}")
-            if key is not None:
-                indexes.append(f"{prefix}ix:payer:{key}")
-            if event.reference is not None:
-                indexes.append(f"{prefix}ix:ref:{event.reference}")
+            indexes = self._indexes(event.kind, event.route, key, event.reference)
             packed += [int(event.at), body, len(indexes), *indexes]
+            tally = traffic_tally(event)
+            if tally is None:
+                packed += ["", ""]
+            else:
+                packed += [self._traffic_counts, orjson.dumps(tally)]
         return packed
+
+    def _indexes(
+        self, kind: str, route: str, payer: str | None, reference: str | None
+    ) -> list[str]:
+        """The index keys of an event (``payer`` as :func:`payer_key` gives it)."""
+        prefix = self._prefix
+        indexes = [f"{prefix}ix:all", f"{prefix}ix:kind:{kind}", f"{prefix}ix:route:{route}"]
+        if payer is not None:
+            indexes.append(f"{prefix}ix:payer:{payer}")
+        if reference is not None:
+            indexes.append(f"{prefix}ix:ref:{reference}")
+        if kind in TRAFFIC_KINDS:
+            indexes.append(self._traffic)
+        return indexes
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         self._check_open()

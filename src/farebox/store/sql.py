@@ -4,11 +4,18 @@ written once."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from farebox.store.base import Invoice, clamp_limit, payer_key
+from farebox.store.base import TRAFFIC_KINDS, Invoice, clamp_limit, payer_key
 
-__all__ = ["events_query", "invoice_from_row", "invoice_row", "invoice_statements"]
+__all__ = [
+    "TrafficStatements",
+    "events_query",
+    "invoice_from_row",
+    "invoice_row",
+    "invoice_statements",
+    "traffic_statements",
+]
 
 _INVOICE_COLUMNS = (
     "reference, route, resource, amount, currency, payment_intent, created_at, expires_at"
@@ -49,6 +56,44 @@ def events_query(
     )
     params.append(clamp_limit(limit))
     return sql, params
+
+
+class TrafficStatements(NamedTuple):
+    """The traffic statements of one driver (see :func:`traffic_statements`)."""
+
+    add: str  # day, kind, route, code: adds one
+    cut: str  # keep: the id of the newest traffic event beyond the newest ``keep``
+    prune: str  # before, cut id, limit: deletes the oldest traffic events
+    counts: str  # since: the counts, oldest day first
+    prune_counts: str  # before
+
+
+def traffic_statements(placeholder: str) -> TrafficStatements:
+    """The traffic count and prune statements with the driver's parameter ``placeholder``."""
+    p = placeholder
+    # Only constants are formatted in (the kinds are ours); values are bound parameters.
+    kinds = ", ".join(f"'{kind}'" for kind in TRAFFIC_KINDS)
+    return TrafficStatements(
+        add=(
+            "INSERT INTO traffic_counts (day, kind, route, code, n) "  # noqa: S608
+            f"VALUES ({p}, {p}, {p}, {p}, 1) ON CONFLICT (day, kind, route, code) DO UPDATE SET n = traffic_counts.n + 1"
+        ),
+        cut=(
+            f"SELECT id FROM events WHERE kind IN ({kinds}) "  # noqa: S608
+            f"ORDER BY id DESC LIMIT 1 OFFSET {p}"
+        ),
+        prune=(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events "  # noqa: S608
+            f"WHERE kind IN ({kinds}) AND (at < {p} OR id <= {p}) "
+            # Never the newest row: SQLite would give its id to the next event.
+            f"AND id < (SELECT MAX(id) FROM events) ORDER BY id LIMIT {p})"
+        ),
+        counts=(
+            "SELECT day, kind, route, code, n FROM traffic_counts "  # noqa: S608
+            f"WHERE day >= {p} ORDER BY day, kind, route, code"
+        ),
+        prune_counts=f"DELETE FROM traffic_counts WHERE day < {p}",  # noqa: S608
+    )
 
 
 def invoice_statements(placeholder: str) -> tuple[str, str, str, str]:

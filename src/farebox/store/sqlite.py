@@ -11,7 +11,8 @@ WAL, and a schema created on open and versioned with ``PRAGMA user_version``.
 
 Schema versions of the store: 1 had claims and events; 2 adds the ``idempotency`` table and the
 ``claims_unfinished`` index that reconciliation reads; 3 adds ``idempotency.claim``; 4 adds the
-``invoices`` table (X-Receipt card payments). Every
+``invoices`` table (X-Receipt card payments); 5 adds ``traffic_counts`` and lets traffic events
+(:data:`~farebox.store.base.TRAFFIC_KINDS`), and only those, be deleted. Every
 statement of :data:`_SCHEMA` is idempotent (``IF NOT EXISTS``), so an older file is migrated by
 running the whole list again, then the steps of :data:`_MIGRATIONS` newer than the file (changes
 such as ``ADD COLUMN`` that cannot be written idempotently), all in the same ``BEGIN IMMEDIATE``
@@ -34,12 +35,14 @@ import orjson
 from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
     INVOICE_CLAIM_PREFIX,
+    TRAFFIC_KINDS,
     Claim,
     ClaimState,
     Event,
     IdempotencyEntry,
     Invoice,
     StoredResponse,
+    TrafficCount,
     check_finish_state,
     claim_not_held,
     clamp_limit,
@@ -48,8 +51,15 @@ from farebox.store.base import (
     invoice_conflict,
     invoice_id_ok,
     payer_key,
+    traffic_tally,
 )
-from farebox.store.sql import events_query, invoice_from_row, invoice_row, invoice_statements
+from farebox.store.sql import (
+    events_query,
+    invoice_from_row,
+    invoice_row,
+    invoice_statements,
+    traffic_statements,
+)
 
 __all__ = [
     "SqliteStore",
@@ -61,7 +71,15 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+
+# The payment log is never deleted from; traffic events (challenges, refusals, replays: what any
+# client can make more of) are pruned.
+_NO_DELETE = f"""
+    CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    WHEN OLD.kind NOT IN ({", ".join(f"'{kind}'" for kind in TRAFFIC_KINDS)})
+    BEGIN SELECT RAISE(ABORT, 'the payment log is append-only'); END
+    """
 
 _SCHEMA = (
     """
@@ -73,9 +91,9 @@ _SCHEMA = (
         txn TEXT
     ) WITHOUT ROWID
     """,
-    # No AUTOINCREMENT: the triggers below forbid deleting events, so a new rowid is always
-    # max(rowid) + 1 and ids are never reused anyway, and AUTOINCREMENT's extra sqlite_sequence
-    # write measured 25-40 µs per transaction.
+    # AUTOINCREMENT would cost an extra sqlite_sequence write (25-40 µs per transaction) to keep
+    # ids from being reused after deletes; only traffic events are ever deleted, and a pruned id
+    # would be reused only if it were the newest row, which pruning never takes.
     """
     CREATE TABLE IF NOT EXISTS events (
         id INTEGER PRIMARY KEY,
@@ -100,10 +118,7 @@ _SCHEMA = (
     CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the payment log is append-only'); END
     """,
-    """
-    CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the payment log is append-only'); END
-    """,
+    _NO_DELETE,
     # Version 2. Partial: settled claims, nearly all of them, are never looked at again by
     # reconciliation, and an index of only the few unfinished ones costs nothing to keep.
     "CREATE INDEX IF NOT EXISTS claims_unfinished ON claims (at) WHERE state <> 'settled'",
@@ -135,6 +150,17 @@ _SCHEMA = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX IF NOT EXISTS invoices_expires_at ON invoices (expires_at)",
+    # Version 5. A few rows a day per route and code, whatever the traffic.
+    """
+    CREATE TABLE IF NOT EXISTS traffic_counts (
+        day INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        route TEXT NOT NULL,
+        code TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (day, kind, route, code)
+    ) WITHOUT ROWID
+    """,
 )
 
 # Steps by the version that introduced them, run (in order) on a file older than that version,
@@ -143,6 +169,8 @@ _SCHEMA = (
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The claim key of the proof a running request spent (NULL for entries from before).
     3: ("ALTER TABLE idempotency ADD COLUMN claim TEXT",),
+    # The trigger of versions 1 to 4 forbade every delete.
+    5: ("DROP TRIGGER IF EXISTS events_no_delete", _NO_DELETE),
 }
 
 _CLAIM = (
@@ -183,6 +211,7 @@ _INSERT_EVENT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _ADD_INVOICE, _GET_INVOICE, _FIND_INVOICE, _PRUNE_INVOICES = invoice_statements("?")
+_TRAFFIC = traffic_statements("?")
 
 # Write transactions between two checkpoints: a paid request (claim, then finish with three
 # events) writes about 8 pages in 2 transactions, so about 500 pages, half SQLite's default.
@@ -423,6 +452,35 @@ class SqliteStore:
 
         # A query may read thousands of rows: never in the event loop.
         return await self._call(run, inline=False)
+
+    async def prune_traffic(self, *, before: int, keep: int, limit: int = 10_000) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic`."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            with _WriteTransaction(conn):
+                row = conn.execute(_TRAFFIC.cut, (max(0, keep),)).fetchone()
+                cut = row[0] if row is not None else 0
+                params = (before, cut, clamp_limit(limit))
+                return max(conn.execute(_TRAFFIC.prune, params).rowcount, 0)
+
+        return await self._call(run, write=True)
+
+    async def traffic_counts(self, *, since: int = 0) -> list[TrafficCount]:
+        """See :meth:`farebox.store.base.Store.traffic_counts`."""
+
+        def run(conn: sqlite3.Connection) -> list[TrafficCount]:
+            rows = conn.execute(_TRAFFIC.counts, (since,)).fetchall()
+            return [TrafficCount(*row) for row in rows]
+
+        return await self._call(run)
+
+    async def prune_traffic_counts(self, *, before: int) -> int:
+        """See :meth:`farebox.store.base.Store.prune_traffic_counts`."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            return max(conn.execute(_TRAFFIC.prune_counts, (before,)).rowcount, 0)
+
+        return await self._call(run, write=True)
 
     async def unfinished(self, *, held_before: int, limit: int = 100) -> list[Claim]:
         """See :meth:`farebox.store.base.Store.unfinished`."""
@@ -727,6 +785,9 @@ def _insert_events(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
             for event in events
         ),
     )
+    tallies = [tally for tally in map(traffic_tally, events) if tally is not None]
+    if tallies:
+        conn.executemany(_TRAFFIC.add, tallies)
 
 
 def encode_headers(headers: Sequence[tuple[str, str]]) -> str:
