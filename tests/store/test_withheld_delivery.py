@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,6 +32,7 @@ from farebox.server.reconcile import Reconciler
 from farebox.server.routes import RouteTable
 from farebox.store.base import Store, StoredResponse
 from tests.e2e.conftest import PRICE, HiddenReceipts, chain, fund
+from tests.store.conftest import store_factory
 
 __all__ = ["chain"]
 
@@ -204,3 +206,36 @@ async def test_reopen_takes_a_completed_entry_once(store: Store) -> None:
     assert done is not None
     assert done.response == answer
     assert not await store.reopen_idempotent("missing", owner="a", new_owner="b", now=4, claim=None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "redis"])
+async def test_replicas_deliver_a_withheld_payment_once(
+    chain: DevChain, backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two server instances, each with its own connection to one shared store: the retries
+    after the settlement was confirmed hit both at once, and the app runs once between them."""
+    make = store_factory(backend, request, tmp_path)
+    first = Api(chain, make(), HiddenReceipts(chain))
+    second = Api(chain, make(), chain.rpc)
+    second.gate.routes = first.gate.routes  # one API: the same route, the same merchant
+    second.merchant = first.merchant
+    payer = fund(chain)
+    request_id = "report_" + os.urandom(12).hex()
+    assert _code(await first.pay(payer, request_id)) == "settlement_pending"
+    await first.reconcile()
+    statuses: list[tuple[int, bool]] = []
+
+    async def retry(api: Api) -> None:
+        response = await api.pay(payer, request_id)
+        statuses.append((response.status_code, "idempotent-replayed" in response.headers))
+
+    try:
+        async with anyio.create_task_group() as group:
+            for n in range(8):
+                group.start_soon(retry, (first, second)[n % 2])
+    finally:
+        await first.gate.store.aclose()
+        await second.gate.store.aclose()
+    assert sorted(statuses) == [(200, False)] + [(200, True)] * 7
+    assert first.app.calls + second.app.calls == 2  # the withheld run, and one delivery
+    assert chain.balance_of(first.merchant) == PRICE
