@@ -351,11 +351,12 @@ class FacilitatorApp:
                 existing = await self.store.get_claim(key)
             except PaymentError as exc:  # the store is down: nothing was broadcast
                 return self._outcome(verified, exc.code, exc.message)
-            if existing is None:
+            late = time.monotonic() >= deadline
+            if existing is None and not late:
                 # Released between the two calls: claim again at once (after a yield).
                 await anyio.sleep(0)
                 continue
-            if existing.state != "held" or time.monotonic() >= deadline:
+            if existing is None or existing.state != "held" or late:
                 return self._outcome(verified, *_taken(existing, mine))
             await anyio.sleep(self.poll_interval)
 
@@ -483,8 +484,13 @@ def _identity(verified: VerifiedProof) -> str:
     return verified.claim_key
 
 
-def _taken(claim: Claim, mine: str) -> tuple[str, str]:
-    """The refusal of a request that found ``claim`` taken by another: code and message."""
+def _taken(claim: Claim | None, mine: str) -> tuple[str, str]:
+    """The refusal of a request that found ``claim`` taken by another: code and message.
+
+    ``None`` is a claim that kept changing hands until this request stopped waiting.
+    """
+    if claim is None:
+        return _NONCE_USED, "this nonce is being settled by other requests"
     holder = claim.owner.partition(_OWNER_SEP)[0] if _OWNER_SEP in claim.owner else ""
     whose = (
         "this authorization"
