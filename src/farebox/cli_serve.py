@@ -56,7 +56,11 @@ def serve_banner(app: FareboxApp, url: str) -> str:
         price = f"{asset.format(amount)} {asset.symbol}"
         line = f"  {route.method:<7} {route.path:<28} {price:>14}"
         lines.append(line + (f"  {route.description}" if route.description else ""))
-    lines.append("  (every other path is free)")
+    if config.upstream is None:
+        lines.append("  (every other path is free)")
+    else:
+        # The proxy's method rule (farebox.server.proxy): an upstream may ignore the method.
+        lines.append("  (every other path is free; other methods on these paths are 405)")
     lines += [
         "",
         f"Network     {config.network}",

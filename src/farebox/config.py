@@ -875,7 +875,7 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
     proxy = None
     inner: Callable[[Scope, Receive, Send], Awaitable[None]]
     if config.upstream is not None:
-        proxy = ReverseProxy(config.upstream, timeout=config.upstream_timeout)
+        proxy = ReverseProxy(config.upstream, timeout=config.upstream_timeout, routes=gate.routes)
         inner = proxy
     else:
         inner = _BuiltinApp(config.routes)

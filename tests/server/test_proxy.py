@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import httpx
+import orjson
 import pytest
 import uvicorn
 
@@ -18,7 +19,9 @@ from farebox.agent.agent import Agent
 from farebox.agent.httpx_auth import PaymentAuth
 from farebox.config import FareboxApp, build_app, parse_config
 from farebox.ledgers.devchain import DevChain
+from farebox.money import DEVCHAIN_USDC
 from farebox.server.proxy import ReverseProxy
+from farebox.server.routes import RouteTable
 from tests.e2e.conftest import fund
 from tests.e2e.test_processes import free_port, wait_for
 
@@ -317,3 +320,92 @@ async def test_lifespan_closes_the_pool(upstream: tuple[str, Upstream]) -> None:
 def test_upstream_url_is_checked() -> None:
     with pytest.raises(ValueError, match="http"):
         ReverseProxy("ftp://files.test")
+
+
+# --- the proxy alone (without the gate in front) never forwards a second reading ------------------
+
+
+async def test_the_proxy_alone_normalizes_and_refuses(upstream: tuple[str, Upstream]) -> None:
+    proxy = ReverseProxy(upstream[0] + "/base/")
+    count = len(upstream[1].seen)
+    try:
+        refused = [
+            await call(proxy, {**scope("/", [(b"host", b"shop.test")]), "raw_path": raw})
+            for raw in (b"@127.0.0.1:1/", b"/a%2Fb", b"http://elsewhere.test/free", b"/a#b")
+        ]
+        sent = await call(proxy, {**scope("/", []), "raw_path": b"/x/%2e%2e/free//y/."})
+    finally:
+        await proxy.aclose()
+    assert [messages[0]["status"] for messages in refused] == [400, 400, 400, 400]
+    assert sent[0]["status"] == 200
+    assert [seen["path"] for seen in upstream[1].seen[count:]] == ["/base/free/y/"]
+
+
+async def test_the_proxy_refuses_content_length_with_chunked(
+    upstream: tuple[str, Upstream],
+) -> None:
+    proxy = ReverseProxy(upstream[0])
+    count = len(upstream[1].seen)
+    headers = [(b"content-length", b"4"), (b"transfer-encoding", b"chunked")]
+    try:
+        sent = await call(proxy, scope("/items", headers, "POST"), b"body")
+    finally:
+        await proxy.aclose()
+    assert sent[0]["status"] == 400
+    assert upstream[1].seen[count:] == []
+
+
+async def test_unpriced_methods_on_a_priced_path(upstream: tuple[str, Upstream]) -> None:
+    routes = RouteTable()
+    routes.add("GET", "/weather", "$0.01", assets=DEVCHAIN_USDC, pay_to=PAY_TO)
+    refusing = ReverseProxy(upstream[0], routes=routes)
+    passing = ReverseProxy(upstream[0], routes=routes, unpriced_methods="pass")
+    count = len(upstream[1].seen)
+    try:
+        refused = await call(refusing, scope("/weather/", [], "POST"))
+        free = await call(refusing, scope("/free", [], "POST"))
+        passed = await call(passing, scope("/weather", [], "POST"))
+    finally:
+        await refusing.aclose()
+        await passing.aclose()
+    assert refused[0]["status"] == 405
+    assert (b"allow", b"GET, HEAD") in refused[0]["headers"]
+    assert orjson.loads(refused[1]["body"])["code"] == "method_not_allowed"
+    assert (free[0]["status"], passed[0]["status"]) == (200, 200)
+    assert [(s["method"], s["path"]) for s in upstream[1].seen[count:]] == [
+        ("POST", "/free"),
+        ("POST", "/weather"),
+    ]
+
+
+async def test_every_rails_credential_is_dropped_and_a_bearer_token_kept(
+    upstream: tuple[str, Upstream],
+) -> None:
+    proxy = ReverseProxy(upstream[0])
+    headers = [
+        (b"authorization", b"payment eyJ9"),
+        (b"payment-authorization", b"Payment eyJ9"),
+        (b"x-receipt", b"pi_123_secret_456"),
+        (b"Payment-Signature", b"proof"),
+    ]
+    count = len(upstream[1].seen)
+    try:
+        paid = await call(proxy, scope("/free", headers))
+        bearer = await call(proxy, scope("/free", [(b"authorization", b"Bearer upstream-token")]))
+    finally:
+        await proxy.aclose()
+    assert (paid[0]["status"], bearer[0]["status"]) == (200, 200)
+    first, second = upstream[1].seen[count:]
+    assert not set(first["headers"]) & {
+        "authorization",
+        "payment-authorization",
+        "x-receipt",
+        "payment-signature",
+    }
+    assert second["headers"]["authorization"] == "Bearer upstream-token"
+
+
+@pytest.mark.parametrize("url", ["http://h.test/a%2Fb", "http://h.test/a\\b", "http://h.test/?q=1"])
+def test_an_upstream_path_must_normalize(url: str) -> None:
+    with pytest.raises(ValueError, match="upstream"):
+        ReverseProxy(url)

@@ -20,6 +20,7 @@ from farebox.eth import parse_uint256
 from farebox.protocol.models import Challenge, Offer, Proof, Resource, Settlement
 
 __all__ = [
+    "CREDENTIALS",
     "DEFAULT_MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
     "PAYMENT_REQUIRED",
@@ -55,6 +56,12 @@ PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
 PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
 X_PAYMENT = "X-PAYMENT"
 X_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
+# Where an x402 client puts its proof (v2, v1), as ``(header, auth scheme or None)``: a face that
+# forwards a request removes these (see farebox.server.proxy).
+CREDENTIALS: tuple[tuple[str, str | None], ...] = (
+    (PAYMENT_SIGNATURE.lower(), None),
+    (X_PAYMENT.lower(), None),
+)
 
 DEFAULT_MAX_HEADER_BYTES = 8192
 # Deep enough for any real requirements, extension schema or payload; shallow enough that every

@@ -8,6 +8,10 @@ it is read here, bounded by the gate's ``max_request_body``, and handed to the a
 wrapped ``receive`` exactly as it came. A settled response's body is copied as it streams by (up to
 ``max_stored_body``) and stored for retries; if the client goes away mid-body after the money
 moved, the app's remaining body is still drained into the copy, so a retry gets all it paid for.
+
+Before the gate, the request target is normalized once (:mod:`farebox.server.target`) and the app
+gets a scope carrying that path, so the gate and the app never read two different paths; a target
+that cannot be normalized, or a body framed two ways, is a 400 that reaches neither.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from farebox.server.card import CardAdmission
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.idempotency import BodyCapture
 from farebox.server.routes import RequestInfo
+from farebox.server.target import BadTarget, check_framing, normalize_target, target_of_decoded
 
-__all__ = ["PaymentMiddleware", "request_info", "run_lifespan"]
+__all__ = ["PaymentMiddleware", "checked_scope", "request_info", "run_lifespan"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -51,6 +56,27 @@ def request_info(scope: Scope) -> RequestInfo:
     query = scope.get("query_string", b"").decode("latin-1")
     url = f"{scheme}://{host}{scope.get('root_path', '')}{path}" + (f"?{query}" if query else "")
     return RequestInfo(scope.get("method", "GET"), path, url, headers)
+
+
+def checked_scope(scope: Scope) -> Scope:
+    """The HTTP ``scope`` with its target normalized: ``path``, ``raw_path`` and ``query_string``
+    are the one spelling the gate matches and the app (or the upstream) receives. Idempotent.
+
+    Raises :class:`~farebox.server.target.BadTarget` for a target that cannot be normalized
+    safely or a body framed both by ``Content-Length`` and ``Transfer-Encoding``.
+    """
+    headers = scope.get("headers", ())
+    check_framing(headers)
+    query = bytes(scope.get("query_string", b""))
+    raw_path = scope.get("raw_path")
+    if raw_path is None:  # optional in ASGI: then the decoded path is all there is
+        target = target_of_decoded(scope.get("path", "/"), query)
+    else:
+        host = next((v for k, v in headers if k.lower() == b"host"), b"").decode("latin-1")
+        target = normalize_target(bytes(raw_path), query, host=host)
+    checked = dict(scope)
+    checked.update(path=target.path, raw_path=target.raw_path, query_string=target.query)
+    return checked
 
 
 async def run_lifespan(
@@ -89,6 +115,11 @@ class PaymentMiddleware:
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        try:
+            scope = checked_scope(scope)
+        except BadTarget as exc:
+            await _send_reply(send, Reply(*exc.reply()))
             return
         body = _BufferedBody(receive, self.gate.max_request_body)
         decision = await self.gate.admit(request_info(scope), body.read)

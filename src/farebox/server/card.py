@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLAIM_PREFIX",
+    "CREDENTIALS",
     "METHOD",
     "X_RECEIPT",
     "CardAdmission",
@@ -73,6 +74,14 @@ logger = logging.getLogger("farebox.server")
 METHOD = "stripe"
 CLAIM_PREFIX = "mpp/"
 X_RECEIPT = "X-Receipt"
+# Where a card credential travels, as ``(header, auth scheme or None)``: ``Authorization: Payment``,
+# its MPP alternative ``Payment-Authorization``, and an X-Receipt (a client secret proves payment).
+# A face that forwards a request removes these; ``Authorization: Bearer`` is not a payment.
+CREDENTIALS: tuple[tuple[str, str | None], ...] = (
+    (mpp.AUTHORIZATION.lower(), "payment"),
+    (mpp.PAYMENT_AUTHORIZATION.lower(), None),
+    (X_RECEIPT.lower(), None),
+)
 _ROUTE_KEY = "route"  # in a challenge's opaque map
 _MIN_SECRET = 32
 _MAX_RECEIPT = 512

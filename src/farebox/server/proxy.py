@@ -1,11 +1,22 @@
 """A reverse proxy as a pure ASGI app: farebox's gate in front of an API it does not own.
 
-``PaymentMiddleware(ReverseProxy("http://127.0.0.1:9000"), gate)`` charges for the gate's routes and
-forwards every request to the upstream: method, path, query, end-to-end headers and the request body
-as it streams in; the upstream's answer streams back as it arrives, never buffered. The payment
-headers are removed on the way: the upstream must never see (and could never replay) a proof.
-An upstream that cannot be reached is a 502, one that does not answer in time a 504; neither is a
-2xx, so the gate charges nothing for them.
+``PaymentMiddleware(ReverseProxy("http://127.0.0.1:9000", routes=gate.routes), gate)`` charges for
+the gate's routes and forwards every request to the upstream: method, path, query, end-to-end headers
+and the request body as it streams in; the upstream's answer streams back as it arrives, never
+buffered. An upstream that cannot be reached is a 502, one that does not answer in time a 504;
+neither is a 2xx, so the gate charges nothing for them.
+
+What the upstream receives is decided here and nowhere else:
+
+- the path the gate matched, normalized once (:func:`~farebox.server.asgi.checked_scope`), sent as
+  those exact bytes; a target that cannot be normalized is a 400 and reaches nothing;
+- at the scheme, host and port of the configured URL: the URL is built from its parsed parts with
+  only the path and query replaced, never by gluing a client's target onto a string;
+- without any payment credential of any rail (:data:`PAYMENT_CREDENTIALS`): the upstream must
+  never see, and could never replay, a proof. Other ``Authorization`` schemes (the upstream's own
+  ``Bearer``) pass;
+- on a path some route prices, only a method some route prices for it (with ``routes``): another
+  method is a 405 with ``Allow``, since an upstream that ignores methods would serve it free.
 """
 
 from __future__ import annotations
@@ -13,15 +24,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import Any, Literal
 
 import httpx
 import orjson
 
-from farebox.server.asgi import run_lifespan
+from farebox.errors import PROBLEM_TYPE_BASE, ConfigError
+from farebox.protocol import x402
+from farebox.server import card
+from farebox.server.asgi import checked_scope, run_lifespan
+from farebox.server.routes import RouteTable
+from farebox.server.target import BadTarget, normalize_target
 
-__all__ = ["HOP_BY_HOP", "STRIPPED_REQUEST_HEADERS", "ReverseProxy"]
+__all__ = ["HOP_BY_HOP", "PAYMENT_CREDENTIALS", "STRIPPED_REQUEST_HEADERS", "ReverseProxy"]
 
 logger = logging.getLogger("farebox.proxy")
 
@@ -44,29 +59,34 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# The proof is the client's money: it stays between the client and the gate. ``host`` is the
-# upstream's own (the client's goes in X-Forwarded-Host); X-Forwarded-* are rebuilt here.
-STRIPPED_REQUEST_HEADERS = HOP_BY_HOP | {
-    "payment-signature",
-    "x-payment",
-    "host",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-}
+# ``host`` is the upstream's own (the client's goes in X-Forwarded-Host); X-Forwarded-* are
+# rebuilt here.
+STRIPPED_REQUEST_HEADERS = HOP_BY_HOP | {"host", "x-forwarded-host", "x-forwarded-proto"}
+# The proof is the client's money: it stays between the client and the gate. Each rail names the
+# headers it reads a credential from, ``(header, auth scheme or None for any value)``; a new rail
+# adds its own list here, the one place the proxy looks.
+PAYMENT_CREDENTIALS: tuple[tuple[str, str | None], ...] = (*x402.CREDENTIALS, *card.CREDENTIALS)
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # as Allow lists them
 
 
 class _ClientGone(Exception):
     """The client disconnected while its request body was being forwarded."""
 
 
-def _problem(status: int, title: str, detail: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    return headers, body
+def _is_payment_credential(name: str, value: bytes) -> bool:
+    words = value.split(None, 1)
+    scheme = words[0].decode("latin-1").lower() if words else ""
+    return any(name == header and want in (None, scheme) for header, want in PAYMENT_CREDENTIALS)
+
+
+def _problem(status: int, title: str, detail: str, code: str) -> dict[str, Any]:
+    return {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
 
 
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[str]:
@@ -84,16 +104,37 @@ class ReverseProxy:
     One :class:`httpx.AsyncClient` (a connection pool) serves all requests; it is closed on the
     ASGI lifespan shutdown or by :meth:`aclose`. ``timeout`` bounds connecting and each wait for
     upstream bytes, in seconds; a slow but steady stream is never cut.
+
+    ``routes`` are the gate's: on a path one of them prices, a method none of them prices is
+    answered 405 (``unpriced_methods="refuse"``, the default) instead of reaching an upstream
+    that may serve it whatever the method; ``"pass"`` forwards it free.
     """
 
     def __init__(
-        self, upstream: str, *, timeout: float = 30.0, client: httpx.AsyncClient | None = None
+        self,
+        upstream: str,
+        *,
+        timeout: float = 30.0,
+        client: httpx.AsyncClient | None = None,
+        routes: RouteTable | None = None,
+        unpriced_methods: Literal["refuse", "pass"] = "refuse",
     ) -> None:
-        parts = urlsplit(upstream)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-            raise ValueError("upstream must be an http(s) URL without a query")
+        try:
+            url = httpx.URL(upstream)
+        except httpx.InvalidURL:
+            raise ConfigError("upstream must be an http(s) URL without a query") from None
+        if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
+            raise ConfigError("upstream must be an http(s) URL without a query")
+        if unpriced_methods not in ("refuse", "pass"):
+            raise ConfigError('unpriced_methods must be "refuse" or "pass"')
+        try:
+            base = normalize_target(url.raw_path.partition(b"?")[0]).raw_path.rstrip(b"/")
+        except BadTarget as exc:
+            raise ConfigError(f"upstream path: {exc.message}") from None
         self.upstream = upstream
-        self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._url = url
+        self._base_path = base
+        self._routes = routes if unpriced_methods == "refuse" else None
         self._timeout = httpx.Timeout(timeout).as_dict()
         # No cookie jar (a shared client would hand one client's cookies to the next), no proxy
         # variables from the environment, no redirects followed: the client sees what upstream says.
@@ -113,30 +154,77 @@ class ReverseProxy:
             return
         if scope["type"] != "http":
             return
-        request = self._request(scope, receive)
+        try:
+            # Normalizing is idempotent: behind PaymentMiddleware this is the path the gate
+            # matched; mounted alone, the proxy still never forwards an unnormalized one.
+            scope = checked_scope(scope)
+            url = self._url_for(scope)
+        except BadTarget as exc:
+            await self._fail(send, exc.to_problem())
+            return
+        allowed = self._unpriced(scope)
+        if allowed:
+            detail = f"this path is priced for {allowed} only"
+            problem = _problem(405, "Method Not Allowed", detail, "method_not_allowed")
+            await self._fail(send, problem, [(b"allow", allowed.encode("latin-1"))])
+            return
+        request = self._request(scope, receive, url)
         try:
             response = await self._client.send(request, stream=True)
         except _ClientGone:
             return
         except httpx.TimeoutException:
-            await self._fail(send, 504, "Gateway Timeout", "the upstream did not answer in time")
+            detail = "the upstream did not answer in time"
+            await self._fail(send, _problem(504, "Gateway Timeout", detail, "upstream_timeout"))
             return
         except httpx.HTTPError as exc:
             # The upstream's address stays out of the answer: it is internal.
             logger.warning("upstream unreachable: %s", type(exc).__name__)
-            await self._fail(send, 502, "Bad Gateway", "the upstream could not be reached")
+            detail = "the upstream could not be reached"
+            await self._fail(send, _problem(502, "Bad Gateway", detail, "upstream_unreachable"))
             return
         try:
             await self._relay(response, send)
         finally:
             await response.aclose()
 
-    def _request(self, scope: Scope, receive: Receive) -> httpx.Request:
+    def _url_for(self, scope: Scope) -> httpx.URL:
+        """The configured URL with only its path and query replaced by the normalized ones."""
+        query: bytes = scope["query_string"]
+        raw = self._base_path + scope["raw_path"] + (b"?" + query if query else b"")
+        try:
+            url = self._url.copy_with(raw_path=raw)
+        except httpx.InvalidURL:
+            raise BadTarget("the request target cannot be forwarded") from None
+        # Nothing between here and the socket may re-read the target: if the client library would
+        # send other bytes (or another host), refuse rather than forward a second interpretation.
+        where = (url.scheme, url.host, url.port)
+        if where != (self._url.scheme, self._url.host, self._url.port) or url.raw_path != raw:
+            raise BadTarget("the request target cannot be forwarded unchanged")
+        return url
+
+    def _unpriced(self, scope: Scope) -> str:
+        """The ``Allow`` value when the path is priced but not for this method, else ``""``."""
+        if self._routes is None:
+            return ""
+        method, path = scope["method"], scope["path"]
+        if self._routes.match(method, path) is not None:
+            return ""
+        priced = self._routes.methods_at(path)
+        if "GET" in priced:
+            priced |= {"HEAD"}
+        return ", ".join(m for m in _METHOD_ORDER if m in priced)
+
+    def _request(self, scope: Scope, receive: Receive, url: httpx.URL) -> httpx.Request:
         raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", ()))
-        dropped = STRIPPED_REQUEST_HEADERS | _connection_tokens(raw_headers)
-        headers = [(k, v) for k, v in raw_headers if k.decode("latin-1").lower() not in dropped]
+        dropped = STRIPPED_REQUEST_HEADERS | _connection_tokens(raw_headers) | {"x-forwarded-for"}
+        headers = [
+            (k, v)
+            for k, v in raw_headers
+            if (name := k.decode("latin-1").lower()) not in dropped
+            and not _is_payment_credential(name, v)
+        ]
         forwarded_for = [v for k, v in raw_headers if k.lower() == b"x-forwarded-for"]
-        headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
         client = scope.get("client")
         if client:
             forwarded_for.append(str(client[0]).encode("latin-1"))
@@ -146,10 +234,6 @@ class ReverseProxy:
         host = next((v for k, v in raw_headers if k.lower() == b"host"), None)
         if host is not None:
             headers.append((b"x-forwarded-host", host))
-        raw_path = scope.get("raw_path") or quote(scope.get("path", "/")).encode("latin-1")
-        url = self._base + raw_path.decode("latin-1")
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
         names = {k.lower() for k, _ in raw_headers}
         # Only a request that declares a body gets one: a chunked empty body on a GET confuses
         # some servers.
@@ -193,7 +277,15 @@ class ReverseProxy:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
-    async def _fail(send: Send, status: int, title: str, detail: str) -> None:
-        headers, body = _problem(status, title, detail)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+    async def _fail(
+        send: Send, problem: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        body = orjson.dumps(problem)
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            *(extra or []),
+        ]
+        await send({"type": "http.response.start", "status": problem["status"], "headers": headers})
         await send({"type": "http.response.body", "body": body})

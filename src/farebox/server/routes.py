@@ -190,6 +190,12 @@ class Route:
 
 
 def _compile(path: str) -> re.Pattern[str]:
+    # A trailing slash does not make another route: many servers (Express by default) serve
+    # /weather/ as /weather, so a route priced without it that let /weather/ through would be
+    # free under a second spelling. Charging the other spelling costs nothing where it 404s.
+    given = path
+    if path != "/":
+        path = path.removesuffix("/")
     out, last = [], 0
     for match in _PARAM.finditer(path):
         out.append(re.escape(path[last : match.start()]))
@@ -198,9 +204,9 @@ def _compile(path: str) -> re.Pattern[str]:
         last = match.end()
     out.append(re.escape(path[last:]))
     try:
-        return re.compile("".join(out) + r"\Z")
+        return re.compile("".join(out) + (r"\Z" if path == "/" else r"/?\Z"))
     except re.error as exc:
-        raise ConfigError(f"bad route path {path!r}: {exc}") from None
+        raise ConfigError(f"bad route path {given!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +218,10 @@ class RouteMatch:
 class RouteTable:
     """Paid routes, matched in the order they were added; anything unmatched is free.
 
-    ``HEAD`` matches a ``GET`` route (it is answered like ``GET`` without a body).
+    ``HEAD`` matches a ``GET`` route (it is answered like ``GET`` without a body). A path matches
+    with or without one trailing slash (``/weather/`` is the ``/weather`` route, and the other way
+    round). Paths are matched as given: faces hand over the normalized path
+    (:mod:`farebox.server.target`).
     """
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
@@ -257,6 +266,10 @@ class RouteTable:
             if found is not None:
                 return RouteMatch(route, MappingProxyType(found.groupdict()))
         return None
+
+    def methods_at(self, path: str) -> frozenset[str]:
+        """The methods some route prices at ``path`` (``"*"`` when one prices every method)."""
+        return frozenset(route.method for route in self._routes if route._pattern.match(path))
 
     def __iter__(self) -> Any:
         return iter(self._routes)

@@ -8,6 +8,9 @@ For a paid request with an idempotency id the gate asks for the request body: ``
 (bounded by the gate's ``max_request_body``) and replaced by a ``BytesIO`` of what was read. A
 settled response's body is copied as the server iterates it and stored for retries; a server that
 closes the iterable early (the client went away) still gets the rest drained into the copy.
+
+Before the gate, ``PATH_INFO`` is normalized once (:mod:`farebox.server.target`) and rewritten, so
+the gate and the app route on the same path; a path that cannot be normalized is a 400.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -26,8 +30,9 @@ from farebox.server.card import CardAdmission
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.idempotency import BodyCapture, BodyReader
 from farebox.server.routes import RequestInfo
+from farebox.server.target import BadTarget, target_of_decoded
 
-__all__ = ["WsgiPaymentMiddleware", "wsgi_request_info"]
+__all__ = ["WsgiPaymentMiddleware", "normalize_path", "wsgi_request_info"]
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -53,12 +58,27 @@ def wsgi_request_info(environ: Environ) -> RequestInfo:
         host = environ.get("SERVER_NAME", "localhost") + (
             "" if port in ("80", "443") else f":{port}"
         )
-    # PEP 3333 hands the path over as latin-1 decoded bytes; the URL keeps them as they came.
+    # PEP 3333 hands the path over as latin-1 decoded bytes; the URL keeps them as they came, the
+    # routes match them as the UTF-8 text that normalize_path checked they are.
     path = environ.get("PATH_INFO", "") or "/"
+    try:
+        route_path = path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        route_path = path
     script = environ.get("SCRIPT_NAME", "")
     query = environ.get("QUERY_STRING", "")
     url = f"{scheme}://{host}{script}{path}" + (f"?{query}" if query else "")
-    return RequestInfo(environ.get("REQUEST_METHOD", "GET"), path, url, headers)
+    return RequestInfo(environ.get("REQUEST_METHOD", "GET"), route_path, url, headers)
+
+
+def normalize_path(environ: Environ) -> None:
+    """Rewrite ``PATH_INFO`` (and ``QUERY_STRING``) in place to their one normalized spelling, the
+    path the gate matches and the app routes on. Raises
+    :class:`~farebox.server.target.BadTarget`."""
+    query = environ.get("QUERY_STRING", "").encode("latin-1")
+    target = target_of_decoded(environ.get("PATH_INFO", "") or "/", query, encoding="latin-1")
+    environ["PATH_INFO"] = unquote_to_bytes(target.raw_path).decode("latin-1")
+    environ["QUERY_STRING"] = target.query.decode("latin-1")
 
 
 def _status_line(status: int) -> str:
@@ -95,6 +115,10 @@ class WsgiPaymentMiddleware:
             self._portal = self._portal_cm = None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            normalize_path(environ)
+        except BadTarget as exc:
+            return self._reply(Reply(*exc.reply()), start_response)
         portal = self.portal()
         decision = portal.call(self.gate.admit, wsgi_request_info(environ), self._reader(environ))
         if decision is None:
