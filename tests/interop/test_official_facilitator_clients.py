@@ -196,7 +196,8 @@ def express_server(chain: DevChain, facilitator_url: str, node: str) -> Server:
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         try:
             process.stdin.write(json.dumps(config) + "\n")
             process.stdin.flush()
