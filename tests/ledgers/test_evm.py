@@ -11,6 +11,7 @@ from hexbytes import HexBytes
 from farebox.eth import EvmAccount
 from farebox.ledgers.evm import (
     EvmLedger,
+    _is_nonce_race,
     _rlp,
     code_for_revert,
     encode_transfer_with_authorization,
@@ -111,6 +112,29 @@ def test_revert_texts_map_to_x402_codes(text: str, code: str) -> None:
 def test_non_revert_errors_are_not_reverts() -> None:
     assert revert_reason(RpcError(-32000, "nonce too low")) is None
     assert revert_reason(RpcError(3, "execution reverted", "0x08c379a0ff")) == "execution reverted"
+
+
+@pytest.mark.parametrize(
+    ("message", "race"),
+    [
+        ("nonce too low: address 0x70997970C51812dc3A010C7d01b50e0d17dc79C8, tx: 4 state: 5", True),
+        ("nonce too low: next nonce 7, tx nonce 5", True),  # geth
+        ("nonce too high", True),
+        ("already known", True),
+        ("replacement transaction underpriced", True),
+        ("Nonce too low", True),  # anvil
+        ("NONCE_TOO_LOW", True),  # Besu
+        ("REPLACEMENT_UNDERPRICED", True),
+        ("OldNonce, Current nonce: 6, nonce of rejected tx: 5", True),  # Nethermind
+        ("AlreadyKnown", True),
+        ("insufficient funds for gas * price + value", False),
+        ("max fee per gas less than block base fee", False),
+        ("intrinsic gas too low", False),
+        ("exceeds block gas limit", False),
+    ],
+)
+def test_a_nonce_taken_elsewhere_is_told_from_a_failed_send(message: str, race: bool) -> None:
+    assert _is_nonce_race(RpcError(-32000, message)) is race
 
 
 class _NoRpc:

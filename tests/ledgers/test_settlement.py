@@ -7,14 +7,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import pytest
 
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
-from farebox.ledgers.rpc import HttpRpc, RpcUnavailable
-from farebox.protocol.models import Offer
+from farebox.ledgers.rpc import HttpRpc, RpcError, RpcUnavailable
+from farebox.protocol.models import Offer, Settlement
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
 from tests.e2e.conftest import HiddenReceipts, fund
 
@@ -51,10 +52,21 @@ def verified(
     return verify(proof, offer, now=now)
 
 
-async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
-    if method == "eth_getTransactionReceipt":
-        return None
-    return await self.inner.request(method, params)
+def settler_nonce(chain: DevChain, ledger: EvmLedger) -> int:
+    """How many transactions the ledger's settler has sent (and the chain mined)."""
+    return int(chain.handle("eth_getTransactionCount", [ledger.settler.address, "latest"]), 16)
+
+
+def reverted_by(chain: DevChain, settler: str, since_block: int) -> int:
+    """How many of ``settler``'s transactions mined after ``since_block`` have status 0."""
+    count = 0
+    for number in range(since_block + 1, chain.block_number() + 1):
+        block = chain.handle("eth_getBlockByNumber", [hex(number), True])
+        for tx in block["transactions"]:
+            if tx["from"].lower() == settler.lower():
+                receipt = chain.handle("eth_getTransactionReceipt", [tx["hash"]])
+                count += receipt["status"] == "0x0"
+    return count
 
 
 async def test_settles_and_checks_the_transfer_log(chain: DevChain) -> None:
@@ -73,9 +85,12 @@ async def test_settles_and_checks_the_transfer_log(chain: DevChain) -> None:
     with pytest.raises(PaymentError) as used:
         await ledger.simulate(proof)
     assert used.value.code == "invalid_exact_evm_nonce_already_used"
-    again = await ledger.settle(proof)
-    assert not again.success
-    assert again.error_reason == "invalid_exact_evm_nonce_already_used"
+    # Settled again anyway: refused before anything is signed, so no gas goes on a revert.
+    sent = settler_nonce(chain, ledger)
+    with pytest.raises(PaymentError) as again:
+        await ledger.settle(proof)
+    assert again.value.code == "invalid_exact_evm_nonce_already_used"
+    assert settler_nonce(chain, ledger) == sent
     assert chain.balance_of(merchant) == 10_000
 
 
@@ -171,3 +186,156 @@ async def test_two_processes_settling_with_one_account_both_land(chain: DevChain
     assert (await first.settle(proofs[2])).success
     assert (await second.settle(proofs[3])).success
     assert chain.balance_of(merchant) == 40_000
+
+
+async def test_many_ledgers_on_one_key_settle_every_payment_concurrently(chain: DevChain) -> None:
+    # Three ledgers with their own nonce counters stand for three processes sharing a settler
+    # key, each settling ten payments at once: every one lands, none is refused for a nonce.
+    account = chain.accounts[5].account
+    ledgers = [EvmLedger(chain.rpc, account, network=chain.network) for _ in range(3)]
+    merchant, payer = EvmAccount.generate().address, fund(chain)
+    start, sent = chain.block_number(), settler_nonce(chain, ledgers[0])
+    outcomes: list[Settlement | PaymentError] = []
+
+    async def one(ledger: EvmLedger, proof: VerifiedEvmProof) -> None:
+        try:
+            outcomes.append(await ledger.settle(proof))
+        except PaymentError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            for ledger in ledgers:
+                tg.start_soon(one, ledger, verified(chain, payer, offer_on(chain, merchant)))
+    failed = [o for o in outcomes if not isinstance(o, Settlement) or not o.success]
+    assert failed == []
+    assert len(outcomes) == 30
+    assert chain.balance_of(merchant) == 300_000
+    assert settler_nonce(chain, ledgers[0]) - sent == 30
+    assert reverted_by(chain, account.address, start) == 0
+
+
+async def test_a_payer_holding_one_payment_is_settled_once_and_nothing_reverts(
+    chain: DevChain,
+) -> None:
+    # Twenty payments that each pass the simulation at verify time, settled at once by three
+    # ledgers on one key: the balance pays one, the other nineteen are refused before broadcast.
+    account = chain.accounts[5].account
+    ledgers = [EvmLedger(chain.rpc, account, network=chain.network) for _ in range(3)]
+    merchant, payer = EvmAccount.generate().address, fund(chain, 10_000)
+    proofs = [verified(chain, payer, offer_on(chain, merchant)) for _ in range(20)]
+    for proof in proofs:
+        await ledgers[0].simulate(proof)
+    start, sent = chain.block_number(), settler_nonce(chain, ledgers[0])
+    settled: list[Settlement] = []
+    refused: list[str] = []
+
+    async def one(ledger: EvmLedger, proof: VerifiedEvmProof) -> None:
+        try:
+            settled.append(await ledger.settle(proof))
+        except PaymentError as exc:
+            refused.append(exc.code)
+
+    async with anyio.create_task_group() as tg:
+        for index, proof in enumerate(proofs):
+            tg.start_soon(one, ledgers[index % 3], proof)
+    assert [s.success for s in settled] == [True]
+    assert refused == ["invalid_exact_evm_insufficient_balance"] * 19
+    assert reverted_by(chain, account.address, start) == 0
+    assert settler_nonce(chain, ledgers[0]) - sent == 1  # gas paid for the one transfer only
+    assert chain.balance_of(merchant) == 10_000
+
+
+class RivalSettler:
+    """Another process settling with the same account: before each of our next ``takes``
+    broadcasts, one of its transactions lands first and uses the nonce ours was signed with."""
+
+    def __init__(self, chain: DevChain, settler: str, takes: int) -> None:
+        self.inner = chain.rpc
+        self.chain = chain
+        self.settler = settler
+        self.takes = takes
+        self.sends = 0
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_sendRawTransaction":
+            self.sends += 1
+            if self.takes > 0:
+                self.takes -= 1
+                rival = {"from": self.settler, "to": self.settler, "value": "0x0"}
+                self.chain.handle("eth_sendTransaction", [rival])
+        return await self.inner.request(method, params)
+
+
+async def test_a_nonce_taken_again_and_again_is_retried_not_failed(chain: DevChain) -> None:
+    account = chain.accounts[7].account
+    rival = RivalSettler(chain, account.address, takes=6)
+    ledger = EvmLedger(rival, account, network=chain.network)
+    merchant = EvmAccount.generate().address
+    settlement = await ledger.settle(verified(chain, fund(chain), offer_on(chain, merchant)))
+    assert settlement.success, settlement
+    assert rival.sends == 7
+    assert chain.balance_of(merchant) == 10_000
+
+
+async def test_a_settler_whose_nonce_is_always_taken_is_busy_and_sends_nothing(
+    chain: DevChain,
+) -> None:
+    account = chain.accounts[7].account
+    rival = RivalSettler(chain, account.address, takes=10**6)
+    busy = EvmLedger(rival, account, network=chain.network, nonce_wait=0.3)
+    merchant = EvmAccount.generate().address
+    proof = verified(chain, fund(chain), offer_on(chain, merchant))
+    with pytest.raises(PaymentError) as refused:
+        await busy.settle(proof)
+    # Not the payment's failure: the settler was busy, nothing of ours was broadcast, the proof
+    # stays good and settles once the other process lets go.
+    assert refused.value.code == "ledger_unavailable"
+    assert rival.sends > 1
+    assert chain.balance_of(merchant) == 0
+    assert (await EvmLedger(chain.rpc, account, network=chain.network).settle(proof)).success
+    assert chain.balance_of(merchant) == 10_000
+
+
+class Recorded:
+    """The chain, with every call's method and block reference written down."""
+
+    def __init__(self, chain: DevChain, *, pending: bool = True) -> None:
+        self.inner = chain.rpc
+        self.pending = pending
+        self.calls: list[tuple[str, Any]] = []
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        self.calls.append((method, params[1] if method == "eth_call" else None))
+        if method == "eth_call" and params[1] == "pending" and not self.pending:
+            raise RpcError(-32000, "pending block is not available")  # some nodes have none
+        return await self.inner.request(method, params)
+
+    def count(self, method: str, block: str | None = None) -> int:
+        return self.calls.count((method, block))
+
+
+async def test_settling_checks_the_pending_block_and_reads_the_nonce_once(chain: DevChain) -> None:
+    node = Recorded(chain)
+    ledger = EvmLedger(node, chain.accounts[8].account, network=chain.network)
+    merchant, payer = EvmAccount.generate().address, fund(chain)
+    for _ in range(3):
+        assert (await ledger.settle(verified(chain, payer, offer_on(chain, merchant)))).success
+    # One simulation right before each broadcast, at the block that holds what is not mined
+    # yet; the nonce comes from the node once, then from the local counter while nothing races.
+    assert node.count("eth_call", "pending") == 3
+    assert node.count("eth_call", "latest") == 0
+    assert node.count("eth_getTransactionCount") == 1
+    assert node.count("eth_sendRawTransaction") == 3
+
+
+async def test_a_node_without_a_pending_block_is_asked_about_the_latest(chain: DevChain) -> None:
+    node = Recorded(chain, pending=False)
+    ledger = EvmLedger(node, chain.accounts[8].account, network=chain.network)
+    merchant = EvmAccount.generate().address
+    with pytest.raises(PaymentError) as broke:
+        await ledger.simulate(verified(chain, EvmAccount.generate(), offer_on(chain, merchant)))
+    assert broke.value.code == "invalid_exact_evm_insufficient_balance"
+    assert (await ledger.settle(verified(chain, fund(chain), offer_on(chain, merchant)))).success
+    assert node.count("eth_call", "pending") == 1  # asked once, then never again
+    assert node.count("eth_call", "latest") == 2

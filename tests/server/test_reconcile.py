@@ -10,7 +10,7 @@ import pytest
 
 from farebox.eth import EvmAccount
 from farebox.ledgers.devchain import DevChain
-from farebox.ledgers.evm import EvmLedger
+from farebox.ledgers.evm import EvmLedger, encode_transfer_with_authorization
 from farebox.protocol.models import Offer
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
 from farebox.server.reconcile import Reconciler, parse_claim_key
@@ -112,10 +112,13 @@ async def test_a_reverted_transaction_releases_its_claim(chain: DevChain) -> Non
     store, merchant = MemoryStore(), EvmAccount.generate().address
     proof = proof_for(chain, EvmAccount.generate(), merchant)  # an unfunded payer
     assert await store.claim(proof.claim_key, owner="o", now=int(time.time()))
-    failed = await ledger_of(chain, 4).settle(proof)  # not simulated first: mined, reverted
-    assert not failed.success
-    assert failed.transaction
-    await store.finish(proof.claim_key, owner="o", state="pending", transaction=failed.transaction)
+    # Sent as is, never simulated (the ledger refuses to broadcast a transfer that would revert):
+    # mined, reverted.
+    data = "0x" + encode_transfer_with_authorization(proof).hex()
+    call = {"from": chain.accounts[4].address, "to": chain.token, "data": data, "gas": "0x30d40"}
+    failed = chain.handle("eth_sendTransaction", [call])
+    assert chain.handle("eth_getTransactionReceipt", [failed])["status"] == "0x0"
+    await store.finish(proof.claim_key, owner="o", state="pending", transaction=failed)
     report = await Reconciler(store, [ledger_of(chain)]).run_once()
     assert report.released == 1
     assert await store.get_claim(proof.claim_key) is None

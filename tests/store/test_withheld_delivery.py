@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from farebox.ledgers.rpc import RpcUnavailable
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.receipts import SigningKey, verify_receipt
-from farebox.schemes.evm_exact import make_proof
+from farebox.schemes.evm_exact import make_proof, verify
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.reconcile import Reconciler
@@ -82,7 +83,9 @@ class Api:
             base_url="https://api.test",
         )
 
-    async def pay(self, payer: EvmAccount, request_id: str) -> httpx.Response:
+    async def pay(
+        self, payer: EvmAccount, request_id: str, *, nonce: bytes | None = None
+    ) -> httpx.Response:
         """GET /report with a freshly signed payment and the idempotency id ``request_id``."""
         unpaid = await self.client.get("/report")
         challenge = read_challenge(dict(unpaid.headers), unpaid.content)
@@ -90,7 +93,7 @@ class Api:
             payer,
             challenge.accepts[0],
             now=int(time.time()),
-            nonce=os.urandom(32),
+            nonce=nonce or os.urandom(32),
             resource=challenge.resource,
         )
         headers = {"payment-signature": encode_proof(proof), "idempotency-key": request_id}
@@ -187,6 +190,35 @@ async def test_released_after_withheld_lets_the_retry_pay(chain: DevChain, store
     assert decode_settlement(paid.headers["payment-response"]).success
     assert chain.balance_of(api.merchant) == PRICE
     assert api.app.calls == 2
+
+
+async def test_a_nonce_spent_by_another_authorization_is_not_taken_for_this_payment(
+    chain: DevChain, store: Store
+) -> None:
+    """The payer signs B ($0.01 to this API, whose broadcast is lost) and A (to someone else,
+    same nonce), and A settles first. The chain says the nonce was used, but by A's transfer:
+    B's payment is released, not confirmed, and its retry pays rather than being served free."""
+    api = Api(chain, store, LostBroadcast(chain))
+    payer = fund(chain)
+    nonce = os.urandom(32)
+    request_id = "report_" + os.urandom(12).hex()
+    assert _code(await api.pay(payer, request_id, nonce=nonce)) == "settlement_pending"
+    elsewhere = "0x" + os.urandom(20).hex()
+    unpaid = await api.client.get("/report")
+    offer = read_challenge(dict(unpaid.headers), unpaid.content).accepts[0]
+    other = replace(offer, pay_to=elsewhere, amount=1)
+    now = int(time.time())
+    proof_a = verify(make_proof(payer, other, now=now, nonce=nonce), other, now=now)
+    settler = EvmLedger(chain.rpc, chain.accounts[2].account, network=chain.network)
+    assert (await settler.settle(proof_a)).success
+    report = await Reconciler(store, [settler]).run_once()
+    assert (report.settled, report.released) == (0, 1)
+    api.gate.facilitator.ledger_for(chain.network).rpc = chain.rpc  # type: ignore[attr-defined]
+    paid = await api.pay(payer, request_id)
+    assert paid.status_code == 200
+    assert "idempotent-replayed" not in paid.headers
+    assert chain.balance_of(api.merchant) == PRICE  # paid by the retry's own payment
+    assert chain.balance_of(elsewhere) == 1
 
 
 async def test_reopen_takes_a_completed_entry_once(store: Store) -> None:

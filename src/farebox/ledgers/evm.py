@@ -1,14 +1,22 @@
 """Settlement of ``exact`` EVM payments over JSON-RPC: any node, or the embedded chain in-process.
 
 The settler account pays the gas and calls the token's EIP-3009 ``transferWithAuthorization`` with
-the payer's signature. Before sending, the call is simulated with ``eth_call`` so a payment that
-would revert (balance, used nonce, expired, bad signature) is refused with its x402 code before the
-resource is served. A transaction that was broadcast but not confirmed in time is reported as
-``settlement_pending`` with its hash: the money may still move, so it is neither success nor failure.
+the payer's signature. The call is simulated with ``eth_call`` twice: when the proof is verified
+(:meth:`EvmLedger.simulate`, before the resource is served) and again right before the transaction is
+signed, with the settler's nonce known, so a payment that stopped being payable in between (the
+payer's balance went to another settlement, the authorization was used) is refused with its x402
+code and no gas is spent on a revert. A transaction that was broadcast but not confirmed in time is
+reported as ``settlement_pending`` with its hash: the money may still move, so it is neither success
+nor failure.
+
+Many processes may settle with one settler key. Each keeps its own nonce counter (no round trip
+when nothing raced); a nonce another process took is resynchronised from the node's pending count
+and retried, with jitter, for a bounded time, and is never reported as the payment's failure.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -112,14 +120,38 @@ def _rlp_length(length: int, offset: int) -> bytes:
     return bytes([offset + 55 + len(encoded)]) + encoded
 
 
-# A nonce taken by another process settling with the same account: resynchronise and retry.
-_SEND_ATTEMPTS = 4
-_NONCE_RACE = ("nonce too low", "already known", "replacement transaction underpriced", "nonce")
+# How nodes refuse a transaction whose nonce is no longer (or not yet) the account's next one,
+# letters only: geth, erigon, anvil and the embedded chain say "nonce too low"/"nonce too high",
+# geth "already known" or "replacement transaction underpriced" when another transaction with that
+# nonce waits in its pool, Nethermind "OldNonce"/"AlreadyKnown", Besu "NONCE_TOO_LOW" and
+# "REPLACEMENT_UNDERPRICED". Any of them means another process settling with the same account took
+# the nonce (or ours is stale): nothing was broadcast, and the payment itself did not fail.
+_NONCE_RACE = (
+    "noncetoolow",
+    "noncetoohigh",
+    "invalidnonce",
+    "oldnonce",
+    "alreadyknown",
+    "knowntransaction",
+    "replacementtransactionunderpriced",
+    "replacementunderpriced",
+)
+# Losing a nonce race is retried this often at most (one lap of the other processes each time),
+# and for no longer than EvmLedger's ``nonce_wait``; after that the settler is busy, not the
+# payment failed.
+_NONCE_ATTEMPTS = 64
+# The pause before a retry: drawn at random (so that processes that collide fall out of step) up to
+# a bound that doubles with each attempt, to about one settlement's time. A process that keeps
+# losing is usually behind another one with a queue of settlements, whose local counter beats a
+# fresh read of the nonce every time until its queue drains; retrying it at full speed would only
+# load the node with simulations.
+_JITTER_FIRST = 0.004
+_JITTER_CAP = 0.1
 
 
 def _is_nonce_race(error: RpcError) -> bool:
-    lowered = error.message.lower()
-    return any(text in lowered for text in _NONCE_RACE)
+    letters = "".join(c for c in error.message.lower() if "a" <= c <= "z")
+    return any(text in letters for text in _NONCE_RACE)
 
 
 class _MaybeSent(Exception):
@@ -191,6 +223,22 @@ class EvmReader:
                     return str(log["transactionHash"])
         return None
 
+    async def transferred(
+        self, tx_hash: str, token: str, sender: bytes, recipient: bytes, value: int
+    ) -> bool:
+        """Whether the mined transaction ``tx_hash`` moved ``value`` of ``token`` from ``sender``
+        to ``recipient``: the authorization that used a nonce is not always the one a server
+        holds (a payer may sign two with one nonce), and only a matching transfer paid it."""
+        try:
+            receipt = await self.rpc.request("eth_getTransactionReceipt", [tx_hash])
+        except (RpcError, RpcUnavailable) as exc:
+            raise PaymentError("ledger_unavailable", f"transaction lookup failed: {exc}") from None
+        return (
+            isinstance(receipt, dict)
+            and receipt.get("status") == "0x1"
+            and _has_transfer(receipt, token, sender, recipient, value)
+        )
+
     async def transaction_status(self, tx_hash: str) -> str:
         """``"success"``, ``"reverted"``, ``"pending"`` (known, not mined) or ``"unknown"``."""
         try:
@@ -207,7 +255,10 @@ class EvmLedger(EvmReader):
     """Settles verified ``exact`` proofs on one EVM network through a JSON-RPC endpoint.
 
     ``settler`` signs and pays for the transactions; its nonce is tracked locally so concurrent
-    settlements do not collide, and resynchronised from the node after a refused send.
+    settlements do not collide, and resynchronised from the node after a refused send. Other
+    processes may settle with the same key: a nonce one of them took is retried for up to
+    ``nonce_wait`` seconds, then the settlement is refused as ``ledger_unavailable`` with nothing
+    broadcast.
     """
 
     def __init__(
@@ -220,6 +271,7 @@ class EvmLedger(EvmReader):
         confirm_timeout: float = 15.0,
         poll_interval: float = 0.05,
         fee_ttl: float = 15.0,
+        nonce_wait: float = 10.0,
     ) -> None:
         super().__init__(rpc, network=network)
         self.settler = settler
@@ -229,22 +281,29 @@ class EvmLedger(EvmReader):
         self.poll_interval = poll_interval
         self._fee_ttl = fee_ttl
         self._fees: tuple[float, int, int] | None = None  # (fetched at, max fee, priority fee)
+        self.nonce_wait = nonce_wait
         self._nonce: int | None = None
         self._send_lock = anyio.Lock()
+        # Simulations read the pending block (it holds transactions sent but not yet mined, on a
+        # chain with block times); a node without one is asked about the latest block instead.
+        self._call_block = "pending"
 
     # --- checking before the resource is served -------------------------------------------------
 
     async def simulate(self, proof: VerifiedProof) -> None:
         """Dry-run the transfer with ``eth_call``; raise with the x402 code if it would revert."""
         evm = _as_evm(proof)
+        await self._simulate(evm, encode_transfer_with_authorization(evm))
+
+    async def _simulate(self, evm: VerifiedEvmProof, data: bytes) -> None:
         call = {
             "from": self.settler.address,
             "to": checksum_address(evm.offer.asset),
-            "data": "0x" + encode_transfer_with_authorization(evm).hex(),
+            "data": "0x" + data.hex(),
             "gas": hex(self.gas_limit),
         }
         try:
-            await self.rpc.request("eth_call", [call, "latest"])
+            await self._call(call)
         except RpcError as exc:
             reason = revert_reason(exc)
             if reason is None:
@@ -265,13 +324,15 @@ class EvmLedger(EvmReader):
     async def settle(self, proof: VerifiedProof) -> Settlement:
         """Send the transfer and wait for it; a :class:`Settlement` for every outcome.
 
-        Raises only when nothing was broadcast and the ledger could not be reached (then no money
-        can have moved and the caller may release its claim).
+        Raises :class:`~farebox.errors.PaymentError` only when nothing was broadcast: the transfer
+        would revert now (the simulation's x402 code, e.g. ``invalid_exact_evm_insufficient_balance``),
+        the ledger could not be reached, or other processes kept taking the settler's nonce
+        (``ledger_unavailable``). Then no money can have moved and the caller may release its claim.
         """
         evm = _as_evm(proof)
         data = encode_transfer_with_authorization(evm)
         try:
-            tx_hash = await self._send(checksum_address(evm.offer.asset), data)
+            tx_hash = await self._send(evm, data)
         except _MaybeSent as lost:
             return Settlement(
                 success=False,
@@ -296,9 +357,11 @@ class EvmLedger(EvmReader):
             raise PaymentError("ledger_unavailable", str(exc)) from None
         return await self._confirm(evm, tx_hash)
 
-    async def _send(self, to: str, data: bytes) -> str:
+    async def _send(self, evm: VerifiedEvmProof, data: bytes) -> str:
+        to = checksum_address(evm.offer.asset)
         async with self._send_lock:
-            for attempt in range(_SEND_ATTEMPTS):
+            deadline = time.monotonic() + self.nonce_wait
+            for attempt in range(1, _NONCE_ATTEMPTS + 1):
                 if self._nonce is None:
                     self._nonce = _quantity(
                         await self.rpc.request(
@@ -306,6 +369,20 @@ class EvmLedger(EvmReader):
                         ),
                         "nonce",
                     )
+                # Checked again now that the nonce is known: the proof was simulated when it was
+                # verified, but another settlement may have spent the payer's balance or used the
+                # authorization since (this process's, sent under this lock a moment ago, or
+                # another process's). A refusal here is a PaymentError: nothing is broadcast.
+                #
+                # Across processes the settler's nonce orders the transactions: one with a lower
+                # nonce is in the state simulated (on automining chains such as the embedded one
+                # and anvil a sent transaction is mined at once; on a chain with block times the
+                # "pending" block holds it, where the node builds one), and one that takes this
+                # nonce first makes the send below fail as a race, so the retry simulates again.
+                # What no settler can see coming is a transfer by the payer or by another key
+                # landing between this check and the transaction, nor, on a node without a
+                # pending block, a transaction still in the pool: those revert, rarely.
+                await self._simulate(evm, data)
                 max_fee, priority = await self._fees_now()
                 raw = self._sign_1559(self._nonce, max_fee, priority, to, data)
                 # Known before sending: if the answer is lost, the transaction can still be found.
@@ -316,12 +393,19 @@ class EvmLedger(EvmReader):
                     if revert_reason(exc) is not None:
                         self._nonce += 1  # the node mined it and it reverted: the nonce is used
                         raise
-                    # Refused before execution: the node is the truth, ask it again. Another
-                    # process settling with the same account took this nonce: try the next one.
+                    # Refused before execution: the node is the truth, ask it again.
                     self._nonce = None
-                    if _is_nonce_race(exc) and attempt + 1 < _SEND_ATTEMPTS:
-                        continue
-                    raise
+                    if not _is_nonce_race(exc):
+                        raise
+                    if attempt == _NONCE_ATTEMPTS or time.monotonic() >= deadline:
+                        raise PaymentError(
+                            "ledger_unavailable",
+                            f"other processes settling with this settler key took its nonce "
+                            f"{attempt} times in a row; nothing was sent",
+                        ) from None
+                    pause = min(_JITTER_CAP, _JITTER_FIRST * 2 ** (attempt - 1))
+                    await anyio.sleep(random.uniform(0, pause))
+                    continue
                 except RpcUnavailable as exc:
                     # It may have reached the node: resynchronise rather than guess, and report
                     # the hash so that the payment is treated as pending, never as not sent.
@@ -332,6 +416,25 @@ class EvmLedger(EvmReader):
         if not isinstance(tx_hash, str) or len(tx_hash) != 66:
             raise _MaybeSent(signed_hash)
         return tx_hash
+
+    async def _call(self, call: dict[str, str]) -> None:
+        """``eth_call`` at the pending block, or at the latest one on a node without pending."""
+        block = self._call_block
+        try:
+            await self.rpc.request("eth_call", [call, block])
+            return
+        except RpcError as exc:
+            if block == "latest" or revert_reason(exc) is not None:
+                raise
+        # No answer about the pending block: if the latest one gives a definite answer (success or
+        # a revert), the node does not serve "pending" and is asked about "latest" from now on.
+        try:
+            await self.rpc.request("eth_call", [call, "latest"])
+        except RpcError as exc:
+            if revert_reason(exc) is not None:
+                self._call_block = "latest"
+            raise
+        self._call_block = "latest"
 
     async def _fees_now(self) -> tuple[int, int]:
         now = time.monotonic()
@@ -404,7 +507,8 @@ class EvmLedger(EvmReader):
                         code = "transaction_failed"
                     return outcome(code, f"the transaction reverted: {exc.message}")
             return outcome("transaction_failed", "the transaction reverted")
-        if not _has_transfer(receipt, evm):
+        auth = evm.authorization
+        if not _has_transfer(receipt, evm.offer.asset, auth.from_, auth.to, auth.value):
             return outcome(
                 "invalid_exact_evm_transfer_event_mismatch",
                 "no Transfer log matching the authorization",
@@ -418,12 +522,15 @@ def _as_evm(proof: VerifiedProof) -> VerifiedEvmProof:
     return proof
 
 
-def _has_transfer(receipt: dict[str, Any], evm: VerifiedEvmProof) -> bool:
-    token = evm.offer.asset.lower()
+def _has_transfer(
+    receipt: dict[str, Any], token: str, sender: bytes, recipient: bytes, value: int
+) -> bool:
+    """Whether ``receipt`` logs the token's ``Transfer(sender, recipient, value)``."""
+    token = token.lower()
     want = [
         TRANSFER_TOPIC,
-        "0x" + evm.authorization.from_.rjust(32, b"\0").hex(),
-        "0x" + evm.authorization.to.rjust(32, b"\0").hex(),
+        "0x" + sender.rjust(32, b"\0").hex(),
+        "0x" + recipient.rjust(32, b"\0").hex(),
     ]
     logs = receipt.get("logs")
     if not isinstance(logs, list):
@@ -437,7 +544,7 @@ def _has_transfer(receipt: dict[str, Any], evm: VerifiedEvmProof) -> bool:
         data = log.get("data")
         if isinstance(data, str) and data.startswith("0x"):
             try:
-                if int(data, 16) == evm.authorization.value:
+                if int(data, 16) == value:
                     return True
             except ValueError:
                 continue

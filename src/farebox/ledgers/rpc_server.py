@@ -195,6 +195,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections when several server processes
+    # open their pools at once; a node (anvil, geth) accepts hundreds.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-request is not worth a traceback on stderr.

@@ -64,6 +64,10 @@ class ChainReader(Protocol):
 
     async def transaction_status(self, tx_hash: str) -> str: ...
 
+    async def transferred(
+        self, tx_hash: str, token: str, sender: bytes, recipient: bytes, value: int
+    ) -> bool: ...
+
 
 logger = logging.getLogger("farebox.reconcile")
 
@@ -210,14 +214,39 @@ class Reconciler:
                 return "waiting"
         if await ledger.authorization_used(token, authorizer, nonce):
             # Used by our transaction or another one (a second broadcast, a facilitator): the
-            # AuthorizationUsed log names the one that moved the money.
+            # AuthorizationUsed log names the one that moved the money. Another one may also be
+            # a different authorization the payer signed with the same nonce, which paid someone
+            # else: then ours can never move money. Where the claim's payment is known (its
+            # proof was logged), the transfer must be the one it authorized.
             found = await ledger.authorization_transaction(token, authorizer, nonce)
+            if found != claim.transaction:
+                expected = await self._expected(claim, authorizer)
+                if expected is not None:
+                    if found is None:
+                        return "waiting"  # used, but by what is unknown: not ours to say
+                    pay_to, amount = expected
+                    if not await ledger.transferred(found, token, authorizer, pay_to, amount):
+                        return await self._record(claim, False, claim.transaction, now)
             return await self._record(claim, True, found or claim.transaction, now)
         if status == "reverted" or now - claim.at >= self.release_after:
             # Unused, and its transaction reverted or is gone for longer than any validity
             # window: no money can move for this claim any more.
             return await self._record(claim, False, claim.transaction, now)
         return "waiting"
+
+    async def _expected(self, claim: Claim, authorizer: bytes) -> tuple[bytes, int] | None:
+        """The transfer ``claim``'s proof authorized, ``(pay_to, amount)``, from the proof event
+        the gate logged with it (a pending claim has one); ``None`` when none is logged."""
+        events = await self.store.events(
+            kind="proof", payer="0x" + authorizer.hex(), limit=MAX_EVENTS
+        )
+        for event in events:
+            if event.data.get("claim") == claim.key:
+                try:
+                    return bytes.fromhex(str(event.data["pay_to"])[2:]), int(event.data["amount"])
+                except (KeyError, ValueError):
+                    return None
+        return None
 
     async def _record(
         self, claim: Claim, settled: bool, transaction: str | None, now: int, *, by: str = "chain"
