@@ -381,7 +381,10 @@ class EvmLedger(EvmReader):
                 # nonce first makes the send below fail as a race, so the retry simulates again.
                 # What no settler can see coming is a transfer by the payer or by another key
                 # landing between this check and the transaction, nor, on a node without a
-                # pending block, a transaction still in the pool: those revert, rarely.
+                # pending block, a transaction still in the pool: those revert, rarely. There too,
+                # a counter behind the pool can replace another process's waiting transaction when
+                # our fee is enough higher, instead of failing as a race: that payment then ends
+                # pending and the reconciler releases it (a shared lock per key would close it).
                 await self._simulate(evm, data)
                 max_fee, priority = await self._fees_now()
                 raw = self._sign_1559(self._nonce, max_fee, priority, to, data)
