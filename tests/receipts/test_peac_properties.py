@@ -87,6 +87,8 @@ def test_fast_gate_and_exact_scanner_agree(raw: bytes) -> None:
 )
 def test_number_range_matches_exact_arithmetic(n: int, suffix: str) -> None:
     literal = f"{n}{suffix}"
+    # 0 followed by "0e-1" is "00e-1": no JSON number (a leading zero), though Decimal reads it.
+    assume(not literal.lstrip("-").startswith("00"))
     in_range = abs(Fraction(Decimal(literal))) <= MAX_SAFE_INTEGER
     assert (ijson_error(literal.encode()) is None) is in_range
     if in_range:
