@@ -174,3 +174,17 @@ async def test_unpaid_traffic_through_the_gate_stays_bounded(store: Store) -> No
     # The counts outlive their events.
     again = {(c.kind, c.code): c.count for c in await store.traffic_counts()}
     assert again == counts
+
+
+def test_the_postgres_migration_names_the_traffic_kinds_farebox_uses() -> None:
+    """0005 spells the kinds out (SQL migrations are fixed text): they must stay these."""
+    import re
+
+    from farebox.store.base import TRAFFIC_KINDS
+    from farebox.store.postgres import migrations
+
+    [sql] = [text for version, text in migrations() if version == "0005_traffic"]
+    lists = re.findall(r"kind IN \(([^)]*)\)", sql)
+    assert len(lists) == 2  # the index and the trigger function
+    for found in lists:
+        assert tuple(k.strip().strip("'") for k in found.split(",")) == TRAFFIC_KINDS

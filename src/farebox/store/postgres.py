@@ -577,7 +577,8 @@ def _event_rows(events: Sequence[Event]) -> _Rows:
         )
         for event in events
     ]
-    return _Rows(rows, [tally for tally in map(traffic_tally, events) if tally is not None])
+    # Sorted: concurrent appends take the count rows' locks in one order (no deadlock).
+    return _Rows(rows, sorted(tally for tally in map(traffic_tally, events) if tally is not None))
 
 
 async def _insert_events(conn: psycopg.AsyncConnection[Any], rows: _Rows) -> None:

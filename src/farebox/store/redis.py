@@ -562,10 +562,15 @@ class RedisStore:
                 self._traffic, "-inf", f"({int(before)}", start=0, num=wanted
             )
             beyond = await self._client.zcard(self._traffic) - max(0, keep)
-            over = await self._client.zrange(self._traffic, 0, beyond - 1) if beyond > 0 else []
+            # Only as many as one call deletes: after a flood, "beyond" may be millions.
+            over = (
+                await self._client.zrange(self._traffic, 0, min(beyond, wanted) - 1)
+                if beyond > 0
+                else []
+            )
             # Ids are zero-padded: their order is the log's.
             newest = await self._client.get(self._seq)
-            found: set[bytes] = {bytes(i) for i in (*old, *over[:wanted])}
+            found: set[bytes] = {bytes(i) for i in (*old, *over)}
             # Never the newest event of the log, as every store does (SQLite would reuse its id).
             found.discard(b"%020d" % int(newest or 0))
             ids = sorted(found)[:wanted]
