@@ -109,6 +109,7 @@ from farebox.server.reconcile import (
     DEFAULT_TRAFFIC_RETENTION,
     ChainReader,
     Reconciler,
+    release_after_for,
 )
 from farebox.server.routes import CardOffer, Route, RouteTable
 from farebox.store.base import Store
@@ -1056,9 +1057,11 @@ class FareboxApp:
         payments wait for ``farebox reconcile --settled/--release``) and prunes old traffic."""
         if self._reconciler is None:
             config = self.config
+            longest = max(r.route.max_timeout_seconds for r in config.routes)
             self._reconciler = Reconciler(
                 self.gate.store,
                 self._readers(),
+                release_after=release_after_for(longest),
                 traffic_retention=config.traffic_retention,
                 traffic_keep=config.traffic_keep,
             )

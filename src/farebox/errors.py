@@ -101,6 +101,7 @@ REASONS: Mapping[str, Reason] = _table(
     ("refund_in_progress", 409, "Another refund of this payment is running"),
     ("receipt_not_found", 404, "No record with that receipt reference"),
     ("invoice_conflict", 409, "An invoice with that reference or PaymentIntent exists"),
+    ("invalid_claim", 400, "Not a claim an operator may resolve by hand now"),
     # farebox's own.
     ("proof_replayed", 402, "Payment proof already used"),
     ("budget_exceeded", 402, "Agent budget refuses this payment"),

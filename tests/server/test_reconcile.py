@@ -132,3 +132,27 @@ async def test_unknown_networks_and_recent_unknowns_wait(chain: DevChain) -> Non
     report = await Reconciler(store, [ledger_of(chain)]).run_once()
     assert report.waiting == 1
     assert (await store.get_claim(key)) is not None
+
+
+async def test_an_operator_resolves_only_unfinished_x402_claims_no_longer_in_flight() -> None:
+    from farebox.errors import PaymentError
+
+    store, now = MemoryStore(), int(time.time())
+    key = f"eip155:1/0x{'11' * 20}/{'22' * 20}/{'33' * 32}"
+    reconciler = Reconciler(store, [], held_grace=120, clock=lambda: now)
+    assert await store.claim("mpp/challenge-id", owner="o", now=now - 1000)
+    with pytest.raises(PaymentError) as card:
+        await reconciler.resolve_by_hand("mpp/challenge-id", settled=False, transaction=None)
+    assert card.value.code == "invalid_claim"
+    assert await store.get_claim("mpp/challenge-id") is not None  # card claims stay held
+    assert await store.claim(key, owner="o", now=now - 5)
+    with pytest.raises(PaymentError, match="may still run"):
+        await reconciler.resolve_by_hand(key, settled=True, transaction="0x" + "ab" * 32)
+    later = Reconciler(store, [], held_grace=120, clock=lambda: now + 200)
+    assert await later.resolve_by_hand(key, settled=True, transaction="0x" + "ab" * 32)
+    claim = await store.get_claim(key)
+    assert claim is not None
+    assert (claim.state, claim.transaction) == ("settled", "0x" + "ab" * 32)
+    [event] = await store.events(kind="reconciliation")
+    assert event.data["by"] == "operator"
+    assert not await later.resolve_by_hand(key, settled=False, transaction=None)  # settled stays

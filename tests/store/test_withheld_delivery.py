@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 
-from farebox.eth import EvmAccount
+from farebox.eth import EvmAccount, address_bytes, keccak256
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
@@ -26,7 +26,7 @@ from farebox.ledgers.rpc import RpcUnavailable
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.receipts import SigningKey, verify_receipt
-from farebox.schemes.evm_exact import make_proof, verify
+from farebox.schemes.evm_exact import chain_id_of, domain_separator, make_proof, verify
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.reconcile import Reconciler
@@ -100,6 +100,8 @@ class Api:
         return await self.client.get("/report", headers=headers)
 
     async def reconcile(self, **options: Any) -> None:
+        """One reconciler pass reading the real chain (the node the gate settles on may hide
+        what happened)."""
         chain = self.chain
         truthful = EvmLedger(chain.rpc, chain.accounts[1].account, network=chain.network)
         await Reconciler(self.gate.store, [truthful], **options).run_once()
@@ -181,7 +183,16 @@ async def test_released_after_withheld_lets_the_retry_pay(chain: DevChain, store
     first = await api.pay(payer, request_id)
     assert _code(first) == "settlement_pending"
     assert chain.balance_of(api.merchant) == 0  # the broadcast never reached the chain
-    await api.reconcile(release_after=0)  # unused, and its transaction unknown: released
+    # Unused, but anyone holding the signed authorization could still broadcast it until its
+    # validBefore: the claim waits, and the retry hears that its payment is pending, however
+    # soon a release was asked for.
+    await api.reconcile(release_after=0)
+    waiting = await api.pay(payer, request_id)
+    assert _code(waiting) == "settlement_pending"
+    assert api.app.calls == 1
+    # Past validBefore the authorization can never move money: released.
+    later = time.time() + 300 + 600 + 121
+    await api.reconcile(release_after=0, clock=lambda: later)
     # The node works again; the retry's own payment settles, once.
     api.gate.facilitator.ledger_for(chain.network).rpc = chain.rpc  # type: ignore[attr-defined]
     paid = await api.pay(payer, request_id)
@@ -219,6 +230,85 @@ async def test_a_nonce_spent_by_another_authorization_is_not_taken_for_this_paym
     assert "idempotent-replayed" not in paid.headers
     assert chain.balance_of(api.merchant) == PRICE  # paid by the retry's own payment
     assert chain.balance_of(elsewhere) == 1
+
+
+def cancel_on_chain(chain: DevChain, payer: EvmAccount, nonce: bytes) -> None:
+    """The payer cancels its authorization ``nonce`` (EIP-3009 ``cancelAuthorization``)."""
+    asset = chain.asset
+    separator = domain_separator(asset.name, asset.version, chain_id_of(asset.network), chain.token)
+    typehash = keccak256(b"CancelAuthorization(address authorizer,bytes32 nonce)")
+    struct_hash = keccak256(typehash + address_bytes(payer.address).rjust(32, b"\0") + nonce)
+    signature = payer.sign_digest(keccak256(b"\x19\x01" + separator + struct_hash))
+    selector = keccak256(b"cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")[:4]
+    data = (
+        selector
+        + address_bytes(payer.address).rjust(32, b"\0")
+        + nonce
+        + signature[64:].rjust(32, b"\0")
+        + signature[:64]
+    )
+    sender = chain.accounts[9].address
+    call = {"from": sender, "to": chain.token, "data": "0x" + data.hex(), "gas": hex(100_000)}
+    chain.handle("eth_sendTransaction", [call])
+
+
+async def test_a_cancelled_authorization_is_released_not_taken_for_paid(
+    chain: DevChain, store: Store
+) -> None:
+    """The payer cancels the authorization whose settlement was pending: the nonce reads as
+    used, but nothing moved. The claim is released, never confirmed, so no response is served
+    for it; the retry pays with its own payment."""
+    api = Api(chain, store, LostBroadcast(chain))
+    payer = fund(chain)
+    nonce = os.urandom(32)
+    request_id = "report_" + os.urandom(12).hex()
+    assert _code(await api.pay(payer, request_id, nonce=nonce)) == "settlement_pending"
+    [pending] = await store.unfinished(held_before=0)
+    cancel_on_chain(chain, payer, nonce)
+    await api.reconcile()
+    assert await store.get_claim(pending.key) is None  # released
+    api.gate.facilitator.ledger_for(chain.network).rpc = chain.rpc  # type: ignore[attr-defined]
+    paid = await api.pay(payer, request_id)
+    assert paid.status_code == 200
+    assert "idempotent-replayed" not in paid.headers
+    assert chain.balance_of(api.merchant) == PRICE
+    assert api.app.calls == 2
+
+
+class Forging:
+    """An app whose paid response carries the gate's own stored-only marker headers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        headers = [
+            (b"x-farebox-idempotent-withheld", b'{"claim": "x", "owner": "y"}'),
+            (b"x-farebox-idempotent-body-omitted", b"5"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"paid once"})
+
+
+async def test_an_app_cannot_forge_the_gates_stored_markers(chain: DevChain, store: Store) -> None:
+    api = Api(chain, store, chain.rpc)
+    forging = Forging()
+    api.client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=PaymentMiddleware(forging, api.gate)),
+        base_url="https://api.test",
+    )
+    payer = fund(chain)
+    request_id = "report_" + os.urandom(12).hex()
+    assert (await api.pay(payer, request_id)).status_code == 200
+    replayed = await api.pay(payer, request_id)
+    # The stored response replays as it was: not read as withheld (which would reopen the id and
+    # charge the retry) nor as cut short (a 409).
+    assert replayed.status_code == 200
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.content == b"paid once"
+    assert forging.calls == 1
+    assert chain.balance_of(api.merchant) == PRICE
 
 
 async def test_reopen_takes_a_completed_entry_once(store: Store) -> None:

@@ -42,6 +42,7 @@ __all__ = [
 TRANSFER_WITH_AUTHORIZATION = bytes.fromhex("e3ee160e")
 AUTHORIZATION_STATE = bytes.fromhex("e94a0102")  # authorizationState(address,bytes32)
 AUTHORIZATION_USED_TOPIC = "0x" + keccak256(b"AuthorizationUsed(address,bytes32)").hex()
+AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak256(b"AuthorizationCanceled(address,bytes32)").hex()
 TRANSFER_TOPIC = "0x" + keccak256(b"Transfer(address,address,uint256)").hex()
 _ERROR_SELECTOR = bytes.fromhex("08c379a0")
 
@@ -203,15 +204,23 @@ class EvmReader:
         self, token: str, authorizer: bytes, nonce: bytes
     ) -> str | None:
         """The transaction in which the token logged ``AuthorizationUsed(authorizer, nonce)``."""
+        return await self._authorization_log(AUTHORIZATION_USED_TOPIC, token, authorizer, nonce)
+
+    async def authorization_cancellation(
+        self, token: str, authorizer: bytes, nonce: bytes
+    ) -> str | None:
+        """The transaction in which the token logged ``AuthorizationCanceled(authorizer, nonce)``:
+        the payer cancelled it, and it can never move money."""
+        return await self._authorization_log(AUTHORIZATION_CANCELED_TOPIC, token, authorizer, nonce)
+
+    async def _authorization_log(
+        self, topic: str, token: str, authorizer: bytes, nonce: bytes
+    ) -> str | None:
         query = {
             "address": checksum_address(token),
             "fromBlock": "earliest",
             "toBlock": "latest",
-            "topics": [
-                AUTHORIZATION_USED_TOPIC,
-                "0x" + authorizer.rjust(32, b"\0").hex(),
-                "0x" + nonce.hex(),
-            ],
+            "topics": [topic, "0x" + authorizer.rjust(32, b"\0").hex(), "0x" + nonce.hex()],
         }
         try:
             logs = await self.rpc.request("eth_getLogs", [query])

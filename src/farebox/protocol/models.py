@@ -118,6 +118,12 @@ class VerifiedProof:
     claim_key: str
     verified_at: int
 
+    @property
+    def valid_until(self) -> int | None:
+        """The last unix second at which the authorization could still move money, when the
+        scheme says (until then a claim on it that did not settle may yet settle)."""
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Settlement:

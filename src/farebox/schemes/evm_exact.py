@@ -31,6 +31,7 @@ from farebox.protocol.models import Offer, Proof, Resource, VerifiedProof
 __all__ = [
     "SCHEME",
     "VALID_BEFORE_MARGIN",
+    "VALID_BEFORE_SLACK",
     "Authorization",
     "VerifiedEvmProof",
     "authorization_digest",
@@ -46,6 +47,11 @@ SCHEME = "exact"
 # The official facilitators refuse an authorization that expires within 6 seconds: settlement
 # must still have time to land before validBefore.
 VALID_BEFORE_MARGIN = 6
+# How far past ``maxTimeoutSeconds`` a validBefore may lie (the payer's clock may run ahead).
+# Beyond, the authorization is refused: a claim on it that did not settle could otherwise be
+# settled by someone else long after the server gave up on it, so the server must know when
+# it provably cannot move money any more (at most maxTimeoutSeconds + this after verifying).
+VALID_BEFORE_SLACK = 600
 # How far back the payer dates validAfter, so a server whose clock runs behind still accepts it.
 VALID_AFTER_SLACK = 600
 
@@ -87,6 +93,11 @@ class VerifiedEvmProof(VerifiedProof):
 
     authorization: Authorization
     signature: bytes
+
+    @property
+    def valid_until(self) -> int | None:
+        """``validBefore``: from then on the token refuses the authorization."""
+        return self.authorization.valid_before
 
 
 @lru_cache(maxsize=256)
@@ -346,6 +357,13 @@ def verify(proof: Proof, offer: Offer, *, now: int) -> VerifiedEvmProof:
         raise PaymentError(
             "invalid_exact_evm_payload_authorization_valid_before",
             "authorization expired or expires within 6 seconds",
+            payer=payer,
+        )
+    if authorization.valid_before > now + offer.max_timeout_seconds + VALID_BEFORE_SLACK:
+        raise PaymentError(
+            "invalid_exact_evm_payload_authorization_valid_before",
+            f"authorization is valid for more than the offer's maxTimeoutSeconds "
+            f"({offer.max_timeout_seconds}) plus {VALID_BEFORE_SLACK} seconds",
             payer=payer,
         )
     if authorization.valid_after > now:

@@ -493,7 +493,8 @@ class Gate:
         """
         claim = await self.store.get_claim(paid.claim)
         if claim is not None and claim.owner == paid.owner:
-            if claim.state != "settled":
+            # Delivered only against a transaction that moved the money: a settled claim names one.
+            if claim.state != "settled" or not claim.transaction:
                 return False
             runner = late_owner(paid.owner)
             if await self.store.reopen_idempotent(
@@ -672,6 +673,7 @@ class Gate:
                     "asset": verified.offer.asset,
                     "amount": str(verified.offer.amount),
                     "pay_to": verified.offer.pay_to,
+                    "valid_until": verified.valid_until,
                     "resource": admission.request.url,
                 },
             ),

@@ -222,6 +222,9 @@ def stored_response(
 ) -> StoredResponse:
     """What to keep of a delivered response; ``overflow`` is the body's size when it was too
     large to keep (the body is then dropped and a marker header stored instead)."""
+    # The markers are the gate's alone: an app (or an upstream) sending one would otherwise have
+    # its response read back as withheld or cut short.
+    headers = tuple((n, v) for n, v in headers if n.lower() not in (_OMITTED, _WITHHELD))
     if overflow is None:
         return StoredResponse(status, headers, body)
     return StoredResponse(status, (*headers, (_OMITTED, str(overflow))), b"")
@@ -257,20 +260,26 @@ def withholding(
 
 
 def withheld(response: StoredResponse) -> Withheld | None:
-    """The payment a stored answer withheld the response of, or ``None`` for any other."""
+    """The payment a stored answer withheld the response of, or ``None`` for any other (and for
+    a marker that does not read as one, which only a damaged store could hold)."""
+    if response.status != 402:
+        return None
     raw = next((value for name, value in response.headers if name == _WITHHELD), None)
     if raw is None:
         return None
-    payment = orjson.loads(raw)
-    return Withheld(
-        claim=payment["claim"],
-        owner=payment["owner"],
-        network=payment["network"],
-        asset=payment["asset"],
-        amount=int(payment["amount"]),
-        payer=payment["payer"],
-        answer=response,
-    )
+    try:
+        payment = orjson.loads(raw)
+        return Withheld(
+            claim=str(payment["claim"]),
+            owner=str(payment["owner"]),
+            network=str(payment["network"]),
+            asset=str(payment["asset"]),
+            amount=int(payment["amount"]),
+            payer=str(payment["payer"]),
+            answer=response,
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def late_owner(claim_owner: str) -> str:

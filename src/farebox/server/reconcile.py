@@ -38,9 +38,22 @@ from typing import Protocol
 import anyio
 
 from farebox.errors import PaymentError
+from farebox.schemes.evm_exact import VALID_BEFORE_SLACK
 from farebox.store.base import MAX_EVENTS, Claim, Event, Store
 
-__all__ = ["ChainReader", "ReconcileReport", "Reconciler", "parse_claim_key"]
+__all__ = [
+    "DEFAULT_RELEASE_AFTER",
+    "ChainReader",
+    "ReconcileReport",
+    "Reconciler",
+    "parse_claim_key",
+    "release_after_for",
+]
+
+#: How old an unused claim whose proof was not logged must be before it is released: longer than
+#: any authorization farebox accepts is valid (maxTimeoutSeconds is at most 86,400, and validBefore
+#: at most VALID_BEFORE_SLACK past it), so it can no longer land when released.
+DEFAULT_RELEASE_AFTER = 86_400 + VALID_BEFORE_SLACK + 120  # release_after_for(86_400)
 
 #: How long traffic events are kept (a day), how many at most, and how long their counts stay.
 DEFAULT_TRAFFIC_RETENTION = 86_400
@@ -48,6 +61,27 @@ DEFAULT_TRAFFIC_KEEP = 100_000
 DEFAULT_COUNT_RETENTION = 400 * 86_400
 # Traffic prune batches per pass: a pass keeps up with 10,000 x this many events per interval.
 _PRUNE_BATCHES = 20
+
+
+# Seconds a block's timestamp may trail this machine's clock: past validBefore by this much, no
+# block can still include the authorization.
+_CHAIN_CLOCK_SKEW = 120
+
+
+def release_after_for(max_timeout_seconds: int) -> int:
+    """How old an unused, unlogged claim must be before it is released, for routes whose longest
+    ``maxTimeoutSeconds`` is ``max_timeout_seconds``: its authorization has expired by then."""
+    return max_timeout_seconds + VALID_BEFORE_SLACK + _CHAIN_CLOCK_SKEW
+
+
+@dataclass(frozen=True, slots=True)
+class _Authorized:
+    """The transfer a claim's proof authorized: to ``pay_to``, ``amount`` atomic units, valid
+    until ``valid_until`` (unix seconds; ``None`` when not logged)."""
+
+    pay_to: bytes
+    amount: int
+    valid_until: int | None
 
 
 class ChainReader(Protocol):
@@ -63,6 +97,10 @@ class ChainReader(Protocol):
     ) -> str | None: ...
 
     async def transaction_status(self, tx_hash: str) -> str: ...
+
+    async def authorization_cancellation(
+        self, token: str, authorizer: bytes, nonce: bytes
+    ) -> str | None: ...
 
     async def transferred(
         self, tx_hash: str, token: str, sender: bytes, recipient: bytes, value: int
@@ -122,7 +160,7 @@ class Reconciler:
         ledgers: Iterable[ChainReader],
         *,
         held_grace: int = 120,
-        release_after: int = 3600,
+        release_after: int = DEFAULT_RELEASE_AFTER,
         invoice_retention: int = 86_400,
         traffic_retention: int = DEFAULT_TRAFFIC_RETENTION,
         traffic_keep: int = DEFAULT_TRAFFIC_KEEP,
@@ -180,12 +218,29 @@ class Reconciler:
         return await self.store.unfinished(held_before=now - self.held_grace, limit=limit)
 
     async def resolve_by_hand(self, key: str, *, settled: bool, transaction: str | None) -> bool:
-        """Record an operator's finding for the unfinished claim ``key``: the money moved (in
-        ``transaction``) or it never will. False when the claim is not pending or held."""
+        """Record an operator's finding for the unfinished x402 claim ``key``: the money moved
+        (in ``transaction``) or it never will. False when the claim is not pending or held.
+
+        Refused (``invalid_claim``): a card claim (its money moved before the app ran, and a
+        release would let one receipt be served twice) and a held claim younger than
+        ``held_grace`` (its request may still be running)."""
+        if parse_claim_key(key) is None:
+            raise PaymentError(
+                "invalid_claim",
+                "only x402 payment claims (network/token/payer/nonce) are "
+                "resolved by hand; card claims stay held for a refund",
+            )
         claim = await self.store.get_claim(key)
         if claim is None or claim.state == "settled":
             return False
-        outcome = await self._record(claim, settled, transaction, int(self.clock()), by="operator")
+        now = int(self.clock())
+        if claim.state == "held" and now - claim.at < self.held_grace:
+            raise PaymentError(
+                "invalid_claim",
+                f"this claim was taken {now - claim.at} s ago and its request may still run; "
+                f"wait {self.held_grace} s",
+            )
+        outcome = await self._record(claim, settled, transaction, now, by="operator")
         return outcome != "waiting"
 
     async def run_forever(self, *, interval: float = 15.0) -> None:
@@ -212,40 +267,56 @@ class Reconciler:
                 return await self._record(claim, True, claim.transaction, now)
             if status == "pending":
                 return "waiting"
+        # What the claim's proof authorized, when the gate logged it (a pending claim's proof
+        # is logged with it; a claim whose process died before recording has none).
+        paid = await self._authorized(claim, authorizer)
         if await ledger.authorization_used(token, authorizer, nonce):
-            # Used by our transaction or another one (a second broadcast, a facilitator): the
-            # AuthorizationUsed log names the one that moved the money. Another one may also be
-            # a different authorization the payer signed with the same nonce, which paid someone
-            # else: then ours can never move money. Where the claim's payment is known (its
-            # proof was logged), the transfer must be the one it authorized.
+            # Used or cancelled. Used by our transaction or another one (a second broadcast, a
+            # facilitator): the AuthorizationUsed log names the one. That may also be another
+            # authorization the payer signed with the same nonce, which paid someone else: then
+            # only a transfer of what this proof authorized counts as its payment.
             found = await ledger.authorization_transaction(token, authorizer, nonce)
-            if found != claim.transaction:
-                expected = await self._expected(claim, authorizer)
-                if expected is not None:
-                    if found is None:
-                        return "waiting"  # used, but by what is unknown: not ours to say
-                    pay_to, amount = expected
-                    if not await ledger.transferred(found, token, authorizer, pay_to, amount):
-                        return await self._record(claim, False, claim.transaction, now)
-            return await self._record(claim, True, found or claim.transaction, now)
+            if found is None:
+                if await ledger.authorization_cancellation(token, authorizer, nonce):
+                    return await self._record(claim, False, claim.transaction, now)
+                return "waiting"  # used, and no log says by what: not ours to say
+            if (
+                found != claim.transaction
+                and paid is not None
+                and not await ledger.transferred(found, token, authorizer, paid.pay_to, paid.amount)
+            ):
+                return await self._record(claim, False, claim.transaction, now)
+            return await self._record(claim, True, found, now)
+        if paid is not None and paid.valid_until is not None:
+            # Unused: it can still land (anyone holding it may broadcast it) until validBefore,
+            # and never after, whatever became of our own transaction.
+            if now <= paid.valid_until + _CHAIN_CLOCK_SKEW:
+                return "waiting"
+            return await self._record(claim, False, claim.transaction, now)
         if status == "reverted" or now - claim.at >= self.release_after:
             # Unused, and its transaction reverted or is gone for longer than any validity
             # window: no money can move for this claim any more.
             return await self._record(claim, False, claim.transaction, now)
         return "waiting"
 
-    async def _expected(self, claim: Claim, authorizer: bytes) -> tuple[bytes, int] | None:
-        """The transfer ``claim``'s proof authorized, ``(pay_to, amount)``, from the proof event
-        the gate logged with it (a pending claim has one); ``None`` when none is logged."""
+    async def _authorized(self, claim: Claim, authorizer: bytes) -> _Authorized | None:
+        """What ``claim``'s proof authorized, from the proof event the gate logged with it, or
+        ``None`` when none is logged."""
         events = await self.store.events(
             kind="proof", payer="0x" + authorizer.hex(), limit=MAX_EVENTS
         )
         for event in events:
-            if event.data.get("claim") == claim.key:
-                try:
-                    return bytes.fromhex(str(event.data["pay_to"])[2:]), int(event.data["amount"])
-                except (KeyError, ValueError):
-                    return None
+            if event.data.get("claim") != claim.key:
+                continue
+            try:
+                until = event.data.get("valid_until")
+                return _Authorized(
+                    bytes.fromhex(str(event.data["pay_to"])[2:]),
+                    int(event.data["amount"]),
+                    int(until) if until is not None else None,
+                )
+            except (KeyError, ValueError):
+                return None
         return None
 
     async def _record(
