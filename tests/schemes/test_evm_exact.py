@@ -123,6 +123,21 @@ def test_validity_window_edges() -> None:
     assert info.value.code == "invalid_exact_evm_payload_authorization_valid_after"
 
 
+def test_an_authorization_valid_far_longer_than_asked_is_refused() -> None:
+    """A validBefore the payer chose far past the offer's maxTimeoutSeconds would leave a claim
+    that did not settle able to land long after the server gave up on it."""
+    slack = evm_exact.VALID_BEFORE_SLACK
+    # Signed at NOW - slack for NOW - slack + 300: the furthest ahead a payer's clock may be.
+    ahead = evm_exact.make_proof(PAYER, OFFER, now=NOW + slack, nonce=os.urandom(32))
+    verified = evm_exact.verify(ahead, OFFER, now=NOW)
+    assert verified.valid_until == NOW + slack + 300
+    too_far = evm_exact.make_proof(PAYER, OFFER, now=NOW + slack + 1, nonce=os.urandom(32))
+    with pytest.raises(PaymentError) as info:
+        evm_exact.verify(too_far, OFFER, now=NOW)
+    assert info.value.code == "invalid_exact_evm_payload_authorization_valid_before"
+    assert "maxTimeoutSeconds" in info.value.message
+
+
 def _replace_offer(**changes: Any) -> Offer:
     return dataclasses.replace(OFFER, **changes)
 
