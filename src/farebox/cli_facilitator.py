@@ -99,6 +99,7 @@ def facilitator_command(
         SqliteStore(store),
         token=token,
         close_on_shutdown=True,
+        reconcile_every=30.0,
     )
     typer.echo(
         f"farebox facilitator on http://{host}:{port}  network {network}  "

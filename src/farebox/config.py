@@ -90,7 +90,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-import anyio
 import orjson
 
 from farebox.errors import ConfigError
@@ -1083,21 +1082,11 @@ class FareboxApp:
             await self._app(scope, receive, send)
             return
         reconciler = self.reconciler
-        # Only the background task is cancelled at shutdown: the lifespan itself must still
-        # report the shutdown complete.
-        reconciling = anyio.CancelScope()
 
         async def reconcile() -> None:
-            with reconciling:
-                await reconciler.run_forever(interval=30.0)
+            await reconciler.run_forever(interval=30.0)
 
-        async def shutdown() -> None:
-            reconciling.cancel()
-            await self.aclose()
-
-        async with anyio.create_task_group() as background:
-            background.start_soon(reconcile)
-            await run_lifespan(receive, send, shutdown)
+        await run_lifespan(receive, send, self.aclose, background=reconcile)
 
     async def aclose(self) -> None:
         """Close the gate (store, facilitator) and the proxy's pool; later calls do nothing."""

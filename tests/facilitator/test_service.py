@@ -377,3 +377,41 @@ async def test_the_official_client_over_a_socket(chain: DevChain, served: str) -
     assert settled.transaction.startswith("0x")
     assert chain.balance_of(merchant) == offer.amount
     print(f"settle over HTTP on the devchain: {elapsed * 1000:.1f} ms")
+
+
+async def test_the_lifespan_reconciles_what_a_crashed_service_left_held(chain: DevChain) -> None:
+    """A service died between broadcasting and recording: its claim stayed held. The next one,
+    started with ``reconcile_every``, finds the transfer on chain and records it as settled, so
+    the authorization is not left in limbo."""
+    from farebox.schemes.evm_exact import verify
+
+    app, store = service(chain, reconcile_every=0.05)
+    payer = fund(chain)
+    offer = offer_on(chain, "0x" + os.urandom(20).hex())
+    now = int(time.time())
+    proof = verify(make_proof(payer, offer, now=now, nonce=os.urandom(32)), offer, now=now)
+    assert await store.claim(proof.claim_key, owner="crashed", now=now - 600)
+    assert (await app.facilitator.settle(proof)).success  # broadcast, then the crash
+    messages = [{"type": "lifespan.startup"}]
+    sent: list[dict[str, Any]] = []
+    done = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await done.wait()
+        return {"type": "lifespan.shutdown"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(app, {"type": "lifespan"}, receive, send)
+        with anyio.fail_after(10):
+            while (claim := await store.get_claim(proof.claim_key)) is None or (
+                claim.state != "settled"
+            ):
+                await anyio.sleep(0.05)
+        done.set()
+    assert claim.transaction
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

@@ -52,6 +52,7 @@ from farebox.protocol.x402 import (
 from farebox.schemes import evm_exact
 from farebox.schemes.evm_exact import VerifiedEvmProof
 from farebox.server.asgi import run_lifespan
+from farebox.server.reconcile import Reconciler
 from farebox.store.base import Claim, Event, Store
 
 __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
@@ -112,6 +113,7 @@ class FacilitatorApp:
         settle_wait: float = 30.0,
         poll_interval: float = 0.02,
         close_on_shutdown: bool = False,
+        reconcile_every: float | None = None,
     ) -> None:
         if max_body <= 0:
             raise ValueError("max_body must be positive")
@@ -123,6 +125,7 @@ class FacilitatorApp:
         self.settle_wait = settle_wait
         self.poll_interval = poll_interval
         self.close_on_shutdown = close_on_shutdown
+        self.reconcile_every = reconcile_every
         ledgers = list(facilitator.ledgers)
         self._supported = _supported_document(ledgers)
         self._openapi = orjson.dumps(openapi_document(bearer=self._token is not None))
@@ -161,7 +164,22 @@ class FacilitatorApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        await run_lifespan(receive, send, self.aclose if self.close_on_shutdown else None)
+        every = self.reconcile_every
+        background = None
+        if every is not None:
+            # Claims this service left pending (an answer lost) or held (a crash) are resolved
+            # from the chain, so a later /settle of the same authorization is not stuck on them.
+            reconciler = Reconciler(self.store, self.facilitator.ledgers)
+
+            async def background() -> None:
+                await reconciler.run_forever(interval=every)
+
+        await run_lifespan(
+            receive,
+            send,
+            self.aclose if self.close_on_shutdown else None,
+            background=background,
+        )
 
     async def aclose(self) -> None:
         """Close the facilitator's node connections and the store."""
@@ -457,6 +475,7 @@ def facilitator_app(
     clock: Callable[[], float] = time.time,
     settle_wait: float = 30.0,
     close_on_shutdown: bool = False,
+    reconcile_every: float | None = None,
 ) -> FacilitatorApp:
     """The x402 facilitator service over ``facilitator``'s ledgers, recording in ``store``.
 
@@ -464,7 +483,9 @@ def facilitator_app(
     endpoint that spends the settler's gas); ``/verify`` and ``/supported`` stay open. Bodies over
     ``max_body`` bytes are refused with 413. ``settle_wait`` bounds how long a ``/settle`` waits for
     a concurrent settlement of the same authorization. With ``close_on_shutdown`` the ASGI
-    lifespan shutdown closes the facilitator and the store.
+    lifespan shutdown closes the facilitator and the store. With ``reconcile_every`` (seconds),
+    the lifespan runs a :class:`~farebox.server.reconcile.Reconciler` over the store's unfinished
+    claims that often (``farebox facilitator`` does, every 30 s).
     """
     return FacilitatorApp(
         facilitator,
@@ -474,6 +495,7 @@ def facilitator_app(
         clock=clock,
         settle_wait=settle_wait,
         close_on_shutdown=close_on_shutdown,
+        reconcile_every=reconcile_every,
     )
 
 

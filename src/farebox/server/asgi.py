@@ -80,10 +80,39 @@ def checked_scope(scope: Scope) -> Scope:
 
 
 async def run_lifespan(
-    receive: Receive, send: Send, on_shutdown: Callable[[], Awaitable[None]] | None = None
+    receive: Receive,
+    send: Send,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    *,
+    background: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Answer an ASGI ``lifespan`` scope for an app that needs no start-up work, running
-    ``on_shutdown`` (closing connections) before it reports the shutdown complete."""
+    ``on_shutdown`` (closing connections) before it reports the shutdown complete.
+
+    ``background`` (a reconciler's loop) runs from start-up until shutdown begins; only it is
+    cancelled then, so the lifespan itself still reports the shutdown complete."""
+    if background is None:
+        await _answer_lifespan(receive, send, on_shutdown)
+        return
+    running = anyio.CancelScope()
+
+    async def run() -> None:
+        with running:
+            await background()
+
+    async def shutdown() -> None:
+        running.cancel()
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        await _answer_lifespan(receive, send, shutdown)
+
+
+async def _answer_lifespan(
+    receive: Receive, send: Send, on_shutdown: Callable[[], Awaitable[None]] | None
+) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
