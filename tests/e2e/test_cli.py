@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from farebox.protocol.models import Offer
 from tests.e2e.test_processes import DEV_KEYS, free_port, wait_for
 
 FAREBOX = [sys.executable, "-m", "farebox.cli"]
@@ -150,6 +151,15 @@ def test_serve_settles_through_a_facilitator_process(tmp_path: Path) -> None:
             process.wait(timeout=10)
 
 
+def _weather_offer() -> Offer:
+    """What the reconcile tests' configs charge for /weather: $0.01 in the embedded chain's USDC,
+    paid to 0x5b...5b."""
+    from farebox.money import DEVCHAIN_USDC as USDC
+
+    extra = {"name": USDC.name, "version": USDC.version}
+    return Offer("exact", USDC.network, 10_000, USDC.address, "0x" + "5b" * 20, extra=extra)
+
+
 def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) -> None:
     """A server claimed a proof and the money moved, then it died before recording anything:
     `farebox reconcile` finds the transaction on the chain and records the payment as settled."""
@@ -161,7 +171,6 @@ def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) ->
     from farebox.ledgers.evm import EvmLedger
     from farebox.ledgers.rpc import HttpRpc
     from farebox.money import DEVCHAIN_USDC as USDC
-    from farebox.protocol.models import Offer
     from farebox.schemes.evm_exact import make_proof, verify
     from farebox.store.sqlite import SqliteStore
 
@@ -182,14 +191,7 @@ def test_reconcile_settles_what_a_dead_server_left_unrecorded(tmp_path: Path) ->
     )
     try:
         wait_for(node, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
-        offer = Offer(
-            "exact",
-            USDC.network,
-            10_000,
-            USDC.address,
-            "0x" + "5b" * 20,
-            extra={"name": USDC.name, "version": USDC.version},
-        )
+        offer = _weather_offer()
         now = int(time.time())
         payer = EvmAccount.from_hex(DEV_KEYS[3])
         proof = verify(make_proof(payer, offer, now=now, nonce=os.urandom(32)), offer, now=now)
@@ -259,7 +261,6 @@ def test_reconcile_behind_a_facilitator_reads_its_own_node_or_takes_the_operator
     from farebox.ledgers.evm import EvmLedger
     from farebox.ledgers.rpc import HttpRpc
     from farebox.money import DEVCHAIN_USDC as USDC
-    from farebox.protocol.models import Offer
     from farebox.schemes.evm_exact import make_proof, verify
     from farebox.store.sqlite import SqliteStore
 
@@ -293,14 +294,7 @@ def test_reconcile_behind_a_facilitator_reads_its_own_node_or_takes_the_operator
 
     try:
         wait_for(node, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
-        offer = Offer(
-            "exact",
-            USDC.network,
-            10_000,
-            USDC.address,
-            "0x" + "5b" * 20,
-            extra={"name": USDC.name, "version": USDC.version},
-        )
+        offer = _weather_offer()
         now = int(time.time())
         payer = EvmAccount.from_hex(DEV_KEYS[3])
 
