@@ -11,6 +11,7 @@ from hexbytes import HexBytes
 from farebox.eth import EvmAccount
 from farebox.ledgers.evm import (
     EvmLedger,
+    _is_already_known,
     _is_nonce_race,
     _rlp,
     code_for_revert,
@@ -120,13 +121,13 @@ def test_non_revert_errors_are_not_reverts() -> None:
         ("nonce too low: address 0x70997970C51812dc3A010C7d01b50e0d17dc79C8, tx: 4 state: 5", True),
         ("nonce too low: next nonce 7, tx nonce 5", True),  # geth
         ("nonce too high", True),
-        ("already known", True),
+        ("already known", False),  # this very transaction is pooled: it was sent
         ("replacement transaction underpriced", True),
         ("Nonce too low", True),  # anvil
         ("NONCE_TOO_LOW", True),  # Besu
         ("REPLACEMENT_UNDERPRICED", True),
         ("OldNonce, Current nonce: 6, nonce of rejected tx: 5", True),  # Nethermind
-        ("AlreadyKnown", True),
+        ("AlreadyKnown", False),
         ("insufficient funds for gas * price + value", False),
         ("max fee per gas less than block base fee", False),
         ("intrinsic gas too low", False),
@@ -135,6 +136,8 @@ def test_non_revert_errors_are_not_reverts() -> None:
 )
 def test_a_nonce_taken_elsewhere_is_told_from_a_failed_send(message: str, race: bool) -> None:
     assert _is_nonce_race(RpcError(-32000, message)) is race
+    known = "known" in message.lower()
+    assert _is_already_known(RpcError(-32000, message)) is known
 
 
 class _NoRpc:

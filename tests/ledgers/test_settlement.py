@@ -339,3 +339,71 @@ async def test_a_node_without_a_pending_block_is_asked_about_the_latest(chain: D
     assert (await ledger.settle(verified(chain, fund(chain), offer_on(chain, merchant)))).success
     assert node.count("eth_call", "pending") == 1  # asked once, then never again
     assert node.count("eth_call", "latest") == 2
+
+
+class ForwardsThenRefuses:
+    """A load-balanced endpoint: one backend takes the transaction, another answers the send
+    with ``error`` (as if it were refused). Everything else is the real chain."""
+
+    def __init__(self, chain: DevChain, error: str, *, times: int = 1) -> None:
+        self.inner = chain.rpc
+        self.error = error
+        self.times = times
+        self.sends = 0
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_sendRawTransaction":
+            self.sends += 1
+            await self.inner.request(method, params)
+            if self.sends <= self.times:
+                raise RpcError(-32000, self.error)
+        return await self.inner.request(method, params)
+
+
+@pytest.mark.parametrize("error", ["already known", "AlreadyKnown", "nonce too low"])
+async def test_a_send_refused_after_it_went_out_is_settled_not_released(
+    chain: DevChain, error: str
+) -> None:
+    """The node took the transfer and answered with a refusal: the payment moved, so it must be
+    a settlement (never "nothing was sent", which would let the gate refuse a paid request), and
+    it is not signed and sent a second time."""
+    node = ForwardsThenRefuses(chain, error)
+    ledger = EvmLedger(node, chain.accounts[8].account, network=chain.network)
+    merchant, payer = EvmAccount.generate().address, fund(chain)
+    settlement = await ledger.settle(verified(chain, payer, offer_on(chain, merchant)))
+    assert settlement.success
+    assert node.sends == 1
+    assert chain.balance_of(merchant) == 10_000
+    # The next settlement finds the nonce the first one used.
+    other = EvmAccount.generate().address
+    assert (await ledger.settle(verified(chain, fund(chain), offer_on(chain, other)))).success
+    assert chain.balance_of(other) == 10_000
+
+
+class PendingBlips(Recorded):
+    """A node whose pending-block calls fail once with a passing error (a rate limit)."""
+
+    def __init__(self, chain: DevChain) -> None:
+        super().__init__(chain)
+        self.blipped = False
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_call" and params[1] == "pending" and not self.blipped:
+            self.blipped = True
+            self.calls.append((method, "pending"))
+            raise RpcError(-32005, "limit exceeded")
+        return await super().request(method, params)
+
+
+async def test_a_passing_error_does_not_turn_off_the_pending_block_check(
+    chain: DevChain,
+) -> None:
+    node = PendingBlips(chain)
+    ledger = EvmLedger(node, chain.accounts[8].account, network=chain.network)
+    merchant = EvmAccount.generate().address
+    for _ in range(2):
+        assert (
+            await ledger.settle(verified(chain, fund(chain), offer_on(chain, merchant)))
+        ).success
+    assert node.count("eth_call", "latest") == 1  # only the call that blipped
+    assert node.count("eth_call", "pending") == 2

@@ -16,6 +16,7 @@ and retried, with jitter, for a bounded time, and is never reported as the payme
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from farebox.eth import EvmAccount, address_bytes, checksum_address, keccak256
 from farebox.ledgers.rpc import Rpc, RpcError, RpcUnavailable
 from farebox.protocol.models import Settlement, VerifiedProof
 from farebox.schemes.evm_exact import VerifiedEvmProof, chain_id_of
+
+logger = logging.getLogger("farebox.ledger")
 
 __all__ = [
     "TRANSFER_TOPIC",
@@ -123,20 +126,21 @@ def _rlp_length(length: int, offset: int) -> bytes:
 
 # How nodes refuse a transaction whose nonce is no longer (or not yet) the account's next one,
 # letters only: geth, erigon, anvil and the embedded chain say "nonce too low"/"nonce too high",
-# geth "already known" or "replacement transaction underpriced" when another transaction with that
-# nonce waits in its pool, Nethermind "OldNonce"/"AlreadyKnown", Besu "NONCE_TOO_LOW" and
-# "REPLACEMENT_UNDERPRICED". Any of them means another process settling with the same account took
-# the nonce (or ours is stale): nothing was broadcast, and the payment itself did not fail.
+# geth "replacement transaction underpriced" when another transaction with that nonce waits in its
+# pool, Nethermind "OldNonce", Besu "NONCE_TOO_LOW" and "REPLACEMENT_UNDERPRICED". Any of them
+# means another process settling with the same account took the nonce (or ours is stale).
 _NONCE_RACE = (
     "noncetoolow",
     "noncetoohigh",
     "invalidnonce",
     "oldnonce",
-    "alreadyknown",
-    "knowntransaction",
     "replacementtransactionunderpriced",
     "replacementunderpriced",
 )
+# geth "already known", Nethermind "AlreadyKnown", "known transaction": this very signed
+# transaction is in the node's pool already (a load-balanced endpoint forwarded it, then answered
+# from another backend). It was sent: never a race, never "nothing was sent".
+_ALREADY_KNOWN = ("alreadyknown", "knowntransaction")
 # Losing a nonce race is retried this often at most (one lap of the other processes each time),
 # and for no longer than EvmLedger's ``nonce_wait``; after that the settler is busy, not the
 # payment failed.
@@ -150,9 +154,18 @@ _JITTER_FIRST = 0.004
 _JITTER_CAP = 0.1
 
 
+def _letters(error: RpcError) -> str:
+    return "".join(c for c in error.message.lower() if "a" <= c <= "z")
+
+
 def _is_nonce_race(error: RpcError) -> bool:
-    letters = "".join(c for c in error.message.lower() if "a" <= c <= "z")
+    letters = _letters(error)
     return any(text in letters for text in _NONCE_RACE)
+
+
+def _is_already_known(error: RpcError) -> bool:
+    letters = _letters(error)
+    return any(text in letters for text in _ALREADY_KNOWN)
 
 
 class _MaybeSent(Exception):
@@ -370,6 +383,7 @@ class EvmLedger(EvmReader):
         to = checksum_address(evm.offer.asset)
         async with self._send_lock:
             deadline = time.monotonic() + self.nonce_wait
+            signed: list[str] = []  # every transaction this settlement signed, in order
             for attempt in range(1, _NONCE_ATTEMPTS + 1):
                 if self._nonce is None:
                     self._nonce = _quantity(
@@ -394,11 +408,21 @@ class EvmLedger(EvmReader):
                 # a counter behind the pool can replace another process's waiting transaction when
                 # our fee is enough higher, instead of failing as a race: that payment then ends
                 # pending and the reconciler releases it (a shared lock per key would close it).
-                await self._simulate(evm, data)
+                try:
+                    await self._simulate(evm, data)
+                except PaymentError:
+                    # On a retry, "already used" may be our own earlier attempt, taken after all.
+                    sent = await self._known(signed) if signed else None
+                    if sent is None:
+                        raise
+                    self._nonce = None
+                    tx_hash = sent
+                    break
                 max_fee, priority = await self._fees_now()
                 raw = self._sign_1559(self._nonce, max_fee, priority, to, data)
                 # Known before sending: if the answer is lost, the transaction can still be found.
                 signed_hash = "0x" + keccak256(raw).hex()
+                signed.append(signed_hash)
                 try:
                     tx_hash = await self.rpc.request("eth_sendRawTransaction", ["0x" + raw.hex()])
                 except RpcError as exc:
@@ -407,8 +431,17 @@ class EvmLedger(EvmReader):
                         raise
                     # Refused before execution: the node is the truth, ask it again.
                     self._nonce = None
+                    if _is_already_known(exc):
+                        tx_hash = signed_hash  # it is in the pool: sent
+                        break
                     if not _is_nonce_race(exc):
                         raise
+                    # A refusal from one backend of a load-balanced endpoint does not prove that
+                    # another did not take an earlier attempt: signing again must not send twice.
+                    sent = await self._known(signed)
+                    if sent is not None:
+                        tx_hash = sent
+                        break
                     if attempt == _NONCE_ATTEMPTS or time.monotonic() >= deadline:
                         raise PaymentError(
                             "ledger_unavailable",
@@ -429,6 +462,18 @@ class EvmLedger(EvmReader):
             raise _MaybeSent(signed_hash)
         return tx_hash
 
+    async def _known(self, hashes: list[str]) -> str | None:
+        """The first of ``hashes`` the node knows (pooled or mined), else ``None``; a node that
+        cannot say leaves the payment pending (it may have been sent)."""
+        for tx_hash in hashes:
+            try:
+                found = await self.rpc.request("eth_getTransactionByHash", [tx_hash])
+            except (RpcError, RpcUnavailable) as exc:
+                raise _MaybeSent(hashes[-1]) from exc
+            if isinstance(found, dict):
+                return tx_hash
+        return None
+
     async def _call(self, call: dict[str, str]) -> None:
         """``eth_call`` at the pending block, or at the latest one on a node without pending."""
         block = self._call_block
@@ -438,15 +483,23 @@ class EvmLedger(EvmReader):
         except RpcError as exc:
             if block == "latest" or revert_reason(exc) is not None:
                 raise
-        # No answer about the pending block: if the latest one gives a definite answer (success or
-        # a revert), the node does not serve "pending" and is asked about "latest" from now on.
+            failed = exc
+        # No answer about the pending block. This call asks about the latest one instead; only a
+        # node that says it has no pending block is asked about "latest" from now on (a rate limit
+        # or a load balancer's passing error must not turn off the check of pooled transactions).
+        unsupported = "pending" in failed.message.lower()
         try:
             await self.rpc.request("eth_call", [call, "latest"])
-        except RpcError as exc:
-            if revert_reason(exc) is not None:
+        except RpcError as latest:
+            if unsupported and revert_reason(latest) is not None:
                 self._call_block = "latest"
             raise
-        self._call_block = "latest"
+        if unsupported:
+            self._call_block = "latest"
+        else:
+            logger.warning(
+                "eth_call at the pending block failed (%s); asked at latest", failed.code
+            )
 
     async def _fees_now(self) -> tuple[int, int]:
         now = time.monotonic()
