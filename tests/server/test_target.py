@@ -210,3 +210,31 @@ def test_the_module_does_no_io() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout))
     assert loaded & {"httpx", "anyio", "asyncio", "starlette", "uvicorn", "sqlite3"} == set()
+
+
+@given(
+    st.lists(st.sampled_from(["a", "Z", "9", "-", ".", "_", "~", "!", "$", "'", ";", "=", "@", ""]))
+    .map(lambda parts: "/" + "/".join(parts))
+    .map(str.encode),
+    st.binary(max_size=12).filter(lambda q: b"#" not in q),
+)
+def test_the_fast_path_gives_what_the_full_walk_gives(raw: bytes, query: bytes) -> None:
+    """Paths (and queries) already in normal form skip the byte-by-byte walk; whatever takes the
+    shortcut must come out exactly as the walk would have made it, or be refused the same way."""
+    import re
+
+    from farebox.server import target as module
+
+    def outcome() -> object:
+        try:
+            return normalize_target(raw, query)
+        except BadTarget as exc:
+            return exc.code
+
+    fast = outcome()
+    saved = module._NORMAL_PATH, module._NORMAL_QUERY
+    module._NORMAL_PATH = module._NORMAL_QUERY = re.compile(rb"(?!)")  # never matches
+    try:
+        assert outcome() == fast
+    finally:
+        module._NORMAL_PATH, module._NORMAL_QUERY = saved

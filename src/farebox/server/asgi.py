@@ -72,8 +72,17 @@ def checked_scope(scope: Scope) -> Scope:
     if raw_path is None:  # optional in ASGI: then the decoded path is all there is
         target = target_of_decoded(scope.get("path", "/"), query)
     else:
-        host = next((v for k, v in headers if k.lower() == b"host"), b"").decode("latin-1")
-        target = normalize_target(bytes(raw_path), query, host=host)
+        raw_path = bytes(raw_path)
+        host = None
+        if not raw_path.startswith(b"/"):  # absolute-form: accepted only naming this Host
+            host = next((v for k, v in headers if k.lower() == b"host"), b"").decode("latin-1")
+        target = normalize_target(raw_path, query, host=host)
+        if (
+            target.raw_path == raw_path
+            and target.query == query
+            and scope.get("path") == target.path
+        ):
+            return scope  # already the one spelling (nearly every request): nothing to rewrite
     checked = dict(scope)
     checked.update(path=target.path, raw_path=target.raw_path, query_string=target.query)
     return checked

@@ -58,6 +58,13 @@ _ENCODED = frozenset(b'"<>[]^`{|}')
 # Decoded, these would give the path a second meaning downstream: refused even when encoded.
 _NEVER = frozenset({ord("/"), ord("\\"), 0x7F, *range(0x20)})
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(.*)", re.DOTALL)
+# A path already in normal form, as nearly every request's is: segments of unreserved characters
+# and sub-delimiters that do not start with a dot, no escapes, no empty segment but a trailing
+# slash. It is its own normal form, and the byte-by-byte walk below is skipped for it.
+_NORMAL_PATH = re.compile(rb"(?:/[A-Za-z0-9\-_~!$&'()*+,;=:@][A-Za-z0-9\-._~!$&'()*+,;=:@]*)*/?")
+# A query of printable ASCII that needs no escaping.
+_NORMAL_QUERY = re.compile(rb"[\x21-\x7e]*")
+_QUERY_ESCAPED = re.compile(rb'["<>\[\]^`{|}\\#]')
 _DEFAULT_PORT = {b"http": b":80", b"https": b":443"}
 
 
@@ -107,11 +114,12 @@ def normalize_target(raw_path: bytes, query: bytes = b"", *, host: str | None = 
     authority equals it. Raises :class:`BadTarget` (400, or 414 when too long).
     """
     _check_size(raw_path, query)
-    found = _ABSOLUTE.fullmatch(raw_path)
-    if found is not None:
-        raw_path = _own_path(found, host)
     if not raw_path.startswith(b"/"):
-        raise BadTarget("the request target must be a path starting with '/' (origin-form)")
+        found = _ABSOLUTE.fullmatch(raw_path)
+        if found is not None:
+            raw_path = _own_path(found, host)
+        if not raw_path.startswith(b"/"):
+            raise BadTarget("the request target must be a path starting with '/' (origin-form)")
     return Target(*_path(raw_path), _query(query))
 
 
@@ -166,6 +174,8 @@ def _own_path(found: re.Match[bytes], host: str | None) -> bytes:
 
 
 def _path(raw: bytes) -> tuple[str, bytes]:
+    if _NORMAL_PATH.fullmatch(raw) is not None:
+        return raw.decode("ascii"), raw
     out = bytearray()
     i = 0
     while i < len(raw):
@@ -214,6 +224,8 @@ def _path(raw: bytes) -> tuple[str, bytes]:
 def _query(query: bytes) -> bytes:
     if not query:
         return b""
+    if _NORMAL_QUERY.fullmatch(query) is not None and _QUERY_ESCAPED.search(query) is None:
+        return query
     out = bytearray()
     for byte in query:
         if byte in _ENCODED or byte == 0x5C:
