@@ -415,3 +415,25 @@ async def test_the_lifespan_reconciles_what_a_crashed_service_left_held(chain: D
         done.set()
     assert claim.transaction
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+class ReleaseFails(MemoryStore):
+    """A store that goes down just when a refused settlement gives its claim back."""
+
+    async def release(self, key: str, *, owner: str) -> bool:
+        from farebox.errors import PaymentError
+
+        raise PaymentError("store_unavailable", "the payment store is unreachable")
+
+
+async def test_a_refusal_is_answered_when_the_store_cannot_release(chain: DevChain) -> None:
+    ledger = EvmLedger(chain.rpc, chain.accounts[SETTLER].account, network=chain.network)
+    store = ReleaseFails()
+    app = facilitator_app(LocalFacilitator([ledger]), store)
+    proof, offer, _, merchant = paying(chain, EvmAccount.generate())  # holds nothing
+    async with client_for(app) as client:
+        response = await client.post("/settle", json=body(proof, offer))
+    assert response.status_code == 200  # the refusal, not a 500
+    assert response.json()["success"] is False
+    assert response.json()["errorReason"] == "invalid_exact_evm_insufficient_balance"
+    assert chain.balance_of(merchant) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -156,3 +157,25 @@ async def test_an_operator_resolves_only_unfinished_x402_claims_no_longer_in_fli
     [event] = await store.events(kind="reconciliation")
     assert event.data["by"] == "operator"
     assert not await later.resolve_by_hand(key, settled=False, transaction=None)  # settled stays
+
+
+async def test_a_pending_claim_without_its_logged_proof_is_not_settled_by_anothers_transfer(
+    chain: DevChain,
+) -> None:
+    """The payer's nonce was used by another authorization (to someone else). A pending claim's
+    proof is logged with it; when it cannot be found, the transfer cannot be checked against it,
+    and the claim waits (for an operator) rather than being confirmed by someone else's money."""
+    store, payer = MemoryStore(), fund(chain)
+    mine = proof_for(chain, payer, EvmAccount.generate().address)
+    assert await store.claim(mine.claim_key, owner="o", now=int(time.time()))
+    await store.finish(mine.claim_key, owner="o", state="pending", transaction=None)
+    other_offer = replace(mine.offer, pay_to=EvmAccount.generate().address)
+    now = int(time.time())
+    nonce = mine.authorization.nonce
+    theirs = verify(make_proof(payer, other_offer, now=now, nonce=nonce), other_offer, now=now)
+    assert (await ledger_of(chain, 4).settle(theirs)).success
+    report = await Reconciler(store, [ledger_of(chain)]).run_once()
+    assert (report.settled, report.waiting) == (0, 1)
+    claim = await store.get_claim(mine.claim_key)
+    assert claim is not None
+    assert claim.state == "pending"

@@ -398,7 +398,7 @@ class FacilitatorApp:
             settlement = await self.facilitator.settle(verified)
         except PaymentError as exc:
             # Nothing was broadcast (settle raises only then): the authorization stays usable.
-            await self.store.release(key, owner=owner)
+            await self._release(key, owner)
             return self._outcome(verified, exc.code, exc.message)
         except BaseException:
             # Unknown whether anything was sent: keep the claim, never settle it a second time.
@@ -420,6 +420,7 @@ class FacilitatorApp:
                 "asset": verified.offer.asset,
                 "pay_to": verified.offer.pay_to,
                 "amount": str(verified.offer.amount),
+                "valid_until": verified.valid_until,
             },
         )
         outcome = claim_outcome(settlement)
@@ -428,12 +429,20 @@ class FacilitatorApp:
             await self._finish(verified, owner, outcome, settlement.transaction, (event,))
         else:
             # Mined and reverted: no money moved, the payer may try again.
-            await self.store.release(key, owner=owner)
+            await self._release(key, owner)
             try:
                 await self.store.append(event)
             except PaymentError:
                 logger.warning("facilitator: store unavailable, settlement event not recorded")
         return settlement
+
+    async def _release(self, key: str, owner: str) -> None:
+        try:
+            await self.store.release(key, owner=owner)
+        except PaymentError as exc:
+            # The refusal is still the answer; the claim stays held until the reconciler (or a
+            # waiting /settle) sees it: nothing can settle twice because of it.
+            logger.warning("facilitator: could not release %s: %s", key, exc.code)
 
     async def _finish(
         self,
@@ -513,7 +522,7 @@ def _taken(claim: Claim | None, mine: str) -> tuple[str, str]:
     """
     if claim is None:
         return _NONCE_USED, "this nonce is being settled by other requests"
-    holder = claim.owner.partition(_OWNER_SEP)[0] if _OWNER_SEP in claim.owner else ""
+    holder = claim.owner.rpartition(_OWNER_SEP)[0] if _OWNER_SEP in claim.owner else ""
     whose = (
         "this authorization"
         if holder == mine

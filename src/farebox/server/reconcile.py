@@ -66,6 +66,8 @@ _PRUNE_BATCHES = 20
 # Seconds a block's timestamp may trail this machine's clock: past validBefore by this much, no
 # block can still include the authorization.
 _CHAIN_CLOCK_SKEW = 120
+# A claim's proof is logged within this many seconds of the claim (verify, claim, app, settle).
+_LOGGED_WITHIN = 3600
 
 
 def release_after_for(max_timeout_seconds: int) -> int:
@@ -280,12 +282,16 @@ class Reconciler:
                 if await ledger.authorization_cancellation(token, authorizer, nonce):
                     return await self._record(claim, False, claim.transaction, now)
                 return "waiting"  # used, and no log says by what: not ours to say
-            if (
-                found != claim.transaction
-                and paid is not None
-                and not await ledger.transferred(found, token, authorizer, paid.pay_to, paid.amount)
-            ):
-                return await self._record(claim, False, claim.transaction, now)
+            if found != claim.transaction:
+                if paid is None and claim.state == "pending":
+                    # A pending claim is recorded with its proof: one not found cannot be told
+                    # from another authorization that shared the nonce.
+                    logger.warning("no logged proof for pending claim %s: left waiting", claim.key)
+                    return "waiting"
+                if paid is not None and not await ledger.transferred(
+                    found, token, authorizer, paid.pay_to, paid.amount
+                ):
+                    return await self._record(claim, False, claim.transaction, now)
             return await self._record(claim, True, found, now)
         if paid is not None and paid.valid_until is not None:
             # Unused: it can still land (anyone holding it may broadcast it) until validBefore,
@@ -300,23 +306,29 @@ class Reconciler:
         return "waiting"
 
     async def _authorized(self, claim: Claim, authorizer: bytes) -> _Authorized | None:
-        """What ``claim``'s proof authorized, from the proof event the gate logged with it, or
-        ``None`` when none is logged."""
-        events = await self.store.events(
-            kind="proof", payer="0x" + authorizer.hex(), limit=MAX_EVENTS
-        )
-        for event in events:
-            if event.data.get("claim") != claim.key:
-                continue
-            try:
-                until = event.data.get("valid_until")
-                return _Authorized(
-                    bytes.fromhex(str(event.data["pay_to"])[2:]),
-                    int(event.data["amount"]),
-                    int(until) if until is not None else None,
-                )
-            except (KeyError, ValueError):
-                return None
+        """What ``claim``'s proof authorized, from the event logged with it: the gate's ``proof``
+        event, or the facilitator service's ``settlement`` event; ``None`` when none is logged.
+        Looked for around the claim's time, so a payer's busy history does not hide it."""
+        for kind in ("proof", "settlement"):
+            events = await self.store.events(
+                kind=kind,
+                payer="0x" + authorizer.hex(),
+                since=claim.at - _LOGGED_WITHIN,
+                until=claim.at + _LOGGED_WITHIN,
+                limit=MAX_EVENTS,
+            )
+            for event in events:
+                if event.data.get("claim") != claim.key or "pay_to" not in event.data:
+                    continue
+                try:
+                    until = event.data.get("valid_until")
+                    return _Authorized(
+                        bytes.fromhex(str(event.data["pay_to"])[2:]),
+                        int(event.data["amount"]),
+                        int(until) if until is not None else None,
+                    )
+                except (KeyError, ValueError):
+                    return None
         return None
 
     async def _record(
