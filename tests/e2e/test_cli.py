@@ -262,6 +262,7 @@ def test_reconcile_behind_a_facilitator_reads_its_own_node_or_takes_the_operator
     from farebox.ledgers.rpc import HttpRpc
     from farebox.money import DEVCHAIN_USDC as USDC
     from farebox.schemes.evm_exact import make_proof, verify
+    from farebox.store.base import Event
     from farebox.store.sqlite import SqliteStore
 
     node_port = free_port()
@@ -309,7 +310,22 @@ def test_reconcile_behind_a_facilitator_reads_its_own_node_or_takes_the_operator
             settlement = await ledger.settle(proof)
             await ledger.aclose()
             assert settlement.success
-            await store.finish(proof.claim_key, owner="gate", state="pending", transaction=None)
+            # As the gate records a pending payment: the claim, with its proof's terms logged.
+            logged = Event(
+                "proof",
+                now,
+                "GET /weather",
+                payer=payer.address,
+                data={
+                    "claim": proof.claim_key,
+                    "pay_to": offer.pay_to,
+                    "amount": str(offer.amount),
+                    "valid_until": proof.valid_until,
+                },
+            )
+            await store.finish(
+                proof.claim_key, owner="gate", state="pending", transaction=None, events=[logged]
+            )
             await store.aclose()
             return proof.claim_key, settlement.transaction
 

@@ -248,6 +248,11 @@ DOT_TRICKS = [
     (b"/weath%65r", b"/weather"),
     (b"/weather/", b"/weather/"),
     (b"/reports/%37/../9", b"/reports/9"),
+    # Spellings that case-insensitive or servlet upstreams serve as /weather: charged too.
+    (b"/WEATHER", b"/WEATHER"),
+    (b"/Weather/", b"/Weather/"),
+    (b"/weather;jsessionid=1", b"/weather;jsessionid=1"),
+    (b"/x/../WEATHER;v=2", b"/WEATHER;v=2"),
 ]
 
 

@@ -257,7 +257,7 @@ def scope(path: str, headers: list[tuple[bytes, bytes]], method: str = "GET") ->
 
 
 async def test_stream_is_relayed_chunk_by_chunk(upstream: tuple[str, Upstream]) -> None:
-    proxy = ReverseProxy(upstream[0])
+    proxy = ReverseProxy(upstream[0], routes=RouteTable())
     try:
         sent = await call(proxy, scope("/stream", [(b"host", b"shop.test")]))
     finally:
@@ -267,7 +267,7 @@ async def test_stream_is_relayed_chunk_by_chunk(upstream: tuple[str, Upstream]) 
 
 
 async def test_hop_by_hop_and_payment_headers_are_dropped(upstream: tuple[str, Upstream]) -> None:
-    proxy = ReverseProxy(upstream[0] + "/")
+    proxy = ReverseProxy(upstream[0] + "/", routes=RouteTable())
     headers = [
         (b"host", b"shop.test"),
         (b"connection", b"keep-alive, x-hop"),
@@ -292,7 +292,7 @@ async def test_hop_by_hop_and_payment_headers_are_dropped(upstream: tuple[str, U
 
 
 async def test_slow_upstream_is_504(upstream: tuple[str, Upstream]) -> None:
-    proxy = ReverseProxy(upstream[0], timeout=0.3)
+    proxy = ReverseProxy(upstream[0], timeout=0.3, routes=RouteTable())
     try:
         sent = await call(proxy, scope("/slow", []))
     finally:
@@ -302,7 +302,7 @@ async def test_slow_upstream_is_504(upstream: tuple[str, Upstream]) -> None:
 
 
 async def test_lifespan_closes_the_pool(upstream: tuple[str, Upstream]) -> None:
-    proxy = ReverseProxy(upstream[0])
+    proxy = ReverseProxy(upstream[0], routes=RouteTable())
     messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent: list[str] = []
 
@@ -326,7 +326,7 @@ def test_upstream_url_is_checked() -> None:
 
 
 async def test_the_proxy_alone_normalizes_and_refuses(upstream: tuple[str, Upstream]) -> None:
-    proxy = ReverseProxy(upstream[0] + "/base/")
+    proxy = ReverseProxy(upstream[0] + "/base/", routes=RouteTable())
     count = len(upstream[1].seen)
     try:
         refused = [
@@ -344,7 +344,7 @@ async def test_the_proxy_alone_normalizes_and_refuses(upstream: tuple[str, Upstr
 async def test_the_proxy_refuses_content_length_with_chunked(
     upstream: tuple[str, Upstream],
 ) -> None:
-    proxy = ReverseProxy(upstream[0])
+    proxy = ReverseProxy(upstream[0], routes=RouteTable())
     count = len(upstream[1].seen)
     headers = [(b"content-length", b"4"), (b"transfer-encoding", b"chunked")]
     try:
@@ -381,7 +381,7 @@ async def test_unpriced_methods_on_a_priced_path(upstream: tuple[str, Upstream])
 async def test_every_rails_credential_is_dropped_and_a_bearer_token_kept(
     upstream: tuple[str, Upstream],
 ) -> None:
-    proxy = ReverseProxy(upstream[0])
+    proxy = ReverseProxy(upstream[0], routes=RouteTable())
     headers = [
         (b"authorization", b"payment eyJ9"),
         (b"payment-authorization", b"Payment eyJ9"),
@@ -409,3 +409,28 @@ async def test_every_rails_credential_is_dropped_and_a_bearer_token_kept(
 def test_an_upstream_path_must_normalize(url: str) -> None:
     with pytest.raises(ValueError, match="upstream"):
         ReverseProxy(url)
+
+
+async def test_a_payment_credential_joined_to_another_is_dropped(
+    upstream: tuple[str, Upstream],
+) -> None:
+    proxy = ReverseProxy(upstream[0], routes=RouteTable())
+    count = len(upstream[1].seen)
+    try:
+        for value in (b"Bearer t, Payment eyJ9", b"Basic dTpw,payment eyJ9"):
+            sent = await call(proxy, scope("/free", [(b"authorization", value)]))
+            assert sent[0]["status"] == 200
+        kept = await call(proxy, scope("/free", [(b"authorization", b"Bearer a, Bearer b")]))
+    finally:
+        await proxy.aclose()
+    assert kept[0]["status"] == 200
+    first, second, third = upstream[1].seen[count:]
+    assert "authorization" not in first["headers"]
+    assert "authorization" not in second["headers"]
+    assert third["headers"]["authorization"] == "Bearer a, Bearer b"
+
+
+def test_the_proxy_needs_the_gates_routes_to_refuse_unpriced_methods() -> None:
+    with pytest.raises(ValueError, match="routes=gate.routes"):
+        ReverseProxy("http://127.0.0.1:9000")
+    ReverseProxy("http://127.0.0.1:9000", unpriced_methods="pass")  # forwarding every method

@@ -5,7 +5,7 @@ from decimal import Decimal
 import pytest
 
 from farebox.errors import ConfigError
-from farebox.money import BASE_SEPOLIA_USDC, BASE_USDC
+from farebox.money import BASE_SEPOLIA_USDC, BASE_USDC, DEVCHAIN_USDC
 from farebox.server.routes import RequestInfo, RouteTable
 
 PAY_TO = "0x" + "22" * 20
@@ -82,3 +82,20 @@ def test_bad_routes_fail_at_start_up(kwargs: dict[str, object]) -> None:
             args.pop("price"),  # type: ignore[arg-type]
             **args,  # type: ignore[arg-type]
         )
+
+
+def test_other_spellings_servers_serve_as_the_route_are_priced() -> None:
+    table = RouteTable()
+    table.add("GET", "/weather", 1, assets=DEVCHAIN_USDC, pay_to="0x" + "5b" * 20)
+    table.add("GET", "/reports/{id}", 2, assets=DEVCHAIN_USDC, pay_to="0x" + "5b" * 20)
+    for spelling in ("/WEATHER", "/Weather/", "/weather;jsessionid=1", "/WEATHER;a=b/"):
+        found = table.match("GET", spelling)
+        assert found is not None, spelling
+        assert found.route.path == "/weather"
+    # Parameters keep their case and, when the route takes them so, their ";" parts.
+    report = table.match("GET", "/REPORTS/Ab;c")
+    assert report is not None
+    assert report.params == {"id": "Ab;c"}
+    assert table.match("GET", "/weatherx") is None
+    assert table.match("GET", "/other;weather") is None
+    assert table.methods_at("/WEATHER;x") == frozenset({"GET"})

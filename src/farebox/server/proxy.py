@@ -74,9 +74,15 @@ class _ClientGone(Exception):
 
 
 def _is_payment_credential(name: str, value: bytes) -> bool:
-    words = value.split(None, 1)
-    scheme = words[0].decode("latin-1").lower() if words else ""
-    return any(name == header and want in (None, scheme) for header, want in PAYMENT_CREDENTIALS)
+    wanted = [want for header, want in PAYMENT_CREDENTIALS if header == name]
+    if not wanted:
+        return False
+    if None in wanted:
+        return True
+    # One header may carry several credentials, comma-joined (RFC 9110 section 11.6.2, or a front
+    # proxy merging two headers): any one of a payment scheme makes the whole value a credential.
+    schemes = {part.split(None, 1)[0].lower() for part in value.split(b",") if part.strip()}
+    return any(want.encode("latin-1") in schemes for want in wanted if want is not None)
 
 
 def _problem(status: int, title: str, detail: str, code: str) -> dict[str, Any]:
@@ -131,6 +137,12 @@ class ReverseProxy:
             base = normalize_target(url.raw_path.partition(b"?")[0]).raw_path.rstrip(b"/")
         except BadTarget as exc:
             raise ConfigError(f"upstream path: {exc.message}") from None
+        if routes is None and unpriced_methods == "refuse":
+            # Without the gate's routes the proxy cannot tell a priced path, and would forward
+            # POST /weather free when only GET is priced: the safe default needs them.
+            raise ConfigError(
+                'pass routes=gate.routes (or unpriced_methods="pass" to forward every method)'
+            )
         self.upstream = upstream
         self._url = url
         self._base_path = base

@@ -204,9 +204,18 @@ def _compile(path: str) -> re.Pattern[str]:
         last = match.end()
     out.append(re.escape(path[last:]))
     try:
-        return re.compile("".join(out) + (r"\Z" if path == "/" else r"/?\Z"))
+        # Case-insensitive for the same reason: Express, IIS and many file servers serve
+        # /WEATHER as /weather. Parameters keep the case they were sent in.
+        return re.compile("".join(out) + (r"\Z" if path == "/" else r"/?\Z"), re.IGNORECASE)
     except re.error as exc:
         raise ConfigError(f"bad route path {given!r}: {exc}") from None
+
+
+def _spellings(path: str) -> tuple[str, ...]:
+    """``path``, and without its segments' ``;`` parameters when it has any."""
+    if ";" not in path:
+        return (path,)
+    return path, "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +229,9 @@ class RouteTable:
 
     ``HEAD`` matches a ``GET`` route (it is answered like ``GET`` without a body). A path matches
     with or without one trailing slash (``/weather/`` is the ``/weather`` route, and the other way
-    round). Paths are matched as given: faces hand over the normalized path
+    round), in any letter case, and with ``;`` parameters dropped from its segments
+    (``/weather;jsessionid=1`` is ``/weather``, as servlet containers read it): every spelling
+    some server serves as the priced resource is priced. Faces hand over the normalized path
     (:mod:`farebox.server.target`).
     """
 
@@ -258,18 +269,24 @@ class RouteTable:
     def match(self, method: str, path: str) -> RouteMatch | None:
         """The first route for ``method`` and ``path``, or ``None`` (a free request)."""
         method = method.upper()
-        for route in self._routes:
-            same = route.method in ("*", method) or (method == "HEAD" and route.method == "GET")
-            if not same:
-                continue
-            found = route._pattern.match(path)
-            if found is not None:
-                return RouteMatch(route, MappingProxyType(found.groupdict()))
+        for spelling in _spellings(path):
+            for route in self._routes:
+                same = route.method in ("*", method) or (method == "HEAD" and route.method == "GET")
+                if not same:
+                    continue
+                found = route._pattern.match(spelling)
+                if found is not None:
+                    return RouteMatch(route, MappingProxyType(found.groupdict()))
         return None
 
     def methods_at(self, path: str) -> frozenset[str]:
         """The methods some route prices at ``path`` (``"*"`` when one prices every method)."""
-        return frozenset(route.method for route in self._routes if route._pattern.match(path))
+        return frozenset(
+            route.method
+            for spelling in _spellings(path)
+            for route in self._routes
+            if route._pattern.match(spelling)
+        )
 
     def __iter__(self) -> Any:
         return iter(self._routes)
