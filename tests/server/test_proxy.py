@@ -431,6 +431,6 @@ async def test_a_payment_credential_joined_to_another_is_dropped(
 
 
 def test_the_proxy_needs_the_gates_routes_to_refuse_unpriced_methods() -> None:
-    with pytest.raises(ValueError, match="routes=gate.routes"):
+    with pytest.raises(ValueError, match=r"routes=gate\.routes"):
         ReverseProxy("http://127.0.0.1:9000")
     ReverseProxy("http://127.0.0.1:9000", unpriced_methods="pass")  # forwarding every method
