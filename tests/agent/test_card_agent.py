@@ -8,8 +8,6 @@ charges the token with its key there.
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +43,7 @@ stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not install
 uvicorn = pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 
 from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION, StripeLedger  # noqa: E402
+from tests.servers import serve  # noqa: E402
 
 __all__ = ["chain"]  # the embedded chain fixture, shared with the end-to-end tests
 
@@ -62,30 +61,6 @@ CENTS = 10**16  # budget units in one US cent
 def fake() -> Iterator[FakeStripe]:
     with running_fake_stripe() as server:
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @dataclass

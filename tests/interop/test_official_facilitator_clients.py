@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -29,7 +28,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from farebox.eth import EvmAccount
@@ -40,8 +38,8 @@ from farebox.ledgers.evm import TRANSFER_TOPIC, EvmLedger
 from farebox.protocol.x402 import decode_challenge_header, encode_proof
 from farebox.schemes.evm_exact import make_proof
 from farebox.store.sqlite import SqliteStore
-from tests.e2e.test_processes import free_port
 from tests.interop.test_peac_node import JS_DIR, node
+from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -60,24 +58,6 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 def chain() -> DevChain:
     return DevChain()
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn on a free loopback port, in a thread; its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,14 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from eth_account import Account
 from fastapi import FastAPI
 from x402 import x402Client, x402Facilitator
@@ -59,6 +56,7 @@ from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.memory import MemoryStore
 from tests.interop.anvil_fixtures import AnvilChain, rpc
+from tests.servers import serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.node]
 
@@ -87,30 +85,6 @@ def new_payer(chain: AnvilChain, amount: int = 1_000_000) -> Any:
     if amount:
         chain.fund(account.address, amount)
     return account
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def farebox_ledger(chain: AnvilChain) -> EvmLedger:
