@@ -437,3 +437,32 @@ async def test_a_refusal_is_answered_when_the_store_cannot_release(chain: DevCha
     assert response.json()["success"] is False
     assert response.json()["errorReason"] == "invalid_exact_evm_insufficient_balance"
     assert chain.balance_of(merchant) == 0
+
+
+class CountingRpc:
+    """The chain's RPC, counting each method asked."""
+
+    def __init__(self, chain: DevChain) -> None:
+        self.inner = chain.rpc
+        self.calls: dict[str, int] = {}
+
+    async def request(self, method: str, params: Any = ()) -> Any:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        return await self.inner.request(method, params)
+
+
+async def test_a_settle_simulates_once(chain: DevChain) -> None:
+    """The settler dry-runs the transfer right before it signs; /settle asks for nothing more
+    (the token check is remembered from /verify)."""
+    rpc = CountingRpc(chain)
+    ledger = EvmLedger(rpc, chain.accounts[SETTLER].account, network=chain.network)
+    app = facilitator_app(LocalFacilitator([ledger]), MemoryStore())
+    proof, offer, _, merchant = paying(chain)
+    async with client_for(app) as client:
+        assert (await client.post("/verify", json=body(proof, offer))).json()["isValid"]
+        before = dict(rpc.calls)
+        settled = await client.post("/settle", json=body(proof, offer))
+    assert settled.json()["success"] is True
+    assert rpc.calls.get("eth_call", 0) - before.get("eth_call", 0) == 1
+    assert rpc.calls.get("eth_getCode", 0) == before.get("eth_getCode", 0)
+    assert chain.balance_of(merchant) == 10_000

@@ -18,7 +18,8 @@ class LocalFacilitator:
 
     ``verify`` first checks that the offer's asset is a deployed EIP-3009 token (remembered per
     asset for ``asset_ttl`` seconds, see :mod:`farebox.ledgers.evm_asset`), then, with
-    ``simulate``, dry-runs the transfer.
+    ``simulate``, dry-runs the transfer. ``settle`` checks the token too, and the ledger dry-runs
+    the transfer again right before signing: a settle needs no verify before it.
     """
 
     def __init__(
@@ -55,7 +56,12 @@ class LocalFacilitator:
             await ledger.simulate(verified)
 
     async def settle(self, verified: VerifiedProof) -> Settlement:
-        return await self.ledger_for(verified.offer.network).settle(verified)
+        # The token check again (remembered, so free after verify): settling skips no check that
+        # verifying makes; the ledger simulates the transfer itself right before it signs.
+        network = verified.offer.network
+        ledger = self.ledger_for(network)
+        await self._tokens[network].check(ledger.rpc, verified.offer.asset)
+        return await ledger.settle(verified)
 
     async def aclose(self) -> None:
         """Close the ledgers' node connections."""

@@ -392,9 +392,8 @@ class FacilitatorApp:
     async def _settle_claimed(self, verified: VerifiedProof, owner: str) -> Settlement:
         key = verified.claim_key
         try:
-            # Re-check against the chain first: a transfer that would revert is refused without
-            # spending gas on it (the official facilitators re-verify inside settle too).
-            await self.facilitator.verify(verified)
+            # Settling re-checks against the chain (the token, then a simulation right before
+            # signing): a transfer that would revert is refused without spending gas on it.
             settlement = await self.facilitator.settle(verified)
         except PaymentError as exc:
             # Nothing was broadcast (settle raises only then): the authorization stays usable.
