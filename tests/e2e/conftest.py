@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import pytest
 
 from farebox.eth import EvmAccount
@@ -45,18 +46,23 @@ class Paid:
     key: SigningKey
 
 
+def send_usdc(chain: DevChain, to: str, amount: int) -> None:
+    """Send ``amount`` atomic USDC to ``to`` from development account #9."""
+    data = (
+        "0xa9059cbb"  # transfer(address,uint256)
+        + to[2:].lower().rjust(64, "0")
+        + amount.to_bytes(32, "big").hex()
+    )
+    sender = chain.accounts[9].address
+    call = {"from": sender, "to": chain.token, "data": data, "gas": hex(100_000)}
+    chain.handle("eth_sendTransaction", [call])
+
+
 def fund(chain: DevChain, amount: int = 1_000_000) -> EvmAccount:
     """A fresh payer holding ``amount`` atomic USDC (sent by development account #9)."""
     payer = EvmAccount.generate()
     if amount:
-        data = (
-            "0xa9059cbb"  # transfer(address,uint256)
-            + payer.address[2:].lower().rjust(64, "0")
-            + amount.to_bytes(32, "big").hex()
-        )
-        sender = chain.accounts[9].address
-        call = {"from": sender, "to": chain.token, "data": data, "gas": hex(100_000)}
-        chain.handle("eth_sendTransaction", [call])
+        send_usdc(chain, payer.address, amount)
     return payer
 
 
@@ -87,6 +93,19 @@ def make_gate(chain: DevChain, *, routes: RouteTable | None = None) -> Paid:
     key = SigningKey.generate()
     gate = Gate(routes, LocalFacilitator([ledger]), store, signing_key=key, issuer=ISSUER)
     return Paid(chain, gate, store, merchant, key)
+
+
+class SlowBroadcast:
+    """A node that takes ``delay`` seconds to accept a transaction (a busy node, a far RPC)."""
+
+    def __init__(self, chain: DevChain, delay: float) -> None:
+        self.inner = chain.rpc
+        self.delay = delay
+
+    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if method == "eth_sendRawTransaction":
+            await anyio.sleep(self.delay)
+        return await self.inner.request(method, params)
 
 
 class HiddenReceipts:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.sqlite import SqliteStore
-from tests.e2e.conftest import PRICE, chain, fund
+from tests.e2e.conftest import PRICE, SlowBroadcast, chain, fund
 from tests.e2e.test_asgi_faces import call, chunked_app
 
 __all__ = ["chain"]
@@ -100,19 +99,6 @@ async def test_killed_after_settling_then_restarted(chain: DevChain, tmp_path: P
     assert settled.reference is not None
     assert settled.reference.encode() in refusal
     assert chain.balance_of(merchant) == PRICE  # one transfer, never a second
-
-
-class SlowBroadcast:
-    """A node that takes its time to accept a transaction."""
-
-    def __init__(self, chain: DevChain, delay: float) -> None:
-        self.inner = chain.rpc
-        self.delay = delay
-
-    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
-        if method == "eth_sendRawTransaction":
-            await anyio.sleep(self.delay)
-        return await self.inner.request(method, params)
 
 
 @pytest.mark.parametrize("with_id", [False, True])

@@ -33,6 +33,9 @@ from farebox.protocol.models import Offer, Resource
 from farebox.protocol.x402 import proof_to_json, requirements_to_json
 from farebox.schemes.evm_exact import make_proof
 from farebox.store.memory import MemoryStore
+from tests.e2e.conftest import chain
+
+__all__ = ["chain"]  # the session's embedded chain, shared
 
 pytestmark = pytest.mark.anyio
 
@@ -46,11 +49,6 @@ REVERTS = "60006000fd"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 class Counting:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -29,11 +28,13 @@ from farebox.protocol.models import Offer, Proof, Resource
 from farebox.protocol.x402 import proof_to_json, requirements_to_json
 from farebox.schemes.evm_exact import make_proof
 from farebox.store import Store
+from tests.e2e.conftest import HiddenReceipts, SlowBroadcast, chain, fund, send_usdc
+
+__all__ = ["chain"]  # the session's embedded chain, shared
 
 pytestmark = pytest.mark.anyio
 
 SETTLER = 3  # this module's settler account (its own transaction nonces)
-FUNDER = 9
 RESOURCE = Resource("https://api.test/weather", "weather", "application/json")
 USED = "invalid_exact_evm_nonce_already_used"
 
@@ -41,36 +42,6 @@ USED = "invalid_exact_evm_nonce_already_used"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
-
-
-class SlowBroadcast:
-    """The node takes ``delay`` seconds to accept a transaction (a busy node, a far RPC)."""
-
-    def __init__(self, inner: Rpc, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-
-    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
-        if method == "eth_sendRawTransaction":
-            await anyio.sleep(self.delay)
-        return await self.inner.request(method, params)
-
-
-class HiddenReceipts:
-    """The chain mines, but the node never shows a receipt: every broadcast ends pending."""
-
-    def __init__(self, inner: Rpc) -> None:
-        self.inner = inner
-
-    async def request(self, method: str, params: Sequence[Any] = ()) -> Any:
-        if method == "eth_getTransactionReceipt":
-            return None
-        return await self.inner.request(method, params)
 
 
 def service(
@@ -87,19 +58,6 @@ def service(
 
 def client_for(app: FacilitatorApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f.test")
-
-
-def send_usdc(chain: DevChain, to: str, amount: int) -> None:
-    data = "0xa9059cbb" + to[2:].lower().rjust(64, "0") + amount.to_bytes(32, "big").hex()
-    call = {"from": chain.accounts[FUNDER].address, "to": chain.token, "data": data}
-    chain.handle("eth_sendTransaction", [{**call, "gas": hex(100_000)}])
-
-
-def fund(chain: DevChain, amount: int = 1_000_000) -> EvmAccount:
-    """A fresh payer holding ``amount`` atomic USDC."""
-    payer = EvmAccount.generate()
-    send_usdc(chain, payer.address, amount)
-    return payer
 
 
 def offer_to(chain: DevChain, pay_to: str, amount: int) -> Offer:
@@ -137,6 +95,16 @@ def transfers_from(chain: DevChain, payer: str) -> list[dict[str, Any]]:
     return logs
 
 
+def refused(answer: dict[str, Any]) -> str:
+    """Check that a /settle answer is the refusal of a nonce already used (no success, no
+    transaction, no amount to serve on); its message."""
+    assert answer["success"] is False
+    assert answer["errorReason"] == USED
+    assert answer["transaction"] == ""
+    assert "amount" not in answer
+    return str(answer["errorMessage"])
+
+
 def sent_by_settler(chain: DevChain) -> int:
     return int(chain.handle("eth_getTransactionCount", [chain.accounts[SETTLER].address]), 16)
 
@@ -155,11 +123,7 @@ async def test_a_repeated_settle_is_refused_naming_the_transaction(
     assert first["success"] is True
     tx = first["transaction"]
     # A retry of a lost answer learns what happened, but is not a second success to serve on.
-    assert again["success"] is False
-    assert again["errorReason"] == USED
-    assert again["transaction"] == ""
-    assert "amount" not in again
-    assert f"this authorization was already settled in transaction {tx}" in again["errorMessage"]
+    assert f"this authorization was already settled in transaction {tx}" in refused(again)
     assert verdict["isValid"] is False
     assert verdict["invalidReason"] == USED
     assert chain.balance_of(merchant) == 10_000
@@ -183,11 +147,8 @@ async def test_two_authorizations_with_one_nonce_settle_only_the_first(
     tx = settled_a["transaction"]
     assert verdict_b["isValid"] is False
     assert verdict_b["invalidReason"] == USED
-    assert settled_b["success"] is False
-    assert settled_b["errorReason"] == USED
-    assert settled_b["transaction"] == ""  # A's transaction is not B's
-    assert "amount" not in settled_b
-    assert "another authorization with the same nonce" in settled_b["errorMessage"]
+    # A's transaction is not B's: refused() holds the transaction empty.
+    assert "another authorization with the same nonce" in refused(settled_b)
     assert tx in settled_b["errorMessage"]
     assert chain.balance_of(merchant_a) == 10_000
     assert chain.balance_of(merchant_b) == 0
@@ -261,7 +222,7 @@ async def test_a_duplicate_during_the_broadcast_is_refused(
 ) -> None:
     # The first settle holds the claim while the node takes 0.6 s to accept its transaction; a
     # duplicate gives up waiting after 0.1 s. Neither it nor a /verify may say "valid" or "paid".
-    app = service(chain, service_store, SlowBroadcast(chain.rpc, 0.6), settle_wait=0.1)
+    app = service(chain, service_store, SlowBroadcast(chain, 0.6), settle_wait=0.1)
     payer = fund(chain)
     merchant = EvmAccount.generate().address
     request = signed(payer, offer_to(chain, merchant, 10_000), os.urandom(32))
@@ -280,10 +241,7 @@ async def test_a_duplicate_during_the_broadcast_is_refused(
     assert answers["first"]["success"] is True
     assert answers["verify"]["isValid"] is False
     assert answers["verify"]["invalidReason"] == USED
-    duplicate = answers["duplicate"]
-    assert duplicate["success"] is False
-    assert duplicate["errorReason"] == USED
-    assert "being settled by another request" in duplicate["errorMessage"]
+    assert "being settled by another request" in refused(answers["duplicate"])
     assert chain.balance_of(merchant) == 10_000
     assert len(transfers_from(chain, payer.address)) == 1
 
@@ -293,7 +251,7 @@ async def test_a_repeat_of_a_pending_settlement_is_refused(
 ) -> None:
     # The node never shows the receipt: the first answer is settlement_pending with its hash (the
     # money may move), and neither a repeat nor another authorization on the nonce gets more.
-    app = service(chain, service_store, HiddenReceipts(chain.rpc))
+    app = service(chain, service_store, HiddenReceipts(chain))
     payer = fund(chain)
     nonce = os.urandom(32)
     merchant, other = EvmAccount.generate().address, EvmAccount.generate().address
@@ -308,11 +266,9 @@ async def test_a_repeat_of_a_pending_settlement_is_refused(
     tx = first["transaction"]
     assert tx.startswith("0x")
     for answer, whose in ((again, "this authorization"), (rivalled, "another authorization")):
-        assert answer["success"] is False
-        assert answer["errorReason"] == USED  # not settlement_pending: this request sent nothing
-        assert answer["transaction"] == ""
-        assert whose in answer["errorMessage"]
-        assert tx in answer["errorMessage"]
+        message = refused(answer)  # not settlement_pending: this request sent nothing
+        assert whose in message
+        assert tx in message
     assert chain.balance_of(merchant) == 10_000  # the chain did mine it
     assert chain.balance_of(other) == 0
     claim_key = (await service_store.events(kind="settlement"))[0].data["claim"]

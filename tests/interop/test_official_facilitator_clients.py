@@ -38,26 +38,21 @@ from farebox.ledgers.evm import TRANSFER_TOPIC, EvmLedger
 from farebox.protocol.x402 import decode_challenge_header, encode_proof
 from farebox.schemes.evm_exact import make_proof
 from farebox.store.sqlite import SqliteStore
+from tests.e2e.conftest import chain, fund
 from tests.interop.test_peac_node import JS_DIR, node
 from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
 
-__all__ = ["node"]
+__all__ = ["chain", "node"]
 
 CONCURRENT = 50
 SETTLER = 6  # the facilitator's gas account in this module
-FUNDER = 9
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 @pytest.fixture(scope="module")
@@ -210,16 +205,6 @@ def official_server(
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def fund(chain: DevChain, amount: int = 1_000_000) -> EvmAccount:
-    payer = EvmAccount.generate()
-    data = (
-        "0xa9059cbb" + payer.address[2:].lower().rjust(64, "0") + amount.to_bytes(32, "big").hex()
-    )
-    call = {"from": chain.accounts[FUNDER].address, "to": chain.token, "data": data}
-    chain.handle("eth_sendTransaction", [{**call, "gas": hex(100_000)}])
-    return payer
 
 
 def transfers_from(chain: DevChain, payer: str) -> int:
