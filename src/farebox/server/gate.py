@@ -500,7 +500,8 @@ class Gate:
             if await self.store.reopen_idempotent(
                 entry.key, owner=entry.owner, new_owner=runner, now=now, claim=paid.claim
             ):
-                return IdempotentRun(entry.key, runner, entry.fingerprint, delivers=paid)
+                settled = replace(paid, transaction=claim.transaction)
+                return IdempotentRun(entry.key, runner, entry.fingerprint, delivers=settled)
             return True
         if await self.store.reopen_idempotent(
             entry.key, owner=entry.owner, new_owner=owner, now=now, claim=claim_key
@@ -745,8 +746,7 @@ class Gate:
     async def _deliver(self, admission: Admission, paid: Withheld) -> Headers:
         """The headers of a response delivered for ``paid``, which settled after its first
         response was withheld: the settlement and a receipt naming its transaction."""
-        claim = await self.store.get_claim(paid.claim)
-        transaction = claim.transaction if claim is not None and claim.transaction else ""
+        transaction = paid.transaction
         settlement = Settlement(
             success=True,
             network=paid.network,

@@ -137,7 +137,8 @@ _SCHEMA: Mapping[str, Any] = {
 class Withheld:
     """A payment whose response was withheld (not confirmed when it answered), as its entry
     keeps it: the claim it spent, who spent it, and what it paid (``network``, ``asset``,
-    ``amount`` in atomic units, ``payer``). ``answer`` is the stored 402, marker included."""
+    ``amount`` in atomic units, ``payer``). ``answer`` is the stored 402, marker included.
+    ``transaction`` is the one that settled it, once a retry found it settled."""
 
     claim: str
     owner: str
@@ -146,6 +147,7 @@ class Withheld:
     amount: int
     payer: str
     answer: StoredResponse
+    transaction: str = ""
 
 
 @dataclass(frozen=True, slots=True)

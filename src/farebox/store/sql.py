@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from farebox.store.base import TRAFFIC_KINDS, Invoice, clamp_limit, payer_key
 
 __all__ = [
+    "TRAFFIC_KINDS_SQL",
     "TrafficStatements",
     "events_query",
     "invoice_from_row",
@@ -58,6 +59,10 @@ def events_query(
     return sql, params
 
 
+#: :data:`~farebox.store.base.TRAFFIC_KINDS` as an SQL list, for statements, indexes and triggers.
+TRAFFIC_KINDS_SQL = ", ".join(f"'{kind}'" for kind in TRAFFIC_KINDS)
+
+
 class TrafficStatements(NamedTuple):
     """The traffic statements of one driver (see :func:`traffic_statements`)."""
 
@@ -72,7 +77,7 @@ def traffic_statements(placeholder: str) -> TrafficStatements:
     """The traffic count and prune statements with the driver's parameter ``placeholder``."""
     p = placeholder
     # Only constants are formatted in (the kinds are ours); values are bound parameters.
-    kinds = ", ".join(f"'{kind}'" for kind in TRAFFIC_KINDS)
+    kinds = TRAFFIC_KINDS_SQL
     return TrafficStatements(
         add=(
             "INSERT INTO traffic_counts (day, kind, route, code, n) "  # noqa: S608

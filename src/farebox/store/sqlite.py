@@ -35,7 +35,6 @@ import orjson
 from farebox.errors import ConfigError, PaymentError
 from farebox.store.base import (
     INVOICE_CLAIM_PREFIX,
-    TRAFFIC_KINDS,
     Claim,
     ClaimState,
     Event,
@@ -54,6 +53,7 @@ from farebox.store.base import (
     traffic_tally,
 )
 from farebox.store.sql import (
+    TRAFFIC_KINDS_SQL,
     events_query,
     invoice_from_row,
     invoice_row,
@@ -75,10 +75,9 @@ SCHEMA_VERSION = 5
 
 # The payment log is never deleted from; traffic events (challenges, refusals, replays: what any
 # client can make more of) are pruned.
-_TRAFFIC_KINDS = ", ".join(f"'{kind}'" for kind in TRAFFIC_KINDS)
 _NO_DELETE = f"""
     CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    WHEN OLD.kind NOT IN ({_TRAFFIC_KINDS})
+    WHEN OLD.kind NOT IN ({TRAFFIC_KINDS_SQL})
     BEGIN SELECT RAISE(ABORT, 'the payment log is append-only'); END
     """
 
@@ -153,7 +152,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS invoices_expires_at ON invoices (expires_at)",
     # Version 5. Pruning walks traffic events only: without this index it would read the whole
     # payment log, under the write lock, on every pass. It costs an insert only for traffic.
-    f"CREATE INDEX IF NOT EXISTS events_traffic ON events (id) WHERE kind IN ({_TRAFFIC_KINDS})",
+    f"CREATE INDEX IF NOT EXISTS events_traffic ON events (id) WHERE kind IN ({TRAFFIC_KINDS_SQL})",
     # A few rows a day per route and code, whatever the traffic.
     """
     CREATE TABLE IF NOT EXISTS traffic_counts (
