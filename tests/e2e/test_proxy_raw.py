@@ -26,6 +26,7 @@ from farebox.ledgers.devchain import DevChain
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof
+from farebox.server.asgi import run_lifespan
 from tests.e2e.conftest import PRICE, fund
 
 PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
@@ -42,9 +43,7 @@ class Recorder:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await run_lifespan(receive, send)
             return
         body = b""
         while True:

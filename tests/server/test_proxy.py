@@ -20,6 +20,7 @@ from farebox.agent.httpx_auth import PaymentAuth
 from farebox.config import FareboxApp, build_app, parse_config
 from farebox.ledgers.devchain import DevChain
 from farebox.money import DEVCHAIN_USDC
+from farebox.server.asgi import run_lifespan
 from farebox.server.proxy import ReverseProxy
 from farebox.server.routes import RouteTable
 from tests.e2e.conftest import fund
@@ -44,13 +45,8 @@ class Upstream:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await run_lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()

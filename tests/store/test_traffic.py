@@ -188,3 +188,20 @@ def test_the_postgres_migration_names_the_traffic_kinds_farebox_uses() -> None:
     assert len(lists) == 2  # the index and the trigger function
     for found in lists:
         assert tuple(k.strip().strip("'") for k in found.split(",")) == TRAFFIC_KINDS
+
+
+async def test_sqlite_prunes_through_the_traffic_index(tmp_path: Path) -> None:
+    """Pruning walks traffic events only: without the partial index it would scan the whole
+    payment log under the write lock on every pass."""
+    from farebox.store.sqlite import _TRAFFIC
+
+    path = tmp_path / "store.db"
+    async with await SqliteStore.open(path) as store:
+        await store.append(_challenge(DAY))
+    with sqlite3.connect(path) as conn:
+        for sql, params in ((_TRAFFIC.cut, (5,)), (_TRAFFIC.prune, (1, 2, 3))):
+            plan = " ".join(
+                str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)
+            )
+            assert "events_traffic" in plan, plan
+    conn.close()
