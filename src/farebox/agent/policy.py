@@ -6,12 +6,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from farebox.errors import PaymentError
+from farebox.errors import ConfigError, PaymentError
 from farebox.money import Asset
 from farebox.net import is_loopback
 from farebox.protocol.models import Offer
 
-__all__ = ["Policy"]
+__all__ = ["DEFAULT_MAX_LIFETIME", "Policy"]
+
+#: The longest an authorization the agent signs stays valid, in seconds, unless the policy says
+#: otherwise: twice the official servers' default ``maxTimeoutSeconds`` (300). A signed
+#: authorization counts against the budget until it provably cannot move money, so this is also
+#: how long a refused payment can hold the budget before ``budget reconcile`` may release it.
+DEFAULT_MAX_LIFETIME = 600
 
 
 def _lowered(values: Iterable[str] | None) -> frozenset[str] | None:
@@ -28,6 +34,10 @@ class Policy:
     (``profile_…``, the challenge's ``networkId``).
     Only ``https`` URLs are paid, and plain ``http`` on the loopback interface (local development),
     unless ``allow_http`` is set.
+
+    ``max_lifetime`` is the longest validity window (seconds) the agent signs, whatever the server
+    asks: an offer whose ``maxTimeoutSeconds`` is longer is refused rather than cut (the server
+    says it may need that long to answer and settle; a shorter window could expire under it).
     """
 
     networks: frozenset[str] | None = None
@@ -35,6 +45,16 @@ class Policy:
     hosts: frozenset[str] | None = None
     payees: frozenset[str] | None = None
     allow_http: bool = False
+    max_lifetime: int = DEFAULT_MAX_LIFETIME
+
+    def __post_init__(self) -> None:
+        lifetime = self.max_lifetime
+        if (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, int)
+            or not 6 < lifetime <= 86_400
+        ):
+            raise ConfigError("max_lifetime must be an int of seconds between 7 and 86400")
 
     @classmethod
     def build(
@@ -45,6 +65,7 @@ class Policy:
         hosts: Iterable[str] | None = None,
         payees: Iterable[str] | None = None,
         allow_http: bool = False,
+        max_lifetime: int = DEFAULT_MAX_LIFETIME,
     ) -> Policy:
         return cls(
             frozenset(networks) if networks is not None else None,
@@ -52,6 +73,7 @@ class Policy:
             _lowered(hosts),
             _lowered(payees),
             allow_http,
+            max_lifetime,
         )
 
     def check_url(self, url: str) -> None:
@@ -74,6 +96,11 @@ class Policy:
             return f"asset {offer.asset} is not allowed"
         if self.payees is not None and offer.pay_to.lower() not in self.payees:
             return f"payee {offer.pay_to} is not allowed"
+        if offer.max_timeout_seconds > self.max_lifetime:
+            return (
+                f"the offer asks for an authorization valid {offer.max_timeout_seconds} s; "
+                f"the policy signs at most {self.max_lifetime} s (max_lifetime)"
+            )
         return None
 
     def card_refusal(self, network_id: str) -> str | None:
