@@ -1,7 +1,9 @@
 """The ``farebox`` command line: a thin face over the library (no protocol logic lives here).
 
 Machine-readable results go to stdout as JSON; human messages and errors go to stderr. Exit codes:
-0 success, 1 the operation failed (the ``E_*`` code is printed), 2 usage error.
+0 success, 1 the operation failed (the ``E_*`` code is printed), 2 usage error; ``farebox get``
+also exits 3 when it paid and printed the body but ``--require-receipt`` found the PEAC record
+missing or invalid.
 
 Each group of commands is its own ``typer.Typer`` added to :data:`app`; add new groups the same way.
 """
@@ -19,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from farebox.cli_budget import budget_app, reconcile_budget_file
 from farebox.cli_db import db_migrate_command
 from farebox.cli_devchain import devchain_command
 from farebox.cli_devstripe import devstripe_command
@@ -46,6 +49,7 @@ app.add_typer(receipts_app, name="receipts")
 db_app = typer.Typer(help="The PostgreSQL payment store.", no_args_is_help=True)
 db_app.command("migrate")(db_migrate_command)
 app.add_typer(db_app, name="db")
+app.add_typer(budget_app, name="budget")
 app.command("devchain")(devchain_command)
 app.command("devstripe")(devstripe_command)
 app.command("facilitator")(facilitator_command)
@@ -182,23 +186,65 @@ def get(
         Path | None, typer.Option("--book", help="SQLite receipt book to add the receipt to.")
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per HTTP request.")] = 30.0,
+    rpc_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rpc-url",
+            help="Reconcile --budget-file against this node before paying (repeatable).",
+        ),
+    ] = None,
+    require_receipt: Annotated[
+        bool,
+        typer.Option(
+            "--require-receipt", help="Exit 3 (body still printed) unless a valid PEAC record."
+        ),
+    ] = False,
 ) -> None:
-    """A paying curl: print the body to stdout and the payment (if any) as JSON to stderr."""
-    from farebox.agent.agent import Agent
+    """A paying curl: print the body to stdout and the payment (if any) as JSON to stderr.
+
+    Once paid, the body is always printed: a PEAC record that is missing or fails verification
+    is a warning on stderr (exit 0), or with --require-receipt exit 3.
+    """
+    from farebox.agent.agent import Agent, PaymentFailed
     from farebox.agent.book import ReceiptBook
     from farebox.agent.budget import Budget
     from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
     from farebox.agent.wallet import load_wallet
     from farebox.errors import PaymentError
 
+    if rpc_url and budget_file is None:
+        _fail("E_USAGE", "--rpc-url reconciles a --budget-file: give one")
+    exit_code = 0
     try:
         account = load_wallet(key_file)
         budget = Budget.from_prices(
             budget_file, per_request=max_price, per_day=per_day, total=total
         )
-        agent = Agent(account, budget=budget, book=ReceiptBook(book) if book is not None else None)
+        if rpc_url:
+            report = reconcile_budget_file(budget, rpc_url, grace=120)
+            if report["released"] != budget.format(0) or report["committed"]:
+                _stderr().print(
+                    Text(
+                        f"budget reconciled: {report['committed']} confirmed spent, "
+                        f"{report['released']} released, {report['pending']} still outstanding"
+                    )
+                )
+        agent = Agent(
+            account,
+            budget=budget,
+            book=ReceiptBook(book) if book is not None else None,
+            require_receipt=require_receipt,
+        )
         with httpx.Client(auth=PaymentAuth(agent), timeout=timeout) as client:
-            response = client.get(url)
+            try:
+                response = client.get(url)
+                payment = response.extensions.get(PAYMENT_EXTENSION)
+            except PaymentFailed as exc:
+                # Paid, and the record failed --require-receipt: the body is still the caller's.
+                if exc.payment is None or exc.response is None:
+                    raise
+                response, payment, exit_code = exc.response, exc.payment, 3
+                response.read()
     except PaymentError as exc:
         _fail(exc.code, exc.message)
     except ConfigError as exc:
@@ -207,9 +253,9 @@ def get(
         _fail("E_HTTP", f"{type(exc).__name__}: {exc}")
     sys.stdout.buffer.write(response.content)
     sys.stdout.flush()
-    payment = response.extensions.get(PAYMENT_EXTENSION)
     if payment is not None:
         asset = payment.asset
+        problem = payment.receipt_error
         summary = {
             "status": response.status_code,
             "paid": f"{asset.format(payment.offer.amount)} {asset.symbol}",
@@ -220,8 +266,19 @@ def get(
             "transaction": payment.settlement.transaction,
             "receipt_verified": payment.receipt is not None,
             "receipt_issuer": payment.receipt.issuer if payment.receipt else None,
+            "receipt_error": f"{problem.code}: {problem.message}" if problem else None,
         }
         typer.echo(json.dumps(summary, indent=2), err=True)
+        if problem is not None and (payment.receipt_jws is not None or require_receipt):
+            _stderr().print(
+                Text.assemble(
+                    ("warning", "bold yellow"),
+                    f": paid (transaction {payment.settlement.transaction}), but the receipt "
+                    f"failed: {problem.code}: {problem.message}",
+                )
+            )
+    if exit_code:
+        raise typer.Exit(exit_code)
     if response.status_code >= 400:
         raise typer.Exit(1)
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
-from farebox.agent.agent import Agent
+from farebox.agent.agent import Agent, PaymentFailed
 from farebox.agent.budget import Budget, Limits
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
 from farebox.errors import PaymentError
@@ -348,23 +348,38 @@ async def test_issuer_keys_are_discovered_once_and_cached(paid: Paid, chain: Dev
     assert fetched == ["/.well-known/peac-issuer.json", "/.well-known/jwks.json"]
 
 
-async def test_a_receipt_from_another_issuer_is_refused_but_the_spend_counts(
+async def test_a_receipt_from_another_issuer_is_reported_with_the_body_and_the_spend_counts(
     paid: Paid, chain: DevChain
 ) -> None:
-    payer = fund(chain)
-    agent = Agent(payer)
-    # The server signs as https://api.test but is reached as https://elsewhere.test.
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=fastapi_app(paid)),
-        base_url="https://elsewhere.test",
-        auth=PaymentAuth(agent),
-    ) as c:
-        with pytest.raises(PaymentError) as refused:
-            await c.get("/weather")
-    assert refused.value.code == "receipt_invalid"
-    assert "E_VERIFY_ISSUER_MISMATCH" in refused.value.message
-    assert chain.balance_of(payer.address) == 1_000_000 - PRICE
-    assert agent.budget.spent(now=int(time.time())).today_committed > 0
+    """Paid, then a record that fails: the body and the settlement are delivered with the
+    receipt's problem beside them; only require_receipt refuses, and then the exception carries
+    the payment and the response."""
+    for required in (False, True):
+        payer = fund(chain)
+        agent = Agent(payer, require_receipt=required)
+        # The server signs as https://api.test but is reached as https://elsewhere.test.
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=fastapi_app(paid)),
+            base_url="https://elsewhere.test",
+            auth=PaymentAuth(agent),
+        ) as c:
+            if not required:
+                response = await c.get("/weather")
+                payment = response.extensions[PAYMENT_EXTENSION]
+                assert response.status_code == 200 and response.json() == {"forecast": "sunny"}
+                assert payment.receipt is None and payment.receipt_jws is not None
+                assert "E_VERIFY_ISSUER_MISMATCH" in payment.receipt_error.message
+                assert payment.settlement.success and payment.settlement.transaction
+            else:
+                with pytest.raises(PaymentFailed) as refused:
+                    await c.get("/weather")
+                assert refused.value.code == "receipt_invalid"
+                assert "E_VERIFY_ISSUER_MISMATCH" in refused.value.message
+                assert refused.value.payment is not None
+                assert refused.value.payment.settlement.transaction
+                assert refused.value.answer is not None and refused.value.answer.status == 200
+        assert chain.balance_of(payer.address) == 1_000_000 - PRICE
+        assert agent.budget.spent(now=int(time.time())).today_committed > 0
 
 
 async def test_a_missing_receipt_is_accepted_unless_required(paid: Paid, chain: DevChain) -> None:

@@ -4,9 +4,22 @@
 (:class:`Fetch` a discovery document, :class:`Retry` the request with the proof) and receives each
 answer, then returns the :class:`Payment`. The httpx ``Auth`` and the ``requests`` adapter only
 drive it. The flow reads the challenge (v2 header, v1 body, plain body), picks the cheapest offer
-the policy and budget allow, reserves the budget, signs, retries, checks the settlement and the
-PEAC record, then commits the spend and books the receipt; on any refusal it releases the
-reservation and raises with the server's code or its own.
+the policy and budget allow, reserves the budget, signs, records the signed authorization in the
+budget as sent (from then on it counts as spent), retries, checks the settlement and the PEAC
+record, and books the receipt; a refusal raises with the server's code or its own.
+
+What a refusal releases. Nothing, once the authorization has left: the server holds a signature
+that moves money until its ``validBefore`` whatever it answered, so a refused, failed or
+redirected paid retry leaves the authorization outstanding in the budget (see
+:mod:`farebox.agent.budget`); :func:`farebox.agent.reconcile.reconcile` releases it when the chain
+shows it expired unused or cancelled. Only a reservation whose authorization never left (no
+payable offer, a signing or discovery failure) is released at once. The window the agent signs is
+the offer's ``maxTimeoutSeconds``, at most ``Policy.max_lifetime`` (longer offers are refused).
+
+Paid, then a bad record. Once money moved, the response is never lost: a PEAC record that is
+missing or fails verification is reported in ``Payment.receipt_error`` beside the delivered
+response; only ``require_receipt=True`` raises (``receipt_invalid``), and the exception carries
+the payment and the answer (the drivers add their own response object as ``.response``).
 
 Idempotent retries: each logical request gets one id (``pay_`` + 32 hex digits), sent as the
 ``Idempotency-Key`` header and, when the challenge declares the x402 ``payment-identifier``
@@ -37,14 +50,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
 
 from farebox.agent.book import BookEntry, ReceiptBook
-from farebox.agent.budget import Budget, Reservation
+from farebox.agent.budget import Budget, Reservation, SentAuthorization
 from farebox.agent.card import CardWallet, MintToken
 from farebox.agent.policy import Policy
 from farebox.errors import ConfigError, PaymentError, ReceiptError
@@ -167,10 +180,18 @@ class Payment:
     receipt_jws: str | None
     rail: str = X402_RAIL
     payment_receipt: mpp.Receipt | None = None
+    #: Why ``receipt`` is ``None``: the PEAC record is missing (``E_RECEIPT_MISSING``) or failed
+    #: verification (its code). The payment was made either way.
+    receipt_error: ReceiptError | None = None
 
 
 class PaymentFailed(PaymentError):
-    """The server answered the paid retry without delivering; carries its status and body."""
+    """The server answered the paid retry without delivering, or (``require_receipt``) delivered
+    without a valid record; carries its status and answer, and ``payment`` when money moved.
+
+    ``response`` is the driver's own response object (``httpx.Response``, ``requests.Response``)
+    when a driver raised it, with its body still readable.
+    """
 
     def __init__(
         self,
@@ -181,10 +202,13 @@ class PaymentFailed(PaymentError):
         payer: str | None = None,
         answer: Answer | None = None,
         settlement: Settlement | None = None,
+        payment: Payment | None = None,
     ) -> None:
         super().__init__(code, message, status=status, payer=payer)
         self.answer = answer
         self.settlement = settlement
+        self.payment = payment
+        self.response: Any = None
 
 
 @dataclass(slots=True)
@@ -235,9 +259,10 @@ class Agent:
 
     The default budget allows $0.10 per request (in USD-pegged assets) and is not persisted.
 
-    ``book`` keeps every receipt. A PEAC record that fails verification is always refused
-    (``receipt_invalid``; the spend is still committed: the money moved). A response without one
-    (most x402 servers send none) is accepted unless ``require_receipt`` is set.
+    ``book`` keeps every receipt. A paid response whose PEAC record is missing (most x402 servers
+    send none) or fails verification is delivered with ``Payment.receipt_error`` saying why;
+    ``require_receipt`` refuses it instead (``receipt_invalid``; the spend is still committed:
+    the money moved).
     ``clock`` gives Unix seconds. ``resends`` is how many times a paid retry that failed in
     transport is sent again, unchanged, before the error is raised. ``prefer`` orders the rails
     (``"x402"``, ``"stripe"``) when a 402 offers both and both are payable.
@@ -402,10 +427,14 @@ class Agent:
             )
             header = PAYMENT_SIGNATURE if proof.x402_version == 2 else X_PAYMENT
             step = Retry({header: encode_proof(proof), IDEMPOTENCY_KEY: request_id})
+            # Counted before it leaves: from the first byte sent, the authorization can move
+            # money until its validBefore, whatever the server answers or whether we live.
+            self.budget.sent(reservation, now=now, authorization=_sent(offer, proof.payload))
             sent = True
             answer = yield from self._send(step)
         except BaseException:
-            self._unreserve(reservation, sent=sent)
+            if not sent:
+                self.budget.release(reservation)
             raise
         return self._conclude(method, url, offer, asset, reservation, keys, answer)
 
@@ -550,16 +579,11 @@ class Agent:
     ) -> Payment | None:
         settlement = self._settlement(answer)
         if answer.status >= 300 or settlement is None or not settlement.success:
-            if settlement is not None and (settlement.success or settlement.pending):
-                # The money moved, or may have: it counts against the budget.
-                self.budget.commit(
-                    reservation, now=int(self.clock()), reference=settlement.transaction
-                )
-            else:
-                self.budget.release(reservation)
+            # The authorization stays outstanding in the budget (see the module docstring): a
+            # refusal, an error or a redirect is the server's word, not the chain's.
             refused_by_gate = answer.status == 402 or "payment-required" in answer.headers
             if settlement is None and not refused_by_gate:
-                # The app's own error or redirect (nothing charged): the caller gets it as it is.
+                # The app's own error or redirect: the caller gets it as it is.
                 return None
             code, message = _refusal_of(answer, settlement)
             raise PaymentFailed(
@@ -620,7 +644,10 @@ class Agent:
                     verified=receipt is not None,
                 )
             )
-        if problem is not None and (self.require_receipt or payment.receipt_jws is not None):
+        if problem is None:
+            return payment
+        payment = replace(payment, receipt_error=problem)
+        if self.require_receipt:
             what = "PaymentIntent" if payment.rail == CARD_RAIL else "transaction"
             raise PaymentFailed(
                 "receipt_invalid",
@@ -628,6 +655,7 @@ class Agent:
                 payer=payment.payer,
                 answer=answer,
                 settlement=payment.settlement,
+                payment=payment,
             )
         return payment
 
@@ -704,6 +732,18 @@ class Agent:
                     "E_RECEIPT_MISMATCH", f"receipt {name} is {got!r}, the payment's is {want!r}"
                 )
         return receipt
+
+
+def _sent(offer: Offer, payload: Mapping[str, Any]) -> SentAuthorization:
+    """What names the signed authorization in ``payload`` on chain, for the budget."""
+    authorization = payload["authorization"]
+    return SentAuthorization(
+        network=offer.network,
+        token=offer.asset,
+        authorizer=authorization["from"],
+        nonce=authorization["nonce"],
+        valid_before=int(authorization["validBefore"]),
+    )
 
 
 def _refusal_of(answer: Answer, settlement: Settlement | None) -> tuple[str, str]:

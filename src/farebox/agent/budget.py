@@ -7,6 +7,17 @@ payments: ``reserve(amount, currency="usd", ...)``). Money is set aside before p
 (:meth:`Budget.commit`) or given back (:meth:`Budget.release`). Each call is one short SQLite
 transaction; ``reserve`` checks and sets aside in one ``BEGIN IMMEDIATE`` transaction, so any
 number of processes sharing the file together never exceed a limit.
+
+What counts as spent. A signed EIP-3009 authorization can move money for anyone who holds it until
+its ``validBefore``, whatever the server that received it says: a refusal, a 500 or a redirect is
+the server's word, and a hostile server can refuse and settle later. So the moment an
+authorization leaves the agent it is committed (:meth:`Budget.sent`) and kept as *outstanding*
+with what names it on chain. It stops counting only when the chain proves it can never move
+money: the token logged its cancellation (EIP-3009 ``cancelAuthorization``), or a block dated at
+least a grace period past ``validBefore`` shows it unused (:meth:`Budget.resolve`, driven by
+:mod:`farebox.agent.reconcile`). A success answer with a transaction settles it for good; so does
+the chain showing it used. No refusal code releases it: every code is something a hostile server
+can send.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TypeVar
 
@@ -27,10 +38,13 @@ from farebox.store.sqlite import open_database
 
 __all__ = [
     "FIAT_EXPONENTS",
+    "OUTCOMES",
     "SCALE",
     "Budget",
     "Limits",
+    "Outstanding",
     "Reservation",
+    "SentAuthorization",
     "Spending",
     "fiat_to_units",
     "format_units",
@@ -62,7 +76,7 @@ FIAT_EXPONENTS: dict[str, int] = {
     **dict.fromkeys(_THREE_DECIMAL.split(), 3),
 }
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS meta (
@@ -95,8 +109,30 @@ _SCHEMA = (
         amount TEXT NOT NULL
     )
     """,
+    # Version 2: the signed authorizations that left the agent, one per committed reservation,
+    # until the chain (or a success answer) says what became of them.
+    """
+    CREATE TABLE IF NOT EXISTS authorizations (
+        reservation TEXT PRIMARY KEY REFERENCES reservations (id),
+        network TEXT NOT NULL,
+        token TEXT NOT NULL,
+        authorizer TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        valid_before INTEGER NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('outstanding', 'settled', 'used', 'cancelled', 'expired')),
+        transaction_hash TEXT,
+        resolved_at INTEGER
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS authorizations_outstanding ON authorizations (valid_before) "
+    "WHERE state = 'outstanding'",
 )
 _ALL_TIME = -1
+
+#: How an outstanding authorization ends: the chain shows it ``used`` (money moved), or it can
+#: never move money: ``cancelled`` on chain, or ``expired`` unused.
+OUTCOMES = ("used", "cancelled", "expired")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +172,33 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class SentAuthorization:
+    """What names a signed EIP-3009 authorization on chain: the token's ``authorizationState``
+    key (``authorizer``, ``nonce``) on ``network`` (CAIP-2), and when it stops being usable."""
+
+    network: str
+    token: str
+    authorizer: str
+    nonce: str  # 0x + 64 hex digits
+    valid_before: int  # unix seconds; the token refuses it from this block timestamp on
+
+
+@dataclass(frozen=True, slots=True)
+class Outstanding:
+    """A committed payment whose authorization left the agent with no proof yet of what became
+    of it: it counts as spent until :meth:`Budget.resolve` says otherwise."""
+
+    reservation: str
+    amount: int  # budget units
+    asset: str
+    asset_amount: int
+    at: int
+    payee: str
+    resource: str
+    authorization: SentAuthorization
+
+
+@dataclass(frozen=True, slots=True)
 class Spending:
     """What a budget has used: committed (money moved) and reserved (being paid, not expired),
     today (UTC) and in total, in budget units, with the limits they count against."""
@@ -147,6 +210,10 @@ class Spending:
     total_committed: int
     total_reserved: int
     limits: Limits
+    #: Of the committed total, what authorizations still outstanding hold (may still move money;
+    #: released if the chain proves they cannot). Filled by :meth:`Budget.spent`.
+    outstanding: int = 0
+    outstanding_count: int = 0
 
     @property
     def today(self) -> int:
@@ -400,12 +467,13 @@ class Budget:
                 raise _exceeded(
                     f"this payment of {self.format(units)} is over the daily limit of "
                     f"{self.format(limits.per_day)}: {left} left today (UTC)"
+                    + self._held_note(conn)
                 )
             if limits.total is not None and spending.total + units > limits.total:
                 left = self.format(max(0, limits.total - spending.total))
                 raise _exceeded(
                     f"this payment of {self.format(units)} is over the total limit of "
-                    f"{self.format(limits.total)}: {left} left"
+                    f"{self.format(limits.total)}: {left} left" + self._held_note(conn)
                 )
             conn.execute(
                 "INSERT INTO reservations (id, amount, day, at, state, asset, asset_amount, "
@@ -428,36 +496,114 @@ class Budget:
     def commit(self, reservation: Reservation, *, now: int, reference: str | None = None) -> None:
         """The money moved: ``reservation`` is spent (on the day it was reserved).
 
-        Committing twice changes nothing. A released or expired reservation is still committed:
-        once money moved, it counts, whatever the limits say.
+        Committing twice changes nothing, except that a ``reference`` given later is kept when
+        there was none; committing an authorization that :meth:`sent` left outstanding settles it
+        (a success answer named its transaction). A released or expired reservation is still
+        committed: once money moved, it counts, whatever the limits say.
         """
 
         def run(conn: sqlite3.Connection) -> None:
-            row = conn.execute(
-                "SELECT state, amount, day FROM reservations WHERE id = ?", (reservation.id,)
-            ).fetchone()
-            if row is None:
-                raise ConfigError("unknown reservation (from another budget?)")
-            state, amount, day = row
-            if state == "committed":
-                return
+            self._commit(conn, reservation.id, now=now, reference=reference)
             conn.execute(
-                "UPDATE reservations SET state = 'committed', settled_at = ?, reference = ? "
-                "WHERE id = ?",
-                (now, reference, reservation.id),
+                "UPDATE authorizations SET state = 'settled', transaction_hash = ?, "
+                "resolved_at = ? WHERE reservation = ? AND state = 'outstanding'",
+                (reference, now, reservation.id),
             )
-            for period in (day, _ALL_TIME):
-                found = conn.execute(
-                    "SELECT amount FROM committed WHERE period = ?", (period,)
-                ).fetchone()
-                new = (int(found[0]) if found else 0) + int(amount)
-                conn.execute(
-                    "INSERT INTO committed (period, amount) VALUES (?, ?) "
-                    "ON CONFLICT (period) DO UPDATE SET amount = excluded.amount",
-                    (period, str(new)),
-                )
 
         self._transaction(run)
+
+    def sent(self, reservation: Reservation, *, now: int, authorization: SentAuthorization) -> None:
+        """A signed ``authorization`` paying ``reservation`` is about to leave the agent: from
+        now on it counts as spent, and stays *outstanding* until a success answer
+        (:meth:`commit`) or the chain (:meth:`resolve`) says what became of it.
+
+        Call it before the authorization is sent: a process killed after sending must leave it
+        counted, never as an active reservation that expires while the authorization is valid.
+        """
+
+        def run(conn: sqlite3.Connection) -> None:
+            self._commit(conn, reservation.id, now=now, reference=None)
+            conn.execute(
+                "INSERT INTO authorizations (reservation, network, token, authorizer, nonce, "
+                "valid_before, state) VALUES (?, ?, ?, ?, ?, ?, 'outstanding') "
+                "ON CONFLICT (reservation) DO NOTHING",
+                (
+                    reservation.id,
+                    authorization.network,
+                    authorization.token.lower(),
+                    authorization.authorizer.lower(),
+                    authorization.nonce.lower(),
+                    authorization.valid_before,
+                ),
+            )
+
+        self._transaction(run)
+
+    def outstanding(self, *, limit: int | None = None) -> list[Outstanding]:
+        """The authorizations that left the agent and may still move money, oldest first."""
+        sql = (
+            "SELECT r.id, r.amount, r.asset, r.asset_amount, r.at, r.payee, r.resource, "
+            "a.network, a.token, a.authorizer, a.nonce, a.valid_before "
+            "FROM authorizations a JOIN reservations r ON r.id = a.reservation "
+            "WHERE a.state = 'outstanding' ORDER BY a.valid_before, r.id"
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+
+        def run(conn: sqlite3.Connection) -> list[Outstanding]:
+            return [
+                Outstanding(
+                    reservation=row[0],
+                    amount=int(row[1]),
+                    asset=row[2],
+                    asset_amount=int(row[3]),
+                    at=row[4],
+                    payee=row[5],
+                    resource=row[6],
+                    authorization=SentAuthorization(row[7], row[8], row[9], row[10], row[11]),
+                )
+                for row in conn.execute(sql)
+            ]
+
+        return self._transaction(run, write=False)
+
+    def resolve(
+        self, reservation: str, outcome: str, *, now: int, transaction: str | None = None
+    ) -> bool:
+        """Record what the chain says became of an outstanding authorization: ``"used"`` (it
+        moved money: it stays spent, with its ``transaction``), or ``"cancelled"`` /
+        ``"expired"`` (it never can: the payment no longer counts). Returns whether it was
+        outstanding; a resolved one is never changed again, so racing reconcilers agree.
+        """
+        if outcome not in OUTCOMES:
+            raise ConfigError(f"outcome must be one of {OUTCOMES}")
+
+        def run(conn: sqlite3.Connection) -> bool:
+            changed = conn.execute(
+                "UPDATE authorizations SET state = ?, transaction_hash = ?, resolved_at = ? "
+                "WHERE reservation = ? AND state = 'outstanding'",
+                (outcome, transaction, now, reservation),
+            ).rowcount
+            if not changed:
+                return False
+            if outcome == "used":
+                conn.execute(
+                    "UPDATE reservations SET reference = ? WHERE id = ?",
+                    (transaction, reservation),
+                )
+                return True
+            row = conn.execute(
+                "SELECT amount, day FROM reservations WHERE id = ? AND state = 'committed'",
+                (reservation,),
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE reservations SET state = 'released' WHERE id = ?", (reservation,)
+                )
+                self._add_committed(conn, row[1], -int(row[0]))
+            return True
+
+        return self._transaction(run)
 
     def release(self, reservation: Reservation) -> None:
         """Nothing was spent: ``reservation`` no longer counts.
@@ -480,8 +626,15 @@ class Budget:
         self._transaction(run)
 
     def spent(self, *, now: int) -> Spending:
-        """Today's (UTC) and total committed and reserved amounts."""
-        return self._transaction(lambda conn: self._spending(conn, now), write=False)
+        """Today's (UTC) and total committed and reserved amounts, and what of the committed
+        total outstanding authorizations hold."""
+
+        def run(conn: sqlite3.Connection) -> Spending:
+            spending = self._spending(conn, now)
+            count, held = self._held(conn)
+            return replace(spending, outstanding=held, outstanding_count=count)
+
+        return self._transaction(run, write=False)
 
     def close(self) -> None:
         """Close the file; later calls raise ``store_unavailable``."""
@@ -491,6 +644,64 @@ class Budget:
             conn.close()
 
     # --- inside a transaction ------------------------------------------------------------------
+
+    def _commit(
+        self, conn: sqlite3.Connection, reservation: str, *, now: int, reference: str | None
+    ) -> None:
+        row = conn.execute(
+            "SELECT state, amount, day FROM reservations WHERE id = ?", (reservation,)
+        ).fetchone()
+        if row is None:
+            raise ConfigError("unknown reservation (from another budget?)")
+        state, amount, day = row
+        if state == "committed":
+            if reference is not None:
+                conn.execute(
+                    "UPDATE reservations SET reference = ? WHERE id = ? AND reference IS NULL",
+                    (reference, reservation),
+                )
+            return
+        conn.execute(
+            "UPDATE reservations SET state = 'committed', settled_at = ?, reference = ? "
+            "WHERE id = ?",
+            (now, reference, reservation),
+        )
+        self._add_committed(conn, day, int(amount))
+
+    @staticmethod
+    def _add_committed(conn: sqlite3.Connection, day: int, delta: int) -> None:
+        for period in (day, _ALL_TIME):
+            found = conn.execute(
+                "SELECT amount FROM committed WHERE period = ?", (period,)
+            ).fetchone()
+            new = (int(found[0]) if found else 0) + delta
+            conn.execute(
+                "INSERT INTO committed (period, amount) VALUES (?, ?) "
+                "ON CONFLICT (period) DO UPDATE SET amount = excluded.amount",
+                (period, str(new)),
+            )
+
+    @staticmethod
+    def _held(conn: sqlite3.Connection) -> tuple[int, int]:
+        """How many outstanding authorizations there are and what they hold, in budget units."""
+        count = held = 0
+        for (amount,) in conn.execute(
+            "SELECT r.amount FROM authorizations a JOIN reservations r ON r.id = a.reservation "
+            "WHERE a.state = 'outstanding'"
+        ):
+            count += 1
+            held += int(amount)
+        return count, held
+
+    def _held_note(self, conn: sqlite3.Connection) -> str:
+        count, held = self._held(conn)
+        if not count:
+            return ""
+        return (
+            f"; {self.format(held)} of the spending is {count} signed authorization(s) that left "
+            "the agent without proof of settlement: they count until the chain shows them "
+            "expired unused or cancelled (farebox budget reconcile)"
+        )
 
     def _check_currency(self, conn: sqlite3.Connection) -> None:
         # A budget file counts in one currency for life: reopening it in another would compare

@@ -202,6 +202,17 @@ class EvmReader:
 
     # --- what the chain says about an authorization (for reconciliation) -----------------------
 
+    async def latest_timestamp(self) -> int:
+        """The timestamp of the latest block: an authorization whose ``validBefore`` it has
+        passed can no longer be used in any later block."""
+        try:
+            block = await self.rpc.request("eth_getBlockByNumber", ["latest", False])
+        except (RpcError, RpcUnavailable) as exc:
+            raise PaymentError("ledger_unavailable", f"latest block failed: {exc}") from None
+        if not isinstance(block, dict):
+            raise PaymentError("ledger_unavailable", "the node returned no latest block")
+        return _quantity(block.get("timestamp"), "block timestamp")
+
     async def authorization_used(self, token: str, authorizer: bytes, nonce: bytes) -> bool:
         """Whether the token has consumed (or canceled) ``authorizer``'s ``nonce``."""
         data = AUTHORIZATION_STATE + authorizer.rjust(32, b"\0") + nonce
