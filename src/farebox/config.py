@@ -25,6 +25,8 @@ app. The schema::
     network = "eip155:84532"            # CAIP-2, or "devchain" for the embedded chain
     asset = "0x036C..."                 # optional: the network's default USDC
     pay_to = "0x..."                    # required: the merchant's address
+                                        # (addresses: all-lower or all-upper case hex, or with
+                                        #   their exact EIP-55 checksum; a wrong one is an error)
 
     [settlement]                        # exactly one of ledger, rpc_url, facilitator
     ledger = "embedded"                 # the in-process chain (network "devchain"), settling
@@ -93,7 +95,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from farebox.errors import ConfigError
-from farebox.eth import EvmAccount, checksum_address, is_address
+from farebox.eth import EvmAccount, checked_address
 from farebox.facilitator.base import Facilitator
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.evm import EvmLedger, EvmReader
@@ -375,9 +377,7 @@ def parse_config(
     pay_to = _string(payment, "payment.pay_to", "pay_to")
     if pay_to is None:
         raise ConfigError("payment.pay_to: required: the address that receives the payments")
-    if not is_address(pay_to):
-        raise ConfigError(f"payment.pay_to: {pay_to!r} is not a 0x-prefixed 20-byte address")
-    pay_to = checksum_address(pay_to)
+    pay_to = checked_address(pay_to, "payment.pay_to")
 
     settlement = _settlement(document, asset, base, env, facilitator)
     card = _card(document, issuer, env)
@@ -409,8 +409,7 @@ def _asset(network: str, address: str | None, assets: AssetRegistry) -> Asset:
                 f"payment.network: no known asset on {network!r}; "
                 f'use "devchain" or one of {sorted({a.network for a in assets})}'
             ) from None
-    if not is_address(address):
-        raise ConfigError(f"payment.asset: {address!r} is not a 0x-prefixed 20-byte address")
+    address = checked_address(address, "payment.asset")
     found = assets.find(network, address)
     if found is None:
         known = [a.address for a in assets if a.network == network]

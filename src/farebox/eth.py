@@ -21,6 +21,7 @@ __all__ = [
     "UINT256_MAX",
     "EvmAccount",
     "address_bytes",
+    "checked_address",
     "checksum_address",
     "is_address",
     "keccak256",
@@ -84,6 +85,34 @@ def checksum_address(value: str | bytes) -> str:
         ch.upper() if nibble in "89abcdef" else ch
         for ch, nibble in zip(hex_lower, digest, strict=False)
     )
+
+
+def checked_address(value: object, what: str = "address") -> str:
+    """The EIP-55 form of an address a person wrote (a route's payTo, a config key, a policy).
+
+    All-lower and all-upper hex carry no checksum and are taken as they are, as EIP-55 says; a
+    mixed-case address must carry its checksum exactly, else :class:`~farebox.errors.ConfigError`
+    names ``what`` and the address: one mistyped character would otherwise be re-checksummed into
+    a valid address nobody holds, and the money sent there is lost. Addresses read from the wire
+    (a peer's offer or proof) are protocol input and are not read through this.
+    """
+    if not isinstance(value, str) or not is_address(value):
+        shown = (
+            repr(value[:80])
+            if isinstance(value, str)
+            else f"a value of type {type(value).__name__}"
+        )
+        raise ConfigError(f"{what}: {shown} is not a 0x-prefixed 20-byte hex address")
+    checksummed = checksum_address(value)
+    digits = value[2:]
+    if digits not in (digits.lower(), digits.upper()) and value != checksummed:
+        # The correct checksum of the typed hex is not shown: it would invite pasting it back,
+        # which re-validates the typo.
+        raise ConfigError(
+            f"{what}: {value} has a wrong EIP-55 checksum: check the address; a mixed-case "
+            "address must carry its EIP-55 checksum (all-lower or all-upper case hex has none)"
+        )
+    return checksummed
 
 
 def public_key_address(public_key: coincurve.PublicKey) -> bytes:

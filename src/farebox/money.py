@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from farebox.errors import ConfigError
-from farebox.eth import UINT256_MAX, checksum_address, is_address
+from farebox.eth import UINT256_MAX, checked_address
 
 __all__ = [
     "ASSETS",
@@ -37,7 +37,9 @@ class Asset:
     """A token on one network.
 
     ``name`` and ``version`` are the token's EIP-712 domain; ``peg`` is the fiat currency a
-    stablecoin tracks (so ``"$0.01"`` can be priced in it), or ``None``.
+    stablecoin tracks (so ``"$0.01"`` can be priced in it), or ``None``. ``address`` is all-lower
+    or all-upper case hex, or carries its exact EIP-55 checksum (see
+    :func:`~farebox.eth.checked_address`).
     """
 
     network: str
@@ -49,13 +51,11 @@ class Asset:
     peg: str | None = None
 
     def __post_init__(self) -> None:
-        if not is_address(self.address):
-            raise ConfigError(f"asset address {self.address!r} is not a 0x-prefixed hex address")
         if not 0 <= self.decimals <= 36:
             raise ConfigError("asset decimals must be between 0 and 36")
         if not re.fullmatch(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", self.network):
             raise ConfigError(f"network {self.network!r} is not a CAIP-2 identifier")
-        object.__setattr__(self, "address", checksum_address(self.address))
+        object.__setattr__(self, "address", checked_address(self.address, "asset address"))
 
     @property
     def chain_id(self) -> int:

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from farebox.errors import ConfigError
-from farebox.eth import checksum_address, is_address
+from farebox.eth import checked_address
 from farebox.money import Asset, Price, parse_price
 from farebox.protocol.models import Offer, Resource
 from farebox.schemes.evm_exact import SCHEME
@@ -89,7 +89,10 @@ class CardOffer:
 @dataclass(frozen=True, slots=True)
 class Route:
     """A paid route. ``assets`` are the tokens it accepts; ``price`` is in their common unit
-    (``"$0.01"`` for USD-pegged tokens) or an int of atomic units when there is one asset."""
+    (``"$0.01"`` for USD-pegged tokens) or an int of atomic units when there is one asset.
+
+    ``pay_to`` is all-lower or all-upper case hex, or carries its exact EIP-55 checksum: a
+    mixed-case address with a wrong checksum (a typo) is a :class:`ConfigError`."""
 
     method: str
     path: str
@@ -113,9 +116,7 @@ class Route:
             raise ConfigError(f"route path {self.path!r} must start with '/'")
         if not self.assets:
             raise ConfigError(f"route {method} {self.path} accepts no asset")
-        if not is_address(self.pay_to):
-            raise ConfigError(f"payTo {self.pay_to!r} is not an EVM address")
-        object.__setattr__(self, "pay_to", checksum_address(self.pay_to))
+        object.__setattr__(self, "pay_to", checked_address(self.pay_to, "pay_to"))
         if not 6 < self.max_timeout_seconds <= 86_400:
             raise ConfigError("max_timeout_seconds must be between 7 and 86400")
         object.__setattr__(self, "_pattern", _compile(self.path))
