@@ -17,6 +17,7 @@ from farebox.agent.budget import (
     SCALE,
     Budget,
     Limits,
+    SentAuthorization,
     Spending,
     format_units,
     parse_units,
@@ -336,3 +337,56 @@ def test_two_processes_never_exceed_the_daily_limit_together(tmp_path: Path) -> 
     assert won == 10  # $1.00 a day at $0.10 each, over 40 attempts
     with Budget.from_prices(path, per_day="$1.00") as budget:
         assert budget.spent(now=T0).today == usd("1")
+
+
+def authorization(nonce: int, valid_before: int = T0 + 300) -> SentAuthorization:
+    return SentAuthorization(
+        "eip155:84532", USDC.address, ADDRESS, "0x" + nonce.to_bytes(32, "big").hex(), valid_before
+    )
+
+
+def test_a_sent_authorization_counts_until_resolved() -> None:
+    with Budget.from_prices(None, per_day="$0.03") as budget:
+        a = budget.reserve(CENT, asset=USDC, now=T0, payee=ADDRESS, resource="https://x/a")
+        budget.sent(a, now=T0, authorization=authorization(1))
+        b = budget.reserve(CENT, asset=USDC, now=T0)
+        budget.sent(b, now=T0, authorization=authorization(2))
+        c = budget.reserve(CENT, asset=USDC, now=T0)
+        budget.sent(c, now=T0, authorization=authorization(3))
+        exceeded_while_held = exceeded(budget, 1, T0 + 10)
+        assert "3 signed authorization(s)" in exceeded_while_held.message
+        # Long after a reservation's time to live, the sent ones still count: they are spent.
+        spent = budget.spent(now=T0 + 3600)
+        assert (spent.today_committed, spent.outstanding_count) == (usd("0.03"), 3)
+        assert [o.reservation for o in budget.outstanding()] == [a.id, b.id, c.id]
+        assert budget.outstanding()[0].resource == "https://x/a"
+
+        budget.commit(a, now=T0 + 1, reference="0xtx")  # a success answer: settled for good
+        assert budget.resolve(b.id, "expired", now=T0 + 400)  # never moved: released
+        assert budget.resolve(c.id, "used", now=T0 + 400, transaction="0xc")
+        assert not budget.resolve(b.id, "used", now=T0 + 500)  # resolved once, never again
+        assert not budget.resolve(a.id, "expired", now=T0 + 500)  # a settled one is final
+        spent = budget.spent(now=T0 + 3600)
+        assert (spent.today_committed, spent.total_committed) == (usd("0.02"), usd("0.02"))
+        assert (spent.outstanding_count, spent.outstanding) == (0, 0)
+        budget.reserve(CENT, asset=USDC, now=T0 + 3600)  # the released cent is spendable again
+        with pytest.raises(ConfigError):
+            budget.resolve(a.id, "refunded", now=T0)
+
+
+def test_a_version_1_budget_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with Budget.from_prices(path, per_day="$1") as budget:
+        budget.commit(budget.reserve(CENT, asset=USDC, now=T0), now=T0)
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE authorizations")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Budget.from_prices(path, per_day="$1") as budget:
+        assert budget.spent(now=T0).today_committed == CENT * 10**12
+        sent = budget.reserve(CENT, asset=USDC, now=T0)
+        budget.sent(sent, now=T0, authorization=authorization(7))
+        assert budget.spent(now=T0).outstanding_count == 1

@@ -14,12 +14,13 @@ from typing import Any
 import anyio
 import pytest
 
-from farebox.eth import EvmAccount
+from farebox.eth import EvmAccount, address_bytes, keccak256
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.money import ASSETS
 from farebox.receipts import SigningKey
+from farebox.schemes.evm_exact import chain_id_of, domain_separator
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.memory import MemoryStore
@@ -121,3 +122,23 @@ class HiddenReceipts:
         if method == "eth_getTransactionReceipt":
             return None
         return await self.inner.request(method, params)
+
+
+def cancel_on_chain(chain: DevChain, payer: EvmAccount, nonce: bytes) -> None:
+    """The payer cancels its authorization ``nonce`` (EIP-3009 ``cancelAuthorization``)."""
+    asset = chain.asset
+    separator = domain_separator(asset.name, asset.version, chain_id_of(asset.network), chain.token)
+    typehash = keccak256(b"CancelAuthorization(address authorizer,bytes32 nonce)")
+    struct_hash = keccak256(typehash + address_bytes(payer.address).rjust(32, b"\0") + nonce)
+    signature = payer.sign_digest(keccak256(b"\x19\x01" + separator + struct_hash))
+    selector = keccak256(b"cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")[:4]
+    data = (
+        selector
+        + address_bytes(payer.address).rjust(32, b"\0")
+        + nonce
+        + signature[64:].rjust(32, b"\0")
+        + signature[:64]
+    )
+    sender = chain.accounts[9].address
+    call = {"from": sender, "to": chain.token, "data": "0x" + data.hex(), "gas": hex(100_000)}
+    chain.handle("eth_sendTransaction", [call])

@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 
-from farebox.eth import EvmAccount, address_bytes, keccak256
+from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
@@ -26,13 +26,13 @@ from farebox.ledgers.rpc import RpcUnavailable
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.receipts import SigningKey, verify_receipt
-from farebox.schemes.evm_exact import chain_id_of, domain_separator, make_proof, verify
+from farebox.schemes.evm_exact import make_proof, verify
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.reconcile import Reconciler
 from farebox.server.routes import RouteTable
 from farebox.store.base import Store, StoredResponse
-from tests.e2e.conftest import PRICE, HiddenReceipts, chain, fund
+from tests.e2e.conftest import PRICE, HiddenReceipts, cancel_on_chain, chain, fund
 from tests.store.conftest import store_factory
 
 __all__ = ["chain"]
@@ -230,26 +230,6 @@ async def test_a_nonce_spent_by_another_authorization_is_not_taken_for_this_paym
     assert "idempotent-replayed" not in paid.headers
     assert chain.balance_of(api.merchant) == PRICE  # paid by the retry's own payment
     assert chain.balance_of(elsewhere) == 1
-
-
-def cancel_on_chain(chain: DevChain, payer: EvmAccount, nonce: bytes) -> None:
-    """The payer cancels its authorization ``nonce`` (EIP-3009 ``cancelAuthorization``)."""
-    asset = chain.asset
-    separator = domain_separator(asset.name, asset.version, chain_id_of(asset.network), chain.token)
-    typehash = keccak256(b"CancelAuthorization(address authorizer,bytes32 nonce)")
-    struct_hash = keccak256(typehash + address_bytes(payer.address).rjust(32, b"\0") + nonce)
-    signature = payer.sign_digest(keccak256(b"\x19\x01" + separator + struct_hash))
-    selector = keccak256(b"cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")[:4]
-    data = (
-        selector
-        + address_bytes(payer.address).rjust(32, b"\0")
-        + nonce
-        + signature[64:].rjust(32, b"\0")
-        + signature[:64]
-    )
-    sender = chain.accounts[9].address
-    call = {"from": sender, "to": chain.token, "data": "0x" + data.hex(), "gas": hex(100_000)}
-    chain.handle("eth_sendTransaction", [call])
 
 
 async def test_a_cancelled_authorization_is_released_not_taken_for_paid(

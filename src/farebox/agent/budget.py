@@ -545,7 +545,7 @@ class Budget:
             "SELECT r.id, r.amount, r.asset, r.asset_amount, r.at, r.payee, r.resource, "
             "a.network, a.token, a.authorizer, a.nonce, a.valid_before "
             "FROM authorizations a JOIN reservations r ON r.id = a.reservation "
-            "WHERE a.state = 'outstanding' ORDER BY a.valid_before, r.id"
+            "WHERE a.state = 'outstanding' ORDER BY a.valid_before, a.rowid"
         )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
