@@ -390,3 +390,11 @@ def test_a_version_1_budget_file_is_upgraded_in_place(tmp_path: Path) -> None:
         sent = budget.reserve(CENT, asset=USDC, now=T0)
         budget.sent(sent, now=T0, authorization=authorization(7))
         assert budget.spent(now=T0).outstanding_count == 1
+
+
+@pytest.mark.parametrize("currency", ["USDC", "XYZ"])
+def test_a_currency_nothing_converts_to_is_refused_when_built(currency: str) -> None:
+    # Before, such a budget was built and then refused every payment ("not pegged to USDC").
+    with pytest.raises(ConfigError, match="not one a budget can count in"):
+        Budget.from_prices(None, per_day="5", currency=currency)
+    Budget.from_prices(None, per_day="5", currency="eur").close()

@@ -33,7 +33,7 @@ from decimal import Decimal
 from typing import TypeVar
 
 from farebox.errors import ConfigError, PaymentError
-from farebox.money import Asset, format_amount
+from farebox.money import ASSETS, Asset, format_amount
 from farebox.store.sqlite import open_database
 
 __all__ = [
@@ -346,8 +346,15 @@ class Budget:
     ) -> None:
         if not isinstance(limits, Limits):
             raise ConfigError("limits must be a Limits")
-        if not re.fullmatch(r"[A-Za-z]{1,12}", currency):
+        if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{1,12}", currency):
             raise ConfigError(f"currency {currency!r} is not a currency code")
+        pegs = {asset.peg.upper() for asset in ASSETS if asset.peg is not None}
+        if currency.upper() not in FIAT_EXPONENTS and currency.upper() not in pegs:
+            # A budget in a unit nothing converts to would refuse every payment, later.
+            raise ConfigError(
+                f"currency {currency!r} is not one a budget can count in: an ISO 4217 code "
+                f"(USD, EUR, ...) or a known asset's peg ({', '.join(sorted(pegs))})"
+            )
         if isinstance(reservation_ttl, bool) or not isinstance(reservation_ttl, int):
             raise ConfigError("reservation_ttl must be an int of seconds")
         if reservation_ttl <= 0:
