@@ -63,22 +63,12 @@ def _spending_json(spending: Spending) -> dict[str, Any]:
 
 def reconcile_budget_file(budget: Budget, urls: list[str], *, grace: int) -> dict[str, Any]:
     """Reconcile ``budget`` against the nodes at ``urls``; the report as JSON-ready data."""
-    import anyio
+    from farebox.agent.reconcile import reconcile_sync
 
-    from farebox.agent.reconcile import open_chains, reconcile
-
-    async def run() -> dict[str, Any]:
-        readers = await open_chains(urls)
-        try:
-            report = await reconcile(budget, readers, grace=grace)
-        finally:
-            for reader in readers:
-                await reader.aclose()
-        document = report.to_json()
-        document["released"] = budget.format(report.released_units)
-        return document
-
-    return anyio.run(run)
+    report = reconcile_sync(budget, urls, grace=grace)
+    document = report.to_json()
+    document["released"] = budget.format(report.released_units)
+    return document
 
 
 def _open(path: Path, currency: str) -> Budget:

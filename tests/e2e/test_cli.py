@@ -13,8 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from farebox.eth import EvmAccount
+from farebox.ledgers.devchain import DevChain
 from farebox.protocol.models import Offer
+from tests.e2e.conftest import PRICE, make_gate, send_usdc
+from tests.e2e.test_fastapi import fastapi_app
 from tests.e2e.test_processes import DEV_KEYS, free_port, wait_for
+from tests.servers import serve
 
 FAREBOX = [sys.executable, "-m", "farebox.cli"]
 
@@ -429,3 +434,24 @@ def test_serve_takes_cards_through_devstripe(tmp_path: Path) -> None:
         for process in reversed(processes):
             process.terminate()
             process.wait(timeout=10)
+
+
+def test_get_prints_the_paid_body_when_the_receipt_cannot_be_checked(chain: DevChain) -> None:
+    """Paid, and the record names an https issuer this plain-http origin cannot vouch for: the
+    body and the transaction are still the caller's, with the receipt problem beside them."""
+    paid = make_gate(chain)  # signs as https://api.test; served here over plain http
+    key = "0x" + os.urandom(32).hex()
+    payer = EvmAccount.from_hex(key).address
+    send_usdc(chain, payer, 100_000)
+    with serve(fastapi_app(paid)) as base:
+        lenient = farebox_get(base + "/weather", key=key)
+        strict = farebox_get(base + "/weather", "--require-receipt", key=key)
+    for run, code in ((lenient, 0), (strict, 3)):
+        assert run.returncode == code, run.stderr
+        assert json.loads(run.stdout) == {"forecast": "sunny"}
+        summary, _ = json.JSONDecoder().raw_decode(run.stderr[run.stderr.index("{") :])
+        assert summary["transaction"].startswith("0x")
+        assert summary["receipt_verified"] is False
+        assert summary["receipt_error"].startswith("E_KEY_NOT_FOUND")
+        assert "warning: paid (transaction 0x" in run.stderr
+    assert chain.balance_of(payer) == 100_000 - 2 * PRICE

@@ -167,18 +167,34 @@ async def _resolve(
 
 async def reconcile(
     budget: Budget,
-    chains: Iterable[AuthorizationChain],
+    chains: Iterable[AuthorizationChain | str],
     *,
     grace: int = RELEASE_GRACE,
     now: int | None = None,
 ) -> Reconciliation:
     """Read the chain for each outstanding authorization in ``budget`` and commit or release it
-    (see the module docstring). ``chains`` are readers, one per network; ``now`` (unix seconds,
+    (see the module docstring). ``chains`` are readers, one per network, or JSON-RPC URLs (each
+    opened for this pass, its network named by the node's chain id); ``now`` (unix seconds,
     default the clock) only dates the records."""
     if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
         raise ValueError("grace is a non-negative int of seconds")
+    given = list(chains)
+    if not budget.outstanding(limit=1):
+        return Reconciliation(())  # nothing to ask: no node is needed (or opened)
+    urls = [c for c in given if isinstance(c, str)]
+    opened = await open_chains(urls) if urls else []
+    try:
+        readers = [c for c in given if not isinstance(c, str)] + opened
+        return await _reconcile(budget, readers, grace, int(time.time()) if now is None else now)
+    finally:
+        for reader in opened:
+            await reader.aclose()
+
+
+async def _reconcile(
+    budget: Budget, chains: Sequence[AuthorizationChain], grace: int, now: int
+) -> Reconciliation:
     by_network = {chain.network: chain for chain in chains}
-    stamp = int(time.time()) if now is None else now
     latest: dict[str, int | str] = {}  # network -> latest block timestamp, or why unreadable
     found: list[Resolution] = []
     for item in budget.outstanding():
@@ -194,7 +210,7 @@ async def reconcile(
             if isinstance(block_time, str):
                 found.append(Resolution(item, "unreadable", detail=block_time))
                 continue
-            found.append(await _resolve(budget, item, chain, block_time, grace, stamp))
+            found.append(await _resolve(budget, item, chain, block_time, grace, now))
         except FareboxError as exc:
             detail = f"{network}: {exc}"[:300]
             latest.setdefault(network, detail)
@@ -204,16 +220,17 @@ async def reconcile(
 
 def reconcile_sync(
     budget: Budget,
-    chains: Iterable[AuthorizationChain],
+    chains: Iterable[AuthorizationChain | str],
     *,
     grace: int = RELEASE_GRACE,
     now: int | None = None,
 ) -> Reconciliation:
-    """:func:`reconcile` for synchronous code (runs its own event loop)."""
-    readers = list(chains)
+    """:func:`reconcile` for synchronous code (runs its own event loop): for example
+    ``reconcile_sync(agent.budget, ["https://sepolia.base.org"])`` when the agent starts."""
+    given = list(chains)
 
     async def run() -> Reconciliation:
-        return await reconcile(budget, readers, grace=grace, now=now)
+        return await reconcile(budget, given, grace=grace, now=now)
 
     return anyio.run(run)
 
