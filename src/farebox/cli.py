@@ -213,7 +213,8 @@ def get(
     from farebox.errors import PaymentError
 
     if rpc_url and budget_file is None:
-        _fail("E_USAGE", "--rpc-url reconciles a --budget-file: give one")
+        _stderr().print(Text("E_USAGE: --rpc-url reconciles a --budget-file: give one"))
+        raise typer.Exit(2)
     exit_code = 0
     try:
         account = load_wallet(key_file)
@@ -221,14 +222,19 @@ def get(
             budget_file, per_request=max_price, per_day=per_day, total=total
         )
         if rpc_url:
-            report = reconcile_budget_file(budget, rpc_url, grace=120)
-            if report["released"] != budget.format(0) or report["committed"]:
-                _stderr().print(
-                    Text(
-                        f"budget reconciled: {report['committed']} confirmed spent, "
-                        f"{report['released']} released, {report['pending']} still outstanding"
+            try:
+                report = reconcile_budget_file(budget, rpc_url, grace=120)
+            except PaymentError as exc:
+                # Reconciling can only release money: without it the budget is merely stricter.
+                _stderr().print(Text(f"warning: budget not reconciled: {exc.message}"))
+            else:
+                if report["released"] != budget.format(0) or report["committed"]:
+                    _stderr().print(
+                        Text(
+                            f"budget reconciled: {report['committed']} confirmed spent, "
+                            f"{report['released']} released, {report['pending']} still outstanding"
+                        )
                     )
-                )
         agent = Agent(
             account,
             budget=budget,

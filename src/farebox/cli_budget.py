@@ -85,8 +85,10 @@ def budget_show(budget_file: BudgetFile, currency: Currency = "USD") -> None:
         with _open(budget_file, currency) as budget:
             spending = budget.spent(now=int(time.time()))
             outstanding = budget.outstanding()
-    except (ConfigError, PaymentError) as exc:
-        _fail(getattr(exc, "code", "E_CONFIG"), str(exc))
+    except PaymentError as exc:
+        _fail(exc.code, exc.message)
+    except ConfigError as exc:
+        _fail("E_CONFIG", str(exc))
     document = _spending_json(spending)
     document["authorizations"] = [
         {

@@ -354,7 +354,7 @@ def test_a_sent_authorization_counts_until_resolved() -> None:
         c = budget.reserve(CENT, asset=USDC, now=T0)
         budget.sent(c, now=T0, authorization=authorization(3))
         exceeded_while_held = exceeded(budget, 1, T0 + 10)
-        assert "3 signed authorization(s)" in exceeded_while_held.message
+        assert "3 signed authorization(s) for 0.03 USD" in exceeded_while_held.message
         # Long after a reservation's time to live, the sent ones still count: they are spent.
         spent = budget.spent(now=T0 + 3600)
         assert (spent.today_committed, spent.outstanding_count) == (usd("0.03"), 3)

@@ -4,16 +4,17 @@
 (:class:`Fetch` a discovery document, :class:`Retry` the request with the proof) and receives each
 answer, then returns the :class:`Payment`. The httpx ``Auth`` and the ``requests`` adapter only
 drive it. The flow reads the challenge (v2 header, v1 body, plain body), picks the cheapest offer
-the policy and budget allow, reserves the budget, signs, records the signed authorization in the
-budget as sent (from then on it counts as spent), retries, checks the settlement and the PEAC
-record, and books the receipt; a refusal raises with the server's code or its own.
+the policy and budget allow, signs, reserves the amount in the budget as sent (from then on it
+counts as spent; a limit it would pass refuses it, and the signature is dropped unsent), retries,
+checks the settlement and the PEAC record, and books the receipt; a refusal raises with the
+server's code or its own.
 
-What a refusal releases. Nothing, once the authorization has left: the server holds a signature
+What a refusal releases (x402). Nothing, once the authorization has left: the server holds a signature
 that moves money until its ``validBefore`` whatever it answered, so a refused, failed or
 redirected paid retry leaves the authorization outstanding in the budget (see
 :mod:`farebox.agent.budget`); :func:`farebox.agent.reconcile.reconcile` releases it when the chain
-shows it expired unused or cancelled. Only a reservation whose authorization never left (no
-payable offer, a signing or discovery failure) is released at once. The window the agent signs is
+shows it expired unused or cancelled. An authorization is reserved only once it is signed and
+about to be sent, so nothing else ever needs releasing. The window the agent signs is
 the offer's ``maxTimeoutSeconds``, at most ``Policy.max_lifetime`` (longer offers are refused).
 
 Paid, then a bad record. Once money moved, the response is never lost: a PEAC record that is
@@ -391,8 +392,9 @@ class Agent:
     def pay(self, method: str, url: str, first: Answer) -> Generator[Step, Reply, Payment | None]:
         """Pay for the request that got the 402 ``first``; see the module docstring.
 
-        Returns ``None`` when the paid retry got the app's own error or redirect: nothing was
-        charged, and the caller hands that response back as it is.
+        Returns ``None`` when the paid retry got the app's own error or redirect without a
+        settlement: the caller hands that response back as it is (an x402 authorization stays
+        counted in the budget until the chain shows what became of it; see the module docstring).
         """
         self.policy.check_url(url)
         choice = self._choose_rail(first)
@@ -408,34 +410,34 @@ class Agent:
         assert offer is not None
         assert asset is not None
         assert account is not None
+        # Refused before any fetch or signature when it cannot fit; reserve() below decides.
+        self.budget.check(offer.amount, asset=asset, now=int(self.clock()))
+        keys = yield from self._issuer_keys(url)
         now = int(self.clock())
-        reservation = self.budget.reserve(
-            offer.amount, asset=asset, now=now, payee=offer.pay_to, resource=url
+        request_id = new_request_id()
+        proof = evm_exact.make_proof(
+            account,
+            offer,
+            now=now,
+            nonce=secrets.token_bytes(32),
+            resource=challenge.resource,
+            x402_version=challenge.x402_version,
+            extensions=_with_request_id(challenge, request_id),
         )
-        sent = False
-        try:
-            keys = yield from self._issuer_keys(url)
-            request_id = new_request_id()
-            proof = evm_exact.make_proof(
-                account,
-                offer,
-                now=now,
-                nonce=secrets.token_bytes(32),
-                resource=challenge.resource,
-                x402_version=challenge.x402_version,
-                extensions=_with_request_id(challenge, request_id),
-            )
-            header = PAYMENT_SIGNATURE if proof.x402_version == 2 else X_PAYMENT
-            step = Retry({header: encode_proof(proof), IDEMPOTENCY_KEY: request_id})
-            # Counted before it leaves: from the first byte sent, the authorization can move
-            # money until its validBefore, whatever the server answers or whether we live.
-            self.budget.sent(reservation, now=now, authorization=_sent(offer, proof.payload))
-            sent = True
-            answer = yield from self._send(step)
-        except BaseException:
-            if not sent:
-                self.budget.release(reservation)
-            raise
+        header = PAYMENT_SIGNATURE if proof.x402_version == 2 else X_PAYMENT
+        step = Retry({header: encode_proof(proof), IDEMPOTENCY_KEY: request_id})
+        # Reserved as spent before it leaves, in one transaction with the limits' check: from
+        # the first byte sent the authorization can move money until its validBefore, whatever
+        # the server answers or whether this process lives to read the answer.
+        reservation = self.budget.reserve(
+            offer.amount,
+            asset=asset,
+            now=now,
+            payee=offer.pay_to,
+            resource=url,
+            authorization=_sent(offer, proof.payload),
+        )
+        answer = yield from self._send(step)
         return self._conclude(method, url, offer, asset, reservation, keys, answer)
 
     def _send(self, step: Retry) -> Generator[Step, Reply, Answer]:
@@ -621,8 +623,8 @@ class Agent:
     def _deliver(
         self, method: str, answer: Answer, payment: Payment, problem: ReceiptError | None, now: int
     ) -> Payment:
-        """Book a payment that was made, then refuse it if its record failed: a record that does
-        not verify always, a missing one only under ``require_receipt``."""
+        """Book a payment that was made and deliver it with its record's problem, if any, in
+        ``receipt_error``; under ``require_receipt`` a missing or failing record refuses it."""
         offer, receipt = payment.offer, payment.receipt
         transaction = payment.settlement.transaction or None
         if self.book is not None:

@@ -423,6 +423,14 @@ class Budget:
         """Budget units for people, e.g. ``"0.1 USD"``."""
         return format_units(units, self.currency)
 
+    def check(self, amount: int, *, asset: Asset, now: int) -> None:
+        """Refuse (``budget_exceeded``, as :meth:`reserve` would) a payment of ``amount`` that
+        does not fit now; reserves nothing. A cheap look before any work: only :meth:`reserve`
+        holds against other processes."""
+        units = self.to_units(amount, asset)
+        self._refuse_per_request(units)
+        self._transaction(lambda conn: self._refuse_over(conn, units, now), write=False)
+
     def reserve(
         self,
         amount: int,
@@ -432,9 +440,13 @@ class Budget:
         payee: str = "",
         resource: str = "",
         currency: str | None = None,
+        authorization: SentAuthorization | None = None,
     ) -> Reservation:
         """Set aside ``amount`` atomic units of ``asset`` (or, with ``currency`` instead, minor
         units of that fiat currency: a card payment) for one payment.
+
+        With ``authorization`` (already signed, about to be sent) the reservation is born as
+        :meth:`sent` makes it, in the same transaction: spent, its authorization outstanding.
 
         Raises :class:`~farebox.errors.PaymentError` ``budget_exceeded`` naming the limit that
         refuses and what it still allows, or ``policy_refused`` for an asset or currency other than
@@ -450,12 +462,7 @@ class Budget:
             units = self.fiat_units(amount, currency)
             # Kept in the asset column (its schema is unchanged): ISO 4217 in CAIP-19's style.
             label = f"iso4217:{currency.upper()}"
-        limits = self.limits
-        if limits.per_request is not None and units > limits.per_request:
-            raise _exceeded(
-                f"this payment of {self.format(units)} is over the per-request limit of "
-                f"{self.format(limits.per_request)}"
-            )
+        self._refuse_per_request(units)
         reservation = Reservation(
             id=secrets.token_hex(16),
             amount=units,
@@ -468,20 +475,7 @@ class Budget:
         )
 
         def run(conn: sqlite3.Connection) -> None:
-            spending = self._spending(conn, now)
-            if limits.per_day is not None and spending.today + units > limits.per_day:
-                left = self.format(max(0, limits.per_day - spending.today))
-                raise _exceeded(
-                    f"this payment of {self.format(units)} is over the daily limit of "
-                    f"{self.format(limits.per_day)}: {left} left today (UTC)"
-                    + self._held_note(conn)
-                )
-            if limits.total is not None and spending.total + units > limits.total:
-                left = self.format(max(0, limits.total - spending.total))
-                raise _exceeded(
-                    f"this payment of {self.format(units)} is over the total limit of "
-                    f"{self.format(limits.total)}: {left} left" + self._held_note(conn)
-                )
+            self._refuse_over(conn, units, now)
             conn.execute(
                 "INSERT INTO reservations (id, amount, day, at, state, asset, asset_amount, "
                 "payee, resource) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?)",
@@ -496,6 +490,8 @@ class Budget:
                     resource,
                 ),
             )
+            if authorization is not None:
+                self._sent(conn, reservation.id, now=now, authorization=authorization)
 
         self._transaction(run)
         return reservation
@@ -528,23 +524,9 @@ class Budget:
         counted, never as an active reservation that expires while the authorization is valid.
         """
 
-        def run(conn: sqlite3.Connection) -> None:
-            self._commit(conn, reservation.id, now=now, reference=None)
-            conn.execute(
-                "INSERT INTO authorizations (reservation, network, token, authorizer, nonce, "
-                "valid_before, state) VALUES (?, ?, ?, ?, ?, ?, 'outstanding') "
-                "ON CONFLICT (reservation) DO NOTHING",
-                (
-                    reservation.id,
-                    authorization.network,
-                    authorization.token.lower(),
-                    authorization.authorizer.lower(),
-                    authorization.nonce.lower(),
-                    authorization.valid_before,
-                ),
-            )
-
-        self._transaction(run)
+        self._transaction(
+            lambda conn: self._sent(conn, reservation.id, now=now, authorization=authorization)
+        )
 
     def outstanding(self, *, limit: int | None = None) -> list[Outstanding]:
         """The authorizations that left the agent and may still move money, oldest first."""
@@ -675,6 +657,29 @@ class Budget:
         )
         self._add_committed(conn, day, int(amount))
 
+    def _sent(
+        self,
+        conn: sqlite3.Connection,
+        reservation: str,
+        *,
+        now: int,
+        authorization: SentAuthorization,
+    ) -> None:
+        self._commit(conn, reservation, now=now, reference=None)
+        conn.execute(
+            "INSERT INTO authorizations (reservation, network, token, authorizer, nonce, "
+            "valid_before, state) VALUES (?, ?, ?, ?, ?, ?, 'outstanding') "
+            "ON CONFLICT (reservation) DO NOTHING",
+            (
+                reservation,
+                authorization.network,
+                authorization.token.lower(),
+                authorization.authorizer.lower(),
+                authorization.nonce.lower(),
+                authorization.valid_before,
+            ),
+        )
+
     @staticmethod
     def _add_committed(conn: sqlite3.Connection, day: int, delta: int) -> None:
         for period in (day, _ALL_TIME):
@@ -700,12 +705,36 @@ class Budget:
             held += int(amount)
         return count, held
 
+    def _refuse_per_request(self, units: int) -> None:
+        per_request = self.limits.per_request
+        if per_request is not None and units > per_request:
+            raise _exceeded(
+                f"this payment of {self.format(units)} is over the per-request limit of "
+                f"{self.format(per_request)}"
+            )
+
+    def _refuse_over(self, conn: sqlite3.Connection, units: int, now: int) -> None:
+        limits = self.limits
+        spending = self._spending(conn, now)
+        if limits.per_day is not None and spending.today + units > limits.per_day:
+            left = self.format(max(0, limits.per_day - spending.today))
+            raise _exceeded(
+                f"this payment of {self.format(units)} is over the daily limit of "
+                f"{self.format(limits.per_day)}: {left} left today (UTC)" + self._held_note(conn)
+            )
+        if limits.total is not None and spending.total + units > limits.total:
+            left = self.format(max(0, limits.total - spending.total))
+            raise _exceeded(
+                f"this payment of {self.format(units)} is over the total limit of "
+                f"{self.format(limits.total)}: {left} left" + self._held_note(conn)
+            )
+
     def _held_note(self, conn: sqlite3.Connection) -> str:
         count, held = self._held(conn)
         if not count:
             return ""
         return (
-            f"; {self.format(held)} of the spending is {count} signed authorization(s) that left "
+            f"; {count} signed authorization(s) for {self.format(held)} in all (any day) left "
             "the agent without proof of settlement: they count until the chain shows them "
             "expired unused or cancelled (farebox budget reconcile)"
         )

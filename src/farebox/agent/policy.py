@@ -19,8 +19,9 @@ __all__ = ["DEFAULT_MAX_LIFETIME", "NETWORK_NAMES", "Policy"]
 
 #: The longest an authorization the agent signs stays valid, in seconds, unless the policy says
 #: otherwise: twice the official servers' default ``maxTimeoutSeconds`` (300). A signed
-#: authorization counts against the budget until it provably cannot move money, so this is also
-#: how long a refused payment can hold the budget before ``budget reconcile`` may release it.
+#: authorization counts against the budget until it provably cannot move money, so a refused
+#: payment holds the budget until the chain's clock passes its ``validBefore`` (at most this long
+#: after signing, by the agent's clock) plus the reconcile's grace (two minutes).
 DEFAULT_MAX_LIFETIME = 600
 
 

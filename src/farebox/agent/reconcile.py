@@ -10,9 +10,9 @@ would move it:
   Consumed and neither log found (a node that prunes logs): counted as ``used``; when unsure,
   the money is spent.
 - Not consumed, and the latest block is dated at least ``grace`` seconds past its
-  ``validBefore``: no later block can use it (``expired``, released). The timestamp is read
-  before the state, so the state read is of that block or a later one; the grace covers a
-  shallow reorganisation back to a block from before ``validBefore``.
+  ``validBefore``: no later block can use it (``expired``, released). The state is read at that
+  very block (by number), so the two facts are about one block; the grace covers a shallow
+  reorganisation back to a block from before ``validBefore``.
 - Not consumed and not yet expired: ``waiting`` (it still counts); so does every authorization
   on a network no chain was given for, or whose node did not answer (``unreadable``).
 
@@ -31,10 +31,11 @@ from urllib.parse import urlsplit
 import anyio
 
 from farebox.agent.budget import Budget, Outstanding
-from farebox.errors import FareboxError, PaymentError
+from farebox.errors import ConfigError, FareboxError, PaymentError
 from farebox.eth import address_bytes
 from farebox.ledgers.evm import EvmReader
 from farebox.ledgers.rpc import HttpRpc, RpcError, RpcUnavailable
+from farebox.schemes.evm_exact import VALID_AFTER_SLACK
 
 __all__ = [
     "RELEASE_GRACE",
@@ -56,16 +57,18 @@ class AuthorizationChain(Protocol):
 
     network: str
 
-    async def latest_timestamp(self) -> int: ...
+    async def latest_block(self) -> tuple[int, int]: ...
 
-    async def authorization_used(self, token: str, authorizer: bytes, nonce: bytes) -> bool: ...
+    async def authorization_used(
+        self, token: str, authorizer: bytes, nonce: bytes, *, block: int | None = None
+    ) -> bool: ...
 
     async def authorization_transaction(
-        self, token: str, authorizer: bytes, nonce: bytes
+        self, token: str, authorizer: bytes, nonce: bytes, *, since: int | None = None
     ) -> str | None: ...
 
     async def authorization_cancellation(
-        self, token: str, authorizer: bytes, nonce: bytes
+        self, token: str, authorizer: bytes, nonce: bytes, *, since: int | None = None
     ) -> str | None: ...
 
 
@@ -138,24 +141,34 @@ class Reconciliation:
 
 
 async def _resolve(
-    budget: Budget, item: Outstanding, chain: AuthorizationChain, latest: int, grace: int, now: int
+    budget: Budget,
+    item: Outstanding,
+    chain: AuthorizationChain,
+    latest: tuple[int, int],
+    grace: int,
+    now: int,
 ) -> Resolution:
     authorization = item.authorization
     token, authorizer = authorization.token, address_bytes(authorization.authorizer)
     nonce = bytes.fromhex(authorization.nonce.removeprefix("0x"))
-    if await chain.authorization_used(token, authorizer, nonce):
-        used = await chain.authorization_transaction(token, authorizer, nonce)
+    number, block_time = latest
+    # The state of the very block whose timestamp is compared: two separate "latest" reads
+    # may reach two nodes of a load-balanced provider, one of them behind.
+    if await chain.authorization_used(token, authorizer, nonce, block=number):
+        # No transaction can be older than the authorization's validAfter (signed as at - slack).
+        since = item.at - VALID_AFTER_SLACK
+        used = await chain.authorization_transaction(token, authorizer, nonce, since=since)
         if used is not None:
             budget.resolve(item.reservation, "used", now=now, transaction=used)
             return Resolution(item, "used", used)
-        cancelled = await chain.authorization_cancellation(token, authorizer, nonce)
+        cancelled = await chain.authorization_cancellation(token, authorizer, nonce, since=since)
         if cancelled is not None:
             budget.resolve(item.reservation, "cancelled", now=now, transaction=cancelled)
             return Resolution(item, "cancelled", cancelled)
         budget.resolve(item.reservation, "used", now=now)
         return Resolution(item, "used", None, "the nonce is consumed; the node returned no log")
     release_at = authorization.valid_before + grace
-    if latest >= release_at:
+    if block_time >= release_at:
         budget.resolve(item.reservation, "expired", now=now)
         return Resolution(item, "expired")
     return Resolution(
@@ -195,7 +208,7 @@ async def _reconcile(
     budget: Budget, chains: Sequence[AuthorizationChain], grace: int, now: int
 ) -> Reconciliation:
     by_network = {chain.network: chain for chain in chains}
-    latest: dict[str, int | str] = {}  # network -> latest block timestamp, or why unreadable
+    latest: dict[str, tuple[int, int] | str] = {}  # network -> latest (number, time), or why not
     found: list[Resolution] = []
     for item in budget.outstanding():
         network = item.authorization.network
@@ -205,12 +218,12 @@ async def _reconcile(
             continue
         try:
             if network not in latest:
-                latest[network] = await chain.latest_timestamp()
-            block_time = latest[network]
-            if isinstance(block_time, str):
-                found.append(Resolution(item, "unreadable", detail=block_time))
+                latest[network] = await chain.latest_block()
+            block = latest[network]
+            if isinstance(block, str):
+                found.append(Resolution(item, "unreadable", detail=block))
                 continue
-            found.append(await _resolve(budget, item, chain, block_time, grace, now))
+            found.append(await _resolve(budget, item, chain, block, grace, now))
         except FareboxError as exc:
             detail = f"{network}: {exc}"[:300]
             latest.setdefault(network, detail)
@@ -235,12 +248,26 @@ def reconcile_sync(
     return anyio.run(run)
 
 
+def _check_url(url: str) -> None:
+    """Refuse what httpx could not even try to reach, naming no part of the URL but its host:
+    provider URLs carry API keys in the path or the user name."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port out of range
+    except ValueError:
+        raise ConfigError("an RPC URL is malformed (http:// or https://, a host, a port)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("an RPC URL is http:// or https:// and names a host")
+
+
 async def open_chains(urls: Sequence[str], *, timeout: float = 10.0) -> list[EvmReader]:
     """A reader for each JSON-RPC URL, its network named by the node's ``eth_chainId``.
 
     The caller closes them (``await reader.aclose()``). Errors name the node's host only: a
     provider URL often carries an API key.
     """
+    for url in urls:
+        _check_url(url)
     readers: list[EvmReader] = []
     try:
         for url in urls:

@@ -48,6 +48,10 @@ AUTHORIZATION_USED_TOPIC = "0x" + keccak256(b"AuthorizationUsed(address,bytes32)
 AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak256(b"AuthorizationCanceled(address,bytes32)").hex()
 TRANSFER_TOPIC = "0x" + keccak256(b"Transfer(address,address,uint256)").hex()
 _ERROR_SELECTOR = bytes.fromhex("08c379a0")
+# Bounding a log search by time: the block rate is measured over this many recent blocks, and
+# this many blocks more are searched than the estimate says.
+_RATE_SAMPLE_BLOCKS = 2_000
+_LOG_MARGIN_BLOCKS = 100
 
 # USDC's revert texts, in the order the official facilitator matches them.
 _REVERT_CODES = (
@@ -202,47 +206,80 @@ class EvmReader:
 
     # --- what the chain says about an authorization (for reconciliation) -----------------------
 
-    async def latest_timestamp(self) -> int:
-        """The timestamp of the latest block: an authorization whose ``validBefore`` it has
-        passed can no longer be used in any later block."""
-        try:
-            block = await self.rpc.request("eth_getBlockByNumber", ["latest", False])
-        except (RpcError, RpcUnavailable) as exc:
-            raise PaymentError("ledger_unavailable", f"latest block failed: {exc}") from None
-        if not isinstance(block, dict):
-            raise PaymentError("ledger_unavailable", "the node returned no latest block")
-        return _quantity(block.get("timestamp"), "block timestamp")
+    async def latest_block(self) -> tuple[int, int]:
+        """The latest block's number and timestamp: an authorization whose ``validBefore`` the
+        timestamp has passed can be used in no later block."""
+        return await self._block("latest")
 
-    async def authorization_used(self, token: str, authorizer: bytes, nonce: bytes) -> bool:
-        """Whether the token has consumed (or canceled) ``authorizer``'s ``nonce``."""
+    async def _block(self, tag: str) -> tuple[int, int]:
+        try:
+            block = await self.rpc.request("eth_getBlockByNumber", [tag, False])
+        except (RpcError, RpcUnavailable) as exc:
+            raise PaymentError("ledger_unavailable", f"block {tag} failed: {exc}") from None
+        if not isinstance(block, dict):
+            raise PaymentError("ledger_unavailable", f"the node returned no block {tag}")
+        return _quantity(block.get("number"), "block number"), _quantity(
+            block.get("timestamp"), "block timestamp"
+        )
+
+    async def authorization_used(
+        self, token: str, authorizer: bytes, nonce: bytes, *, block: int | None = None
+    ) -> bool:
+        """Whether the token has consumed (or canceled) ``authorizer``'s ``nonce``, at ``block``
+        (a number; default the latest)."""
         data = AUTHORIZATION_STATE + authorizer.rjust(32, b"\0") + nonce
+        at = "latest" if block is None else hex(block)
         try:
             answer = await self.rpc.request(
-                "eth_call", [{"to": checksum_address(token), "data": "0x" + data.hex()}, "latest"]
+                "eth_call", [{"to": checksum_address(token), "data": "0x" + data.hex()}, at]
             )
         except (RpcError, RpcUnavailable) as exc:
             raise PaymentError("ledger_unavailable", f"authorizationState failed: {exc}") from None
         return _quantity(answer, "authorization state") != 0
 
     async def authorization_transaction(
-        self, token: str, authorizer: bytes, nonce: bytes
+        self, token: str, authorizer: bytes, nonce: bytes, *, since: int | None = None
     ) -> str | None:
-        """The transaction in which the token logged ``AuthorizationUsed(authorizer, nonce)``."""
-        return await self._authorization_log(AUTHORIZATION_USED_TOPIC, token, authorizer, nonce)
+        """The transaction in which the token logged ``AuthorizationUsed(authorizer, nonce)``;
+        ``since`` (unix seconds) bounds the search to blocks from about then."""
+        return await self._authorization_log(
+            AUTHORIZATION_USED_TOPIC, token, authorizer, nonce, since
+        )
 
     async def authorization_cancellation(
-        self, token: str, authorizer: bytes, nonce: bytes
+        self, token: str, authorizer: bytes, nonce: bytes, *, since: int | None = None
     ) -> str | None:
         """The transaction in which the token logged ``AuthorizationCanceled(authorizer, nonce)``:
         the payer cancelled it, and it can never move money."""
-        return await self._authorization_log(AUTHORIZATION_CANCELED_TOPIC, token, authorizer, nonce)
+        return await self._authorization_log(
+            AUTHORIZATION_CANCELED_TOPIC, token, authorizer, nonce, since
+        )
+
+    async def _from_block(self, since: int | None) -> str:
+        """A block number at or before the time ``since``, estimated from the recent block rate
+        with a wide margin (nodes refuse or cap ``eth_getLogs`` from the first block). An
+        estimate too late would only miss a log, which callers read as not knowing."""
+        if since is None:
+            return "earliest"
+        number, stamp = await self.latest_block()
+        if stamp <= since:
+            return hex(max(0, number - _LOG_MARGIN_BLOCKS))
+        sample = max(0, number - _RATE_SAMPLE_BLOCKS)
+        if sample == number:
+            return "earliest"
+        _, sample_stamp = await self._block(hex(sample))
+        if sample_stamp >= stamp:
+            return "earliest"  # many blocks in one second (a development chain): no rate to use
+        seconds_per_block = (stamp - sample_stamp) / (number - sample)
+        back = int((stamp - since) / seconds_per_block * 1.5) + _LOG_MARGIN_BLOCKS
+        return hex(max(0, number - back))
 
     async def _authorization_log(
-        self, topic: str, token: str, authorizer: bytes, nonce: bytes
+        self, topic: str, token: str, authorizer: bytes, nonce: bytes, since: int | None = None
     ) -> str | None:
         query = {
             "address": checksum_address(token),
-            "fromBlock": "earliest",
+            "fromBlock": await self._from_block(since),
             "toBlock": "latest",
             "topics": [topic, "0x" + authorizer.rjust(32, b"\0").hex(), "0x" + nonce.hex()],
         }
