@@ -1,15 +1,47 @@
 """The agent as an ``httpx.Auth``: one flow for ``httpx.Client`` and ``httpx.AsyncClient``.
 
-``httpx.Client(auth=PaymentAuth(agent))``: a 402 is paid and the request retried; the paid
-response comes back with its :class:`~farebox.agent.agent.Payment` in
-``response.extensions["farebox.payment"]``. Only refusals and discovery documents are read here;
-the paid response streams to the caller untouched.
+``paying_client(agent)`` (or ``paying_async_client``) builds the client to use: ``PaymentAuth(agent)``
+as its auth and :class:`PaymentTransport` around every transport it sends through (its own, each
+mount, the environment's proxies). A 402 is paid and the request retried; the paid response comes
+back with its :class:`~farebox.agent.agent.Payment` in ``response.extensions["farebox.payment"]``.
+Only refusals and discovery documents are read here; the paid response streams to the caller
+untouched.
+
+Redirects. The agent pays the URL that answered 402 (after any redirect the client followed to get
+there), checked by the policy, and sends the proof there only:
+
+- the paid retry's own answer is never followed, whatever ``follow_redirects`` says: a 3xx comes
+  back to the caller as it is (with its ``Location``, and its Payment if it carried a settlement),
+  same origin or not, and following it is the caller's decision; ``response.next_request`` is then
+  ``None``, or (with ``follow_redirects=False`` and no :class:`PaymentTransport`) a request
+  stripped of the proof and the ``Idempotency-Key``;
+- discovery documents (``peac-issuer.json``, the JWKS) are not followed either (PEAC's discovery
+  profile: ``redirect: "error"``): a 3xx there is a receipt problem, not the document.
+
+Following is httpx's, below the auth flow, so it is :class:`PaymentTransport` that hides the
+``Location`` of the agent's own requests from httpx (``paying_client`` installs it). Without it, a
+client with ``follow_redirects=True`` would copy the proof into the redirected request: on httpx's
+own transports the auth's ``trace`` hook refuses to write a proof to any other target than the one
+paid for (``payment_redirected``, nothing sent); on any other transport (which cannot be stopped
+from the auth) the followed answer is never taken as the paid one: the flow gets the 3xx the paid
+URL gave and ``payment_redirected`` is raised, with that 3xx as ``exc.response``.
+
+Bodies. Every body the agent parses (402s and refusals, discovery documents) is read through a
+streaming bound: at most ``max_body`` decoded bytes (64 KiB), at most 16 times that off the wire,
+gzip and deflate decoded under the same cap; a body past it, or in an encoding the bound cannot
+decode (``br``, ``zstd``), reaches the flow empty and the connection is closed instead of read.
+httpx then keeps what was read for the response's history (nothing when it was too large). A
+response that goes back to the caller (the last one, or ``exc.response``) keeps its whole stream.
 
 httpx gives an auth flow no say when sending fails, so resending a paid request after a transport
-error (same signed payment, same idempotency id) is the job of :class:`PaymentTransport`, wrapped
-around the client's transport: ``httpx.Client(auth=PaymentAuth(agent),
-transport=PaymentTransport(httpx.HTTPTransport()))``. It resends only the paid retries this auth
-marks, and only errors raised before the response arrived (a body cut mid-stream is not resent).
+error (same signed payment, same idempotency id) is also the job of :class:`PaymentTransport`. It
+resends only the paid retries this auth marks, and only errors raised before the response arrived
+(a body cut mid-stream is not resent).
+
+When the paid retry got an answer and the flow still fails (:class:`PaymentFailed`, e.g.
+``receipt_invalid`` under ``require_receipt``), the exception carries that answer as
+``exc.response``, its body unread: read it (``exc.response.read()``, ``await
+exc.response.aread()``) or close it.
 
 A card payment's token is minted with the agent's card: ``httpx.Client`` calls the wallet's
 blocking :meth:`~farebox.agent.card.CardWallet.mint`, ``httpx.AsyncClient`` awaits
@@ -18,25 +50,415 @@ blocking :meth:`~farebox.agent.card.CardWallet.mint`, ``httpx.AsyncClient`` awai
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
+import zlib
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
-from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, Retry
-from farebox.errors import PaymentError
+from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, PaymentFailed, Retry
 
-__all__ = ["PAYMENT_EXTENSION", "PaymentAuth", "PaymentTransport"]
+__all__ = [
+    "MAX_402_BODY",
+    "PAYMENT_EXTENSION",
+    "REDIRECTED",
+    "BodyBound",
+    "PaymentAuth",
+    "PaymentTransport",
+    "paying_async_client",
+    "paying_client",
+]
 
 PAYMENT_EXTENSION = "farebox.payment"
 MAX_402_BODY = 64 * 1024
-_FETCH = "farebox.fetch"
+#: The code of the refusal to send a payment proof on to where a redirect points.
+REDIRECTED = "payment_redirected"
+# How much more than max_body may come off the wire for one body: compressed data is smaller than
+# what it decodes to, but padding (empty deflate blocks) decodes to nothing for ever.
+_WIRE_FACTOR = 16
+# Marks the agent's own requests (the paid retry, discovery fetches) with their _Own.
+_OWN = "farebox.own"
 # Marks a paid retry, with how many times PaymentTransport may send it again.
 _RESENDS = "farebox.resends"
+# A Location that PaymentTransport took off one of the agent's own answers so httpx would not
+# follow it; the auth puts it back.
+_HIDDEN = "farebox.location"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# httpcore's trace event right before it writes a request's headers (HTTP/1.1 and HTTP/2).
+_SEND_HEADERS = ".send_request_headers.started"
 
 Exchange = tuple[httpx.Response, bytes | None]
 # What the shared flow asks the sync or async face to do, and what it gets back.
 Outgoing = httpx.Request | MintToken
 Incoming = Exchange | str | BaseException
+_Target = tuple[bytes, bytes, int | None, bytes]
+
+
+# --- bounded bodies --------------------------------------------------------------------------
+
+
+class _Inflate:
+    """One zlib layer (gzip or deflate) that yields at most ``room + 1`` bytes a call."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self.first = True
+        self.inflater = zlib.decompressobj(
+            zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS
+        )
+
+    def run(self, data: bytes, room: int) -> bytes:
+        first, self.first = self.first, False
+        try:
+            return self.inflater.decompress(data, room + 1)
+        except zlib.error:
+            if self.coding == "deflate" and first:
+                # Servers send raw deflate as often as zlib-wrapped; httpx and urllib3 take both.
+                self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self.run(data, room)
+            raise
+
+    def flush(self) -> bytes:
+        return self.inflater.flush()
+
+
+class BodyBound:
+    """Undoes a body's ``Content-Encoding`` while it streams in, within a bound.
+
+    At most ``limit`` decoded bytes, at most ``_WIRE_FACTOR * limit`` off the wire. ``identity``
+    and codings the HTTP library ignores pass through; gzip and deflate are decoded with zlib's
+    output cap (a gzip bomb stops at the bound, not in memory); ``br``, ``zstd`` and anything
+    nested deeper than three codings cannot be bounded here: ``readable`` is then false and the
+    body should not be read at all. ``x_gzip`` says whether the library decodes ``x-gzip``
+    (urllib3 does, httpx does not).
+    """
+
+    def __init__(self, codings: Iterable[str], limit: int, *, x_gzip: bool = False) -> None:
+        self.limit = limit
+        self.wire_limit = _WIRE_FACTOR * limit
+        self.readable = True
+        self.ok = True  # False once past a bound or undecodable
+        self._wire = 0
+        self._out: list[bytes] = []
+        self._size = 0
+        layers: list[_Inflate] = []
+        for value in codings:
+            coding = value.strip().lower()
+            if coding == "x-gzip" and x_gzip:
+                coding = "gzip"
+            if coding in ("gzip", "deflate"):
+                layers.append(_Inflate(coding))
+            elif coding in ("br", "zstd"):
+                self.readable = False
+        if len(layers) > 3:
+            self.readable = False
+        self._layers = list(reversed(layers))  # the last coding applied is undone first
+        self._made = [0] * len(self._layers)
+        if not self.readable:
+            self.ok = False
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next bytes off the wire; ``False`` once the body is past the bound (stop)."""
+        if not self.ok:
+            return False
+        self._wire += len(data)
+        if self._wire > self.wire_limit:
+            self.ok = False
+            return False
+        return self._take(self._decode(data, flush=False))
+
+    def finish(self) -> bytes | None:
+        """The decoded body once the wire ended, or ``None`` if it went past the bound or did not
+        decode."""
+        if self.ok:
+            self._take(self._decode(b"", flush=True))
+        return b"".join(self._out) if self.ok else None
+
+    def _decode(self, data: bytes, *, flush: bool) -> bytes:
+        for index, layer in enumerate(self._layers):
+            # Inner layers may make up to the wire bound (their output is still compressed).
+            cap = self.limit if index == len(self._layers) - 1 else self.wire_limit
+            try:
+                out = layer.run(data, cap - self._made[index]) if data else b""
+                while layer.inflater.unconsumed_tail and len(out) <= cap - self._made[index]:
+                    out += layer.run(
+                        layer.inflater.unconsumed_tail, cap - self._made[index] - len(out)
+                    )
+                if flush and len(out) <= cap - self._made[index]:
+                    out += layer.flush()
+            except zlib.error:
+                self.ok = False
+                return b""
+            self._made[index] += len(out)
+            if self._made[index] > cap:
+                self.ok = False
+                return b""
+            data = out
+        return data
+
+    def _take(self, data: bytes) -> bool:
+        if not self.ok:
+            return False
+        self._size += len(data)
+        if self._size > self.limit:
+            self.ok = False
+            self._out = []
+            return False
+        if data:
+            self._out.append(data)
+        return True
+
+
+def _bound_for(response: httpx.Response, limit: int) -> BodyBound:
+    return BodyBound(response.headers.get_list("content-encoding", split_commas=True), limit)
+
+
+@dataclass(eq=False)
+class _Read:
+    """A body read up to the bound: what came off the wire, its decoded form (``None`` past the
+    bound or undecodable), and the rest of the stream (``None`` when it was read to its end)."""
+
+    stream: httpx.SyncByteStream | httpx.AsyncByteStream | None  # None: read before us
+    wire: bytes
+    body: bytes | None
+    rest: Iterator[bytes] | AsyncIterator[bytes] | None
+
+
+class _Resumed(httpx.SyncByteStream):
+    """What was read, then the rest of the same stream: the caller's response stays whole."""
+
+    def __init__(self, head: bytes, rest: Iterator[bytes], stream: httpx.SyncByteStream) -> None:
+        self._head, self._rest, self._stream = head, rest, stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._head:
+            yield self._head
+        yield from self._rest
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _AsyncResumed(httpx.AsyncByteStream):
+    def __init__(
+        self, head: bytes, rest: AsyncIterator[bytes], stream: httpx.AsyncByteStream
+    ) -> None:
+        self._head, self._rest, self._stream = head, rest, stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _read_before(response: httpx.Response, limit: int) -> _Read:
+    # Something read the body before the auth flow (a response event hook): the memory is spent
+    # already; the flow still gets no more than the bound.
+    try:
+        content: bytes | None = response.content
+    except httpx.ResponseNotRead:
+        content = None
+    body = content if content is not None and len(content) <= limit else None
+    return _Read(None, b"", body, None)
+
+
+def _read_sync(response: httpx.Response, limit: int) -> _Read:
+    if response.is_stream_consumed:
+        return _read_before(response, limit)
+    stream = response.stream
+    assert isinstance(stream, httpx.SyncByteStream)
+    bound = _bound_for(response, limit)
+    chunks = iter(stream)
+    wire = bytearray()
+    if not bound.readable:
+        return _Read(stream, b"", None, chunks)
+    for chunk in chunks:
+        wire += chunk
+        if not bound.feed(chunk):
+            return _Read(stream, bytes(wire), None, chunks)
+    return _Read(stream, bytes(wire), bound.finish(), None)
+
+
+async def _read_async(response: httpx.Response, limit: int) -> _Read:
+    if response.is_stream_consumed:
+        return _read_before(response, limit)
+    stream = response.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    bound = _bound_for(response, limit)
+    chunks = aiter(stream)
+    wire = bytearray()
+    if not bound.readable:
+        return _Read(stream, b"", None, chunks)
+    async for chunk in chunks:
+        wire += chunk
+        if not bound.feed(chunk):
+            return _Read(stream, bytes(wire), None, chunks)
+    return _Read(stream, bytes(wire), bound.finish(), None)
+
+
+def _settle_sync(response: httpx.Response, read: _Read, *, theirs: bool) -> None:
+    """Give ``response`` the stream it goes on with. httpx reads every response an auth flow
+    answered with another request (``theirs`` false) in full: it gets only what was read, and
+    nothing when that was too much or did not decode. The caller's gets the whole stream back."""
+    if read.stream is None:
+        return
+    assert isinstance(read.stream, httpx.SyncByteStream)
+    if theirs and read.rest is not None:
+        assert isinstance(read.rest, Iterator)
+        response.stream = _Resumed(read.wire, read.rest, read.stream)
+        return
+    if read.rest is not None:
+        _close_iterator(read.rest)
+    read.stream.close()
+    response.stream = httpx.ByteStream(_kept(read, theirs=theirs))
+
+
+async def _settle_async(response: httpx.Response, read: _Read, *, theirs: bool) -> None:
+    if read.stream is None:
+        return
+    assert isinstance(read.stream, httpx.AsyncByteStream)
+    if theirs and read.rest is not None:
+        assert isinstance(read.rest, AsyncIterator)
+        response.stream = _AsyncResumed(read.wire, read.rest, read.stream)
+        return
+    aclose = getattr(read.rest, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    await read.stream.aclose()
+    response.stream = httpx.ByteStream(_kept(read, theirs=theirs))
+
+
+def _kept(read: _Read, *, theirs: bool) -> bytes:
+    # httpx decodes what it is given again: only what decoded within the bound, for its own read.
+    return read.wire if theirs or read.body is not None else b""
+
+
+def _close_iterator(chunks: Iterator[bytes] | AsyncIterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+# --- the agent's own requests ----------------------------------------------------------------
+
+
+def _target(url: httpx.URL) -> _Target:
+    # What httpx's transport writes for ``url``: scheme, host, port, request target.
+    return (url.raw_scheme.lower(), url.raw_host.lower(), url.port, url.raw_path)
+
+
+def _wire_target(url: Any) -> _Target | None:
+    """Where an httpcore request is bound: its URL, or the absolute target a forward proxy gets."""
+    target = getattr(url, "target", None)
+    if not isinstance(target, bytes):
+        return None
+    if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        try:
+            return _target(httpx.URL(target.decode("ascii")))
+        except (httpx.InvalidURL, UnicodeDecodeError):
+            return None
+    scheme, host = getattr(url, "scheme", b""), getattr(url, "host", b"")
+    return (bytes(scheme).lower(), bytes(host).lower(), getattr(url, "port", None), target)
+
+
+@dataclass(eq=False)
+class _Own:
+    """One of the agent's own requests: the paid retry (with the proof headers it carries, as
+    sent) or a discovery fetch (no proof). httpx copies a request's extensions into a redirect it
+    follows, so a request carrying this but not being ``request`` is such a redirect."""
+
+    request: httpx.Request
+    proof: frozenset[tuple[bytes, bytes]] = frozenset()
+    trace: Any = None  # the caller's own trace extension, still called
+    target: _Target = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.target = _target(self.request.url)
+
+    def refusal(self, where: str) -> PaymentFailed:
+        paid = self.request.url
+        if not self.proof:
+            return PaymentFailed(
+                REDIRECTED,
+                f"a discovery document of {paid.scheme}://{paid.netloc.decode()} is not followed "
+                f"to {where}",
+            )
+        return PaymentFailed(
+            REDIRECTED,
+            f"the paid request to {paid.scheme}://{paid.netloc.decode()}{paid.raw_path.decode()} "
+            f"was redirected to {where}; a payment proof goes only where its 402 came from, so it "
+            "was not sent on (build the client with farebox.agent.httpx_auth.paying_client to get "
+            "the redirect back instead)",
+        )
+
+    def _check(self, event: str, info: Mapping[str, Any]) -> None:
+        if not self.proof or not event.endswith(_SEND_HEADERS):
+            return
+        sent = info.get("request")
+        headers = getattr(sent, "headers", None) or ()
+        if not any((bytes(k).lower(), bytes(v)) in self.proof for k, v in headers):
+            return
+        where = _wire_target(getattr(sent, "url", None))
+        if where != self.target:
+            shown = (
+                "another target" if where is None else f"{where[0].decode()}://{where[1].decode()}"
+            )
+            raise self.refusal(shown)
+
+    def sync_trace(self, event: str, info: Mapping[str, Any]) -> None:
+        self._check(event, info)
+        if self.trace is not None:
+            self.trace(event, info)
+
+    async def async_trace(self, event: str, info: Mapping[str, Any]) -> None:
+        self._check(event, info)
+        if self.trace is not None:
+            await self.trace(event, info)
+
+
+def _own_of(request: httpx.Request) -> _Own | None:
+    own = request.extensions.get(_OWN)
+    return own if isinstance(own, _Own) else None
+
+
+def _hide_location(response: httpx.Response) -> None:
+    if response.status_code not in _REDIRECTS or "location" not in response.headers:
+        return
+    hidden = [(k, v) for k, v in response.headers.raw if k.lower() == b"location"]
+    del response.headers["location"]
+    response.extensions = {**response.extensions, _HIDDEN: hidden}
+
+
+def _restore(response: httpx.Response) -> None:
+    """Put back a Location PaymentTransport hid; strip the proof off a redirect httpx offers."""
+    hidden = response.extensions.get(_HIDDEN)
+    if hidden is not None:
+        response.headers = httpx.Headers([*response.headers.raw, *hidden])
+        response.extensions = {k: v for k, v in response.extensions.items() if k != _HIDDEN}
+    offered = response.next_request
+    own = None if offered is None else _own_of(offered)
+    if offered is not None and own is not None:
+        for name, _ in own.proof:
+            offered.headers.pop(name.decode("latin-1"), None)
+        # httpx copies the followed request's extensions (our marker, our trace) into it.
+        extensions = {
+            k: v for k, v in offered.extensions.items() if k not in (_OWN, _RESENDS, "trace")
+        }
+        if own.trace is not None:
+            extensions["trace"] = own.trace
+        offered.extensions = extensions
 
 
 def _already_paying(request: httpx.Request) -> bool:
@@ -46,12 +468,16 @@ def _already_paying(request: httpx.Request) -> bool:
 
 
 def _wants_body(response: httpx.Response) -> bool:
+    own = _own_of(response.request)
+    if own is None:
+        # The caller's request: its 402 is paid, unless the caller pays it itself.
+        return response.status_code == 402 and not _already_paying(response.request)
+    if own.request is not response.request:
+        return False  # a redirect httpx followed: never the answer the flow reads
+    if not own.proof:
+        return True  # a discovery document
     # A refusal from the gate (402, or 400/503 with the challenge) explains itself in its body.
-    return (
-        response.status_code == 402
-        or "payment-required" in response.headers
-        or bool(response.request.extensions.get(_FETCH))
-    )
+    return response.status_code == 402 or "payment-required" in response.headers
 
 
 def _answer(response: httpx.Response, body: bytes | None) -> Answer:
@@ -59,20 +485,56 @@ def _answer(response: httpx.Response, body: bytes | None) -> Answer:
     return Answer(response.status_code, headers, body if body is not None else b"")
 
 
+def _attach(exc: PaymentFailed, response: object) -> None:
+    # Set on the instance whether or not PaymentFailed declares the attribute.
+    if getattr(exc, "response", None) is None:
+        exc.__dict__["response"] = response
+
+
+def _carries_none(exc: PaymentFailed, outgoing: Outgoing) -> bool:
+    # After a token was minted there is no new answer; a refused redirect carries its 3xx.
+    return not isinstance(outgoing, MintToken) and getattr(exc, "response", None) is None
+
+
+def _detached(response: httpx.Response) -> httpx.Response:
+    """``response`` for the caller to read after an exception: httpx closes the one the auth flow
+    raised on, so its stream moves to a copy that stays open."""
+    copy = httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=response.stream,
+        request=response.request,
+        extensions=response.extensions,
+        history=response.history,
+        default_encoding=response.default_encoding,
+    )
+    response.stream = httpx.ByteStream(b"")
+    return copy
+
+
 class PaymentAuth(httpx.Auth):
-    """Pays 402 challenges with ``agent``; raises the agent's errors when it cannot or may not."""
+    """Pays 402 challenges with ``agent``; raises the agent's errors when it cannot or may not.
+
+    Prefer :func:`paying_client`, which also installs :class:`PaymentTransport`; see the module
+    docstring for what each part does about redirects.
+    """
 
     def __init__(self, agent: Agent, *, max_body: int = MAX_402_BODY) -> None:
         self.agent = agent
         self.max_body = max_body
 
-    def _flow(self, request: httpx.Request) -> Generator[Outgoing, Incoming, None]:
+    def _flow(
+        self, request: httpx.Request, *, is_async: bool
+    ) -> Generator[Outgoing, Incoming, None]:
         first = yield request
         assert isinstance(first, tuple)
         response, body = first
-        if response.status_code != 402 or _already_paying(request):
+        # The request that got this answer: after redirects the client followed, the URL whose
+        # 402 this is, and so the one the policy checks and the proof goes to.
+        asked = response.request
+        if response.status_code != 402 or _already_paying(asked):
             return
-        flow = self.agent.pay(request.method, str(request.url), _answer(response, body))
+        flow = self.agent.pay(asked.method, str(asked.url), _answer(response, body))
         payment: Payment | None = None
         try:
             step = next(flow)
@@ -85,123 +547,227 @@ class PaymentAuth(httpx.Auth):
                         assert isinstance(minted, str)
                         step = flow.send(minted)
                     continue
-                if isinstance(step, Retry):
-                    for name, value in step.headers.items():
-                        request.headers[name] = value
-                    request.extensions = {**request.extensions, _RESENDS: self.agent.resends}
-                    exchange = yield request
-                else:
-                    assert isinstance(step, Fetch)
-                    fetch = httpx.Request(
-                        "GET",
-                        step.url,
-                        headers={"accept": "application/json"},
-                        extensions={_FETCH: True},
-                    )
-                    exchange = yield fetch
+                sent = (
+                    self._retry(asked, step, is_async=is_async)
+                    if isinstance(step, Retry)
+                    else self._fetch(asked, step)
+                )
+                exchange = yield sent
                 assert isinstance(exchange, tuple)
                 response, body = exchange
-                step = flow.send(_answer(response, body))
+                if response.request is sent:
+                    step = flow.send(_answer(response, body))
+                else:
+                    step = self._followed(flow, sent, response)
         except StopIteration as done:
             payment = done.value
+        finally:
+            flow.close()
         if payment is not None:
             response.extensions[PAYMENT_EXTENSION] = payment
 
-    def _check_size(self, response: httpx.Response) -> None:
-        # httpx reads every intermediate response of an auth flow in full itself, so refuse a
-        # declared giant here; a chunked one is read, then ignored past the limit.
-        length = response.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > 16 * self.max_body:
-            response.close()
-            raise PaymentError("payload_too_large", "the 402 response body is too large")
+    def _retry(self, asked: httpx.Request, step: Retry, *, is_async: bool) -> httpx.Request:
+        headers = httpx.Headers(asked.headers)
+        for name, value in step.headers.items():
+            headers[name] = value
+        retry = httpx.Request(asked.method, asked.url, headers=headers, stream=asked.stream)
+        names = {name.lower().encode("latin-1") for name in step.headers}
+        proof = frozenset((k.lower(), v) for k, v in retry.headers.raw if k.lower() in names)
+        own = _Own(retry, proof, asked.extensions.get("trace"))
+        retry.extensions = {
+            **asked.extensions,
+            _RESENDS: self.agent.resends,
+            _OWN: own,
+            # httpx's transports call this before writing each request: the proof is never
+            # written anywhere but where it was paid for, even by a redirect httpx follows.
+            "trace": own.async_trace if is_async else own.sync_trace,
+        }
+        return retry
 
-    def _bounded(self, body: bytes) -> bytes | None:
-        return body if len(body) <= self.max_body else None
+    @staticmethod
+    def _fetch(asked: httpx.Request, step: Fetch) -> httpx.Request:
+        fetch = httpx.Request("GET", step.url, headers={"accept": "application/json"})
+        extensions: dict[str, Any] = {_OWN: _Own(fetch)}
+        if "timeout" in asked.extensions:
+            extensions["timeout"] = asked.extensions["timeout"]
+        fetch.extensions = extensions
+        return fetch
+
+    def _followed(
+        self,
+        flow: Generator[Any, Any, Payment | None],
+        sent: httpx.Request,
+        response: httpx.Response,
+    ) -> Any:
+        """httpx followed a redirect of the agent's own request (no PaymentTransport, and a
+        transport that does not call the trace hook). The flow gets the 3xx the URL itself gave;
+        a paid retry's then ends in ``payment_redirected``: its proof went to the redirect's
+        target, and what that answered is never the paid answer."""
+        hop = next((r for r in response.history if r.request is sent), None)
+        own = _own_of(sent)
+        assert own is not None
+        where = f"{response.request.url.scheme}://{response.request.url.netloc.decode()}"
+        if hop is None:
+            raise own.refusal(where)
+        body = hop.content if len(hop.content) <= self.max_body else None
+        answer = _answer(hop, body)
+        if not own.proof:
+            return flow.send(answer)
+        settlement = None
+        error: PaymentFailed | None = None
+        try:
+            flow.send(answer)
+        except StopIteration as done:
+            paid = done.value
+            settlement = paid.settlement if isinstance(paid, Payment) else None
+        except PaymentFailed as exc:
+            error = exc
+            settlement = exc.settlement
+        refusal = own.refusal(where)
+        refusal.status = hop.status_code
+        refusal.answer = answer
+        refusal.settlement = settlement
+        _attach(refusal, hop)
+        raise refusal from error
 
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        flow = self._flow(request)
-        outgoing = next(flow)
-        while True:
-            incoming: Incoming
-            if isinstance(outgoing, MintToken):
+        flow = self._flow(request, is_async=False)
+        try:
+            outgoing = next(flow)
+            while True:
+                incoming: Incoming
+                read: _Read | None = None
+                if isinstance(outgoing, MintToken):
+                    try:
+                        incoming = outgoing.wallet.mint(outgoing.request)
+                    except Exception as exc:  # handed to the flow, which releases and raises it
+                        incoming = exc
+                else:
+                    response = yield outgoing
+                    _restore(response)
+                    if _wants_body(response):
+                        read = _read_sync(response, self.max_body)
+                    incoming = (response, None if read is None else read.body)
                 try:
-                    incoming = outgoing.wallet.mint(outgoing.request)
-                except Exception as exc:  # handed to the flow, which releases and raises it
-                    incoming = exc
-            else:
-                response = yield outgoing
-                body: bytes | None = None
-                if _wants_body(response):
-                    self._check_size(response)
-                    body = self._bounded(response.read())
-                incoming = (response, body)
-            try:
-                outgoing = flow.send(incoming)
-            except StopIteration:
-                return
+                    outgoing = flow.send(incoming)
+                except StopIteration:
+                    if read is not None:
+                        _settle_sync(response, read, theirs=True)
+                    return
+                except PaymentFailed as exc:
+                    if read is not None:
+                        _settle_sync(response, read, theirs=True)
+                    if _carries_none(exc, outgoing):
+                        _attach(exc, _detached(response))
+                    raise
+                except BaseException:
+                    if read is not None:
+                        _settle_sync(response, read, theirs=True)
+                    raise
+                if read is not None:
+                    _settle_sync(response, read, theirs=False)
+        finally:
+            flow.close()
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        flow = self._flow(request)
-        outgoing = next(flow)
-        while True:
-            incoming: Incoming
-            if isinstance(outgoing, MintToken):
+        flow = self._flow(request, is_async=True)
+        try:
+            outgoing = next(flow)
+            while True:
+                incoming: Incoming
+                read: _Read | None = None
+                if isinstance(outgoing, MintToken):
+                    try:
+                        incoming = await outgoing.wallet.mint_async(outgoing.request)
+                    except Exception as exc:  # handed to the flow, which releases and raises it
+                        incoming = exc
+                else:
+                    response = yield outgoing
+                    _restore(response)
+                    if _wants_body(response):
+                        read = await _read_async(response, self.max_body)
+                    incoming = (response, None if read is None else read.body)
                 try:
-                    incoming = await outgoing.wallet.mint_async(outgoing.request)
-                except Exception as exc:  # handed to the flow, which releases and raises it
-                    incoming = exc
-            else:
-                response = yield outgoing
-                body: bytes | None = None
-                if _wants_body(response):
-                    self._check_size(response)
-                    body = self._bounded(await response.aread())
-                incoming = (response, body)
-            try:
-                outgoing = flow.send(incoming)
-            except StopIteration:
-                return
+                    outgoing = flow.send(incoming)
+                except StopIteration:
+                    if read is not None:
+                        await _settle_async(response, read, theirs=True)
+                    return
+                except PaymentFailed as exc:
+                    if read is not None:
+                        await _settle_async(response, read, theirs=True)
+                    if _carries_none(exc, outgoing):
+                        _attach(exc, _detached(response))
+                    raise
+                except BaseException:
+                    if read is not None:
+                        await _settle_async(response, read, theirs=True)
+                    raise
+                if read is not None:
+                    await _settle_async(response, read, theirs=False)
+        finally:
+            flow.close()
 
 
 class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
-    """Wraps a transport (sync or async) to resend paid retries that failed in transport.
+    """Wraps a transport (sync or async) for the agent's own requests.
 
     A request :class:`PaymentAuth` marked as a paid retry is sent again, unchanged, up to the
     agent's ``resends`` times on :class:`httpx.TransportError` (connect, read, write, timeouts,
-    protocol errors); the server's idempotency then replays a response it already settled.
-    Everything else passes straight through.
+    protocol errors); the server's idempotency then replays a response it already settled. A
+    redirect answering the paid retry or a discovery fetch has its ``Location`` hidden from httpx
+    (the auth puts it back), so httpx never follows it with the proof, whatever
+    ``follow_redirects`` says; a redirect of such a request that still reaches this transport is
+    refused unsent (``payment_redirected``). Everything else passes straight through.
     """
 
     def __init__(self, inner: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
         self.inner = inner
 
+    @staticmethod
+    def _own(request: httpx.Request) -> _Own | None:
+        own = _own_of(request)
+        if own is not None and own.request is not request:
+            raise own.refusal(f"{request.url.scheme}://{request.url.netloc.decode()}")
+        return own
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not isinstance(self.inner, httpx.BaseTransport):
             raise TypeError("PaymentTransport wraps an async transport: use httpx.AsyncClient")
+        own = self._own(request)
         resends = int(request.extensions.get(_RESENDS, 0))
         while True:
             try:
-                return self.inner.handle_request(request)
+                response = self.inner.handle_request(request)
+                break
             except httpx.TransportError:
                 if resends <= 0:
                     raise
                 resends -= 1
+        if own is not None:
+            _hide_location(response)
+        return response
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not isinstance(self.inner, httpx.AsyncBaseTransport):
             raise TypeError("PaymentTransport wraps a sync transport: use httpx.Client")
+        own = self._own(request)
         resends = int(request.extensions.get(_RESENDS, 0))
         while True:
             try:
-                return await self.inner.handle_async_request(request)
+                response = await self.inner.handle_async_request(request)
+                break
             except httpx.TransportError:
                 if resends <= 0:
                     raise
                 resends -= 1
+        if own is not None:
+            _hide_location(response)
+        return response
 
     def close(self) -> None:
         if isinstance(self.inner, httpx.BaseTransport):
@@ -210,3 +776,44 @@ class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         if isinstance(self.inner, httpx.AsyncBaseTransport):
             await self.inner.aclose()
+
+
+def _wrap_transports(client: httpx.Client | httpx.AsyncClient) -> None:
+    # httpx picks a mount (the environment's proxies are mounts) before the client's transport,
+    # so every one of them is wrapped. httpx has no public setter for them.
+    transport = getattr(client, "_transport", None)
+    mounts = getattr(client, "_mounts", None)
+    if transport is None or not isinstance(mounts, dict):
+        raise TypeError(
+            "this httpx keeps its transports elsewhere: build the client with "
+            "auth=PaymentAuth(agent), transport=PaymentTransport(...) yourself"
+        )
+
+    def wrapped(inner: Any) -> Any:
+        return (
+            inner
+            if inner is None or isinstance(inner, PaymentTransport)
+            else PaymentTransport(inner)
+        )
+
+    client._transport = wrapped(transport)
+    client._mounts = {pattern: wrapped(inner) for pattern, inner in mounts.items()}
+
+
+def paying_client(agent: Agent, *, max_body: int = MAX_402_BODY, **kwargs: Any) -> httpx.Client:
+    """An ``httpx.Client(**kwargs)`` that pays with ``agent``: :class:`PaymentAuth` as its auth
+    and :class:`PaymentTransport` around each transport it uses (``transport=``, ``mounts=``,
+    proxies). The client to use: a paid retry is resent after a dropped connection and its
+    redirects come back to the caller, never followed with the proof."""
+    client = httpx.Client(auth=PaymentAuth(agent, max_body=max_body), **kwargs)
+    _wrap_transports(client)
+    return client
+
+
+def paying_async_client(
+    agent: Agent, *, max_body: int = MAX_402_BODY, **kwargs: Any
+) -> httpx.AsyncClient:
+    """:func:`paying_client` for ``httpx.AsyncClient``."""
+    client = httpx.AsyncClient(auth=PaymentAuth(agent, max_body=max_body), **kwargs)
+    _wrap_transports(client)
+    return client

@@ -6,10 +6,28 @@ retry that fails to connect or times out is handed back to the flow, which sends
 payment and idempotency id again (``Agent.resends`` times) before the error is raised. A card
 payment's token is minted with the card wallet's blocking
 :meth:`~farebox.agent.card.CardWallet.mint`.
+
+Redirects: the agent pays the URL that answered 402 (after the redirects the session followed to
+get there), checked by the policy, and sends the proof there only. The paid retry is sent with
+``allow_redirects=False`` and its redirect is not even prepared as ``response.next``: a 3xx comes
+back to the caller as it is, same origin or not, body unread. Discovery documents (the PEAC issuer
+document, the JWKS) are not followed either (PEAC's discovery profile: ``redirect: "error"``).
+
+Bodies: every body the agent parses (402s and refusals, discovery documents) is read off the wire
+through :class:`~farebox.agent.httpx_auth.BodyBound`: at most ``max_body`` decoded bytes (64 KiB),
+at most 16 times that off the wire, gzip and deflate decoded under the same cap, ``br`` and
+``zstd`` not read at all. What fits stays the response's ``content``; a body past the bound is
+dropped (``content`` is empty) and its connection closed.
+
+When the paid retry got an answer and the flow still fails (:class:`PaymentFailed`, e.g.
+``receipt_invalid`` under ``require_receipt``), the exception carries that answer as
+``exc.response``, its body unread unless it was a refusal the agent read.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 try:
@@ -17,25 +35,55 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the requests adapter needs: pip install 'farebox[requests]'") from exc
 
-from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, Retry
+from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, PaymentFailed, Retry
+from farebox.agent.httpx_auth import BodyBound
 
 __all__ = ["PaymentSession"]
 
 MAX_402_BODY = 64 * 1024
+_CHUNK = 8192
 
 
-def _answer(response: requests.Response, max_body: int) -> Answer:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(8192):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > max_body:
-            chunks = []
-            break
+def _wire(response: requests.Response) -> Iterator[bytes]:
+    # The body as it came (transfer coding undone, content coding not): the bound decodes it.
+    raw = response.raw
+    stream = getattr(raw, "stream", None)
+    if stream is not None:
+        yield from stream(_CHUNK, decode_content=False)
+        return
+    while chunk := raw.read(_CHUNK):
+        yield chunk
+
+
+def _read(response: requests.Response, max_body: int) -> Answer:
+    codings = response.headers.get("content-encoding", "").split(",")
+    bound = BodyBound(codings, max_body, x_gzip=True)
+    body: bytes | None = None
+    if bound.readable:
+        for chunk in _wire(response):
+            if not bound.feed(chunk):
+                break
+        else:
+            body = bound.finish()
     response.close()
+    # requests' own state for a body read: what fits stays readable, for the caller and for
+    # exc.response; the rest of a body past the bound is gone with its connection.
+    response._content = body if body is not None else b""
+    response._content_consumed = True
     headers = {k.lower(): v for k, v in response.headers.items()}
-    return Answer(response.status_code, headers, b"".join(chunks))
+    return Answer(response.status_code, headers, body if body is not None else b"")
+
+
+def _already_paying(request: requests.PreparedRequest) -> bool:
+    # The caller set a payment header itself: its 402 is the caller's to handle.
+    authorization = str(request.headers.get("authorization", ""))
+    return "payment-signature" in request.headers or authorization[:8].lower() == "payment "
+
+
+def _attach(exc: PaymentFailed, response: requests.Response) -> None:
+    # Set on the instance whether or not PaymentFailed declares the attribute.
+    if getattr(exc, "response", None) is None:
+        exc.__dict__["response"] = response
 
 
 class PaymentSession(requests.Session):
@@ -45,20 +93,27 @@ class PaymentSession(requests.Session):
         super().__init__()
         self.agent = agent
         self.max_body = max_body
+        # The agent's own requests (paid retries, discovery fetches): never followed.
+        self._own: weakref.WeakSet[requests.PreparedRequest] = weakref.WeakSet()
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        # requests reads a redirect's whole body before following it, and even to offer it as
+        # ``response.next`` when not following: for the agent's own requests there is no target.
+        if resp.request in self._own:
+            return None
+        target: str | None = super().get_redirect_target(resp)
+        return target
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         stream = kwargs.pop("stream", False)
         response = super().send(request, stream=True, **kwargs)
-        authorization = str(request.headers.get("authorization", ""))
-        if (
-            response.status_code != 402
-            or "payment-signature" in request.headers
-            or authorization[:8].lower() == "payment "
-        ):
+        # The request that got this answer: after redirects the session followed, the URL whose
+        # 402 this is, and so the one the policy checks and the proof goes to.
+        asked = response.request
+        if response.status_code != 402 or _already_paying(asked):
             return self._finish(response, stream)
-        flow = self.agent.pay(
-            str(request.method), str(request.url), _answer(response, self.max_body)
-        )
+        own_kwargs = {**kwargs, "allow_redirects": False}
+        flow = self.agent.pay(str(asked.method), str(asked.url), _read(response, self.max_body))
         payment: Payment | None = None
         try:
             step = next(flow)
@@ -72,32 +127,36 @@ class PaymentSession(requests.Session):
                     step = flow.send(spt)
                     continue
                 if isinstance(step, Retry):
-                    retry = request.copy()
+                    retry = asked.copy()
                     retry.headers.update(step.headers)
+                    self._own.add(retry)
                     try:
-                        response = super().send(retry, stream=True, **kwargs)
+                        response = super().send(retry, stream=True, **own_kwargs)
                     except (requests.ConnectionError, requests.Timeout) as exc:
                         step = flow.throw(exc)  # the same step again, or the error raised
                         continue
-                    answer = Answer(
-                        response.status_code,
-                        {k.lower(): v for k, v in response.headers.items()},
-                        b"",
-                    )
                     if response.status_code == 402 or "payment-required" in response.headers:
-                        answer = _answer(response, self.max_body)
-                else:
-                    assert isinstance(step, Fetch)
-                    fetch = requests.Request(
-                        "GET", step.url, headers={"accept": "application/json"}
-                    )
-                    answer = _answer(
-                        super().send(self.prepare_request(fetch), stream=True, **kwargs),
-                        self.max_body,
-                    )
+                        answer = _read(response, self.max_body)
+                    else:
+                        headers = {k.lower(): v for k, v in response.headers.items()}
+                        answer = Answer(response.status_code, headers, b"")
+                    try:
+                        step = flow.send(answer)
+                    except PaymentFailed as exc:
+                        _attach(exc, response)
+                        raise
+                    continue
+                assert isinstance(step, Fetch)
+                fetch = self.prepare_request(
+                    requests.Request("GET", step.url, headers={"accept": "application/json"})
+                )
+                self._own.add(fetch)
+                answer = _read(super().send(fetch, stream=True, **own_kwargs), self.max_body)
                 step = flow.send(answer)
         except StopIteration as done:
             payment = done.value
+        finally:
+            flow.close()
         response.farebox_payment = payment  # type: ignore[attr-defined]
         return self._finish(response, stream)
 

@@ -1,0 +1,511 @@
+"""The httpx and requests drivers against hostile servers on real sockets (tests/agent/raw_http.py).
+
+A payment proof goes only to the URL whose 402 it answers: the paid retry's redirects, to another
+origin or the same one, are handed back and never followed with the proof, and the policy checks
+the URL that asked for the money. Every body the agent parses is read with a bound: an endless
+chunked 402, a gzip bomb and endless padding that decodes to nothing leave the agent's memory and
+what it reads off the wire bounded. When the flow fails after the paid retry got an answer, the
+exception carries that answer.
+
+The agent signs real EIP-3009 authorizations (no chain needed: nobody settles them here).
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import tracemalloc
+import zlib
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from farebox.agent.agent import Agent, Answer, Fetch, Payment, PaymentFailed, Reply, Step
+from farebox.agent.httpx_auth import (
+    PAYMENT_EXTENSION,
+    PaymentAuth,
+    paying_async_client,
+    paying_client,
+)
+from farebox.agent.policy import Policy
+from farebox.agent.requests_adapter import PaymentSession
+from farebox.errors import PaymentError
+from farebox.eth import EvmAccount
+from farebox.money import BASE_SEPOLIA_USDC
+from farebox.protocol.challenge import render_challenge
+from farebox.protocol.models import Challenge, Offer, Resource, Settlement
+from farebox.protocol.x402 import encode_challenge_header, encode_settlement
+from tests.agent.raw_http import RawServer, Seen, chunked, endless, gzip_bomb, response
+
+PAY_TO = "0x" + "33" * 20
+PRICE = 10_000  # $0.01 in 6-decimal USDC
+MiB = 1 << 20
+GIVE_UP = 64 * MiB  # an "endless" body ends here, so that a client that reads it all finishes
+PAYING = ["httpx", "httpx-async", "requests"]  # the configurations the docs recommend
+BARE = ["bare-httpx", "bare-httpx-async"]  # httpx.Client(auth=PaymentAuth(agent)), no transport
+PROOF_HEADERS = ("payment-signature", "x-payment", "idempotency-key")
+
+
+OFFER = Offer(
+    "exact",
+    BASE_SEPOLIA_USDC.network,
+    PRICE,
+    BASE_SEPOLIA_USDC.address,
+    PAY_TO,
+    extra={"name": BASE_SEPOLIA_USDC.name, "version": BASE_SEPOLIA_USDC.version},
+)
+
+
+def challenge_header() -> str:
+    return encode_challenge_header(Challenge(Resource("http://127.0.0.1/report"), (OFFER,)))
+
+
+def asks_payment() -> Iterator[bytes]:
+    return response(402, [("payment-required", challenge_header())], b"{}")
+
+
+def carries_proof(seen: Seen) -> bool:
+    return "payment-signature" in seen.headers or "x-payment" in seen.headers
+
+
+def seller(on_paid: Callable[[Seen], Iterable[bytes]]) -> Callable[[Seen], Iterable[bytes]]:
+    """Asks $0.01 of every request without a proof; answers the paid retry with ``on_paid``."""
+
+    def answer(seen: Seen) -> Iterable[bytes]:
+        return on_paid(seen) if carries_proof(seen) else asks_payment()
+
+    return answer
+
+
+def settled(seen: Seen) -> Iterator[bytes]:
+    settlement = Settlement(True, BASE_SEPOLIA_USDC.network, "0x" + "ab" * 32, amount=PRICE)
+    return response(200, [("payment-response", encode_settlement(settlement))], b"the goods")
+
+
+def goods(seen: Seen) -> Iterator[bytes]:
+    return response(200, [("content-type", "text/plain")], b"elsewhere's answer")
+
+
+def proofs_seen(server: RawServer) -> list[str]:
+    return [value for name in PROOF_HEADERS for value in server.saw(name)]
+
+
+@dataclass
+class Got:
+    """What the caller got: the response (or the one the exception carried) and the error."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None  # None: streamed, or not read
+    error: PaymentError | None = None
+    payment: Payment | None = None
+
+
+def _httpx_got(got: Got, answer: httpx.Response) -> None:
+    got.status, got.headers = answer.status_code, dict(answer.headers)
+    got.payment = answer.extensions.get(PAYMENT_EXTENSION)
+
+
+def run(
+    driver: str,
+    agent: Agent,
+    url: str,
+    *,
+    stream: bool = False,
+    read_error_body: bool = False,
+    transport: httpx.BaseTransport | None = None,
+) -> Got:
+    """GET ``url`` through ``driver`` with redirects followed; a streamed answer is not read."""
+    got = Got()
+    if driver in ("httpx", "bare-httpx"):
+        kwargs: dict[str, Any] = {"follow_redirects": True, "timeout": 10}
+        if transport is not None:
+            kwargs["transport"] = transport
+        client = (
+            paying_client(agent, **kwargs)
+            if driver == "httpx"
+            else httpx.Client(auth=PaymentAuth(agent), **kwargs)
+        )
+        with client:
+            try:
+                answer = client.send(client.build_request("GET", url), stream=stream)
+            except PaymentError as exc:
+                got.error = exc
+                carried = getattr(exc, "response", None)
+                if carried is not None:
+                    _httpx_got(got, carried)
+                    if read_error_body:
+                        got.body = carried.read()
+                    carried.close()
+                return got
+            _httpx_got(got, answer)
+            got.body = None if stream else answer.content
+            answer.close()
+        return got
+    if driver in ("httpx-async", "bare-httpx-async"):
+
+        async def go() -> None:
+            kwargs: dict[str, Any] = {"follow_redirects": True, "timeout": 10}
+            client = (
+                paying_async_client(agent, **kwargs)
+                if driver == "httpx-async"
+                else httpx.AsyncClient(auth=PaymentAuth(agent), **kwargs)
+            )
+            async with client:
+                try:
+                    answer = await client.send(client.build_request("GET", url), stream=stream)
+                except PaymentError as exc:
+                    got.error = exc
+                    carried = getattr(exc, "response", None)
+                    if carried is not None:
+                        _httpx_got(got, carried)
+                        if read_error_body:
+                            got.body = await carried.aread()
+                        await carried.aclose()
+                    return
+                _httpx_got(got, answer)
+                got.body = None if stream else answer.content
+                await answer.aclose()
+
+        anyio.run(go)
+        return got
+    assert driver == "requests"
+    with PaymentSession(agent) as session:
+        try:
+            paid = session.get(url, timeout=10, stream=stream)
+        except PaymentError as exc:
+            got.error = exc
+            carried = getattr(exc, "response", None)
+            if carried is not None:
+                got.status, got.headers = carried.status_code, dict(carried.headers)
+                if read_error_body:
+                    got.body = carried.content
+                carried.close()
+            return got
+        got.status, got.headers = paid.status_code, dict(paid.headers)
+        got.payment = getattr(paid, "farebox_payment", None)
+        got.body = None if stream else paid.content
+        paid.close()
+    return got
+
+
+def measured(call: Callable[[], Got]) -> tuple[Got, int]:
+    """``call()`` and the peak of memory Python allocated meanwhile (the servers' threads too)."""
+    tracemalloc.start()
+    try:
+        got = call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return got, peak
+
+
+# --- redirects of the paid retry -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [302, 307])
+@pytest.mark.parametrize("driver", PAYING)
+def test_a_cross_origin_redirect_of_the_paid_retry_comes_back_unfollowed(
+    driver: str, status: int
+) -> None:
+    with (
+        RawServer(goods) as elsewhere,
+        RawServer(
+            seller(lambda s: response(status, [("location", elsewhere.url + "/loot")]))
+        ) as api,
+    ):
+        got = run(driver, Agent(EvmAccount.generate()), api.url + "/report")
+    # Before: httpx and requests followed it with PAYMENT-SIGNATURE and Idempotency-Key, and the
+    # other host's 200 came back as the paid answer.
+    assert elsewhere.seen == []
+    assert len(api.saw("payment-signature")) == 1
+    assert got.status == status
+    assert got.headers["location"] == elsewhere.url + "/loot"
+    assert got.body != b"elsewhere's answer"
+
+
+@pytest.mark.parametrize("driver", PAYING)
+def test_a_same_origin_redirect_of_the_paid_retry_comes_back_unfollowed(driver: str) -> None:
+    def paid(seen: Seen) -> Iterable[bytes]:
+        if seen.target == "/moved":
+            return goods(seen)
+        return response(307, [("location", "/moved")])
+
+    with RawServer(seller(paid)) as api:
+        got = run(driver, Agent(EvmAccount.generate()), api.url + "/report")
+    assert [s.target for s in api.seen] == ["/report", "/report"]  # the ask, the paid retry
+    assert got.status == 307
+    assert got.headers["location"] == "/moved"
+
+
+@pytest.mark.parametrize("same_origin", [False, True])
+@pytest.mark.parametrize("driver", BARE)
+def test_without_the_transport_httpx_never_writes_the_proof_to_the_redirect(
+    driver: str, same_origin: bool
+) -> None:
+    with RawServer(goods) as elsewhere:
+
+        def paid(seen: Seen) -> Iterable[bytes]:
+            if seen.target == "/moved":
+                return goods(seen)
+            return response(302, [("location", "/moved" if same_origin else elsewhere.url)])
+
+        with RawServer(seller(paid)) as api:
+            got = run(driver, Agent(EvmAccount.generate()), api.url + "/report")
+    # httpx follows below the auth flow; its trace hook refuses to write the proof anywhere else.
+    assert got.error is not None
+    assert got.error.code == "payment_redirected"
+    assert elsewhere.seen == []
+    assert [s.target for s in api.seen] == ["/report", "/report"]
+
+
+def test_the_redirect_httpx_offers_to_follow_carries_no_proof() -> None:
+    with (
+        RawServer(goods) as elsewhere,
+        RawServer(seller(lambda s: response(302, [("location", elsewhere.url)]))) as api,
+        httpx.Client(auth=PaymentAuth(Agent(EvmAccount.generate())), timeout=10) as client,
+    ):
+        answer = client.get(api.url + "/report")  # follow_redirects=False: httpx's default
+        assert answer.status_code == 302
+        assert answer.next_request is not None
+        followed = client.send(answer.next_request)  # the caller follows it, deliberately
+    # Before: httpx built the next request from the paid retry, proof and Idempotency-Key included.
+    assert followed.text == "elsewhere's answer"
+    assert len(elsewhere.seen) == 1
+    assert proofs_seen(elsewhere) == []
+
+
+class NoTrace(httpx.BaseTransport):
+    """A transport that does not call httpcore's trace hook (as a custom or mock one may not)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.extensions = {k: v for k, v in request.extensions.items() if k != "trace"}
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_followed_redirect_is_never_taken_as_the_paid_answer() -> None:
+    with (
+        RawServer(goods) as elsewhere,
+        RawServer(seller(lambda s: response(302, [("location", elsewhere.url)]))) as api,
+    ):
+        got = run("bare-httpx", Agent(EvmAccount.generate()), api.url, transport=NoTrace())
+    # Here nothing below the auth flow stops httpx (which is why paying_client wraps the
+    # transport); the other host's answer is still refused, and the caller gets the 302.
+    assert got.error is not None
+    assert got.error.code == "payment_redirected"
+    assert got.status == 302
+    assert got.headers["location"] == elsewhere.url
+
+
+def to(api: RawServer) -> Callable[[Seen], Iterable[bytes]]:
+    """Redirects every request to the seller's /report."""
+    return lambda seen: response(302, [("location", api.url + "/report")])
+
+
+@pytest.mark.parametrize("driver", [*PAYING, "bare-httpx"])
+def test_the_proof_goes_to_the_url_whose_402_it_answers(driver: str) -> None:
+    with RawServer(seller(settled)) as api, RawServer(to(api), "localhost") as entry:
+        got = run(driver, Agent(EvmAccount.generate()), entry.url + "/start")
+    # Before: the retry went back to the first URL with the proof for the other one's 402.
+    assert proofs_seen(entry) == []
+    assert len(api.saw("payment-signature")) == 1
+    assert got.error is None
+    assert got.status == 200
+    assert got.payment is not None
+    assert got.payment.url == api.url + "/report"
+
+
+@pytest.mark.parametrize("driver", [*PAYING, "bare-httpx"])
+def test_the_policy_checks_the_url_that_asked_for_the_money(driver: str) -> None:
+    agent = Agent(EvmAccount.generate(), policy=Policy.build(hosts=["localhost"]))
+    # The seller is at 127.0.0.1, which the policy does not allow.
+    with RawServer(seller(settled)) as api, RawServer(to(api), "localhost") as entry:
+        got = run(driver, agent, entry.url + "/start")
+    # Before: the policy checked the first URL (localhost, allowed) and the proof went there.
+    assert got.error is not None
+    assert got.error.code == "policy_refused"
+    assert proofs_seen(entry) == []
+    assert proofs_seen(api) == []
+
+
+# --- bounded bodies --------------------------------------------------------------------------
+
+JUNK = b"{" * 65536
+
+
+def endless_402(seen: Seen) -> Iterator[bytes]:
+    return chunked(402, [], endless(JUNK, give_up=GIVE_UP))
+
+
+@pytest.mark.parametrize("where", ["first", "refusal"])
+@pytest.mark.parametrize("driver", PAYING)
+def test_an_endless_chunked_402_is_read_within_the_bound(driver: str, where: str) -> None:
+    answer = endless_402 if where == "first" else seller(endless_402)
+    with RawServer(answer) as api:
+        got, peak = measured(lambda: run(driver, Agent(EvmAccount.generate()), api.url))
+    # Before (httpx): all 64 MiB read into memory, peak 128 MiB (the body, then joined).
+    assert isinstance(got.error, PaymentError)
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert max(api.written) < 16 * MiB, "the agent read on past the bound"
+
+
+@pytest.mark.parametrize("driver", PAYING)
+def test_an_endless_redirect_of_the_paid_retry_is_left_to_the_caller(driver: str) -> None:
+    def paid(seen: Seen) -> Iterator[bytes]:
+        return chunked(302, [("location", "/moved")], endless(JUNK, give_up=GIVE_UP))
+
+    with RawServer(seller(paid)) as api:
+        got, peak = measured(
+            lambda: run(driver, Agent(EvmAccount.generate()), api.url, stream=True)
+        )
+    # Before: httpx and requests read the whole 3xx body to follow it (requests even with
+    # allow_redirects=False, to offer it as response.next); a streaming caller now gets it unread.
+    assert got.status == 302
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert max(api.written) < 16 * MiB
+
+
+def bomb_402(seen: Seen) -> Iterator[bytes]:
+    return response(402, [("content-encoding", "gzip")], gzip_bomb(256 * MiB))
+
+
+@pytest.mark.parametrize("where", ["first", "refusal"])
+@pytest.mark.parametrize("driver", PAYING)
+def test_a_gzip_bomb_402_is_decoded_within_the_bound(driver: str, where: str) -> None:
+    gzip_bomb(256 * MiB)  # made before the measure
+    answer = bomb_402 if where == "first" else seller(bomb_402)
+    with RawServer(answer) as api:
+        got, peak = measured(lambda: run(driver, Agent(EvmAccount.generate()), api.url))
+    # 256 KiB on the wire, 256 MiB decoded. Before (httpx): decoded in full, peak over 512 MiB.
+    assert isinstance(got.error, PaymentError)
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+def compressed(body: bytes, coding: str) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(body)
+    if coding == "deflate":
+        return zlib.compress(body)
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, which servers send too
+    return packer.compress(body) + packer.flush()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+@pytest.mark.parametrize("driver", PAYING)
+def test_a_compressed_402_within_the_bound_is_still_paid(driver: str, coding: str) -> None:
+    """The bound decodes what the HTTP libraries decode: a challenge in a compressed body (no
+    PAYMENT-REQUIRED header) still pays."""
+    rendered = render_challenge(Challenge(Resource("http://127.0.0.1/report"), (OFFER,)))
+    body = compressed(rendered.body, coding)
+    wire_coding = "deflate" if coding == "raw-deflate" else coding
+
+    def answer(seen: Seen) -> Iterable[bytes]:
+        if carries_proof(seen):
+            return settled(seen)
+        return response(402, [("content-encoding", wire_coding)], body)
+
+    with RawServer(answer) as api:
+        got = run(driver, Agent(EvmAccount.generate()), api.url + "/report")
+    assert got.error is None
+    assert got.status == 200
+    assert got.payment is not None
+
+
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+EMPTY_BLOCKS = b"\x00\x00\x00\xff\xff" * 13_107  # deflate stored blocks of no bytes: decode to ""
+
+
+def padding_402(seen: Seen) -> Iterator[bytes]:
+    pieces = itertools.chain([GZIP_HEADER], endless(EMPTY_BLOCKS, give_up=GIVE_UP))
+    return chunked(402, [("content-encoding", "gzip")], pieces)
+
+
+@pytest.mark.parametrize("driver", PAYING)
+def test_padding_that_decodes_to_nothing_is_not_read_for_ever(driver: str) -> None:
+    with RawServer(padding_402) as api:
+        got = run(driver, Agent(EvmAccount.generate()), api.url)
+    # Before: read to the server's end (64 MiB) by httpx and by requests alike.
+    assert isinstance(got.error, PaymentError)
+    assert max(api.written) < 16 * MiB, "the agent read on past the wire bound"
+
+
+@dataclass
+class Discovering(Agent):
+    """An agent whose flow only fetches ``documents`` (as PEAC discovery does) and keeps the
+    answers: the drivers' side of a Fetch step, over plain http."""
+
+    documents: list[str] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+
+    def pay(self, method: str, url: str, first: Answer) -> Generator[Step, Reply, Payment | None]:
+        for document in self.documents:
+            reply = yield Fetch(document)
+            assert isinstance(reply, Answer)
+            self.answers.append(reply)
+        # Ends as a refusal would: the caller gets no document as an answer.
+        raise PaymentError("no_payable_offer", "only discovering")
+
+
+@pytest.mark.parametrize("driver", PAYING)
+def test_a_discovery_document_is_read_within_the_bound(driver: str) -> None:
+    def answer(seen: Seen) -> Iterable[bytes]:
+        if seen.target == "/.well-known/peac-issuer.json":
+            return chunked(200, [], endless(JUNK, give_up=GIVE_UP))
+        return asks_payment()
+
+    with RawServer(answer) as api:
+        agent = Discovering(
+            EvmAccount.generate(), documents=[api.url + "/.well-known/peac-issuer.json"]
+        )
+        _, peak = measured(lambda: run(driver, agent, api.url))
+    assert [a.status for a in agent.answers] == [200]
+    assert agent.answers[0].body == b""  # past the bound: nothing to parse
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert max(api.written) < 16 * MiB
+
+
+@pytest.mark.parametrize("driver", [*PAYING, "bare-httpx"])
+def test_a_discovery_document_is_not_followed(driver: str) -> None:
+    with RawServer(lambda s: response(200, [], b'{"jwks_uri": "elsewhere"}')) as elsewhere:
+
+        def answer(seen: Seen) -> Iterable[bytes]:
+            if seen.target == "/.well-known/peac-issuer.json":
+                return response(302, [("location", elsewhere.url + "/issuer.json")])
+            return asks_payment()
+
+        with RawServer(answer) as api:
+            agent = Discovering(
+                EvmAccount.generate(), documents=[api.url + "/.well-known/peac-issuer.json"]
+            )
+            run(driver, agent, api.url)
+    # PEAC discovery: redirect "error". A bare httpx client still follows it (below the auth),
+    # but the flow gets the 302, never the other host's document.
+    assert [a.status for a in agent.answers] == [302]
+    if driver != "bare-httpx":
+        assert elsewhere.seen == []
+
+
+# --- the paid answer is never lost -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", [*PAYING, "bare-httpx", "bare-httpx-async"])
+def test_a_failed_flow_after_the_paid_answer_carries_the_response(driver: str) -> None:
+    agent = Agent(EvmAccount.generate(), require_receipt=True)  # and the server sends no receipt
+    with RawServer(seller(settled)) as api:
+        got = run(driver, agent, api.url + "/report", read_error_body=True)
+    assert isinstance(got.error, PaymentFailed)
+    assert got.error.code == "receipt_invalid"
+    # Before: the exception carried no response; the paid-for body was gone.
+    assert got.status == 200
+    assert got.body == b"the goods"
+    assert "payment-response" in got.headers
