@@ -242,6 +242,27 @@ def test_a_same_origin_redirect_of_the_paid_retry_comes_back_unfollowed(driver: 
     assert got.headers["location"] == "/moved"
 
 
+@pytest.mark.parametrize("driver", PAYING)
+def test_a_settled_redirect_comes_back_with_its_settlement(driver: str) -> None:
+    settlement = Settlement(True, BASE_SEPOLIA_USDC.network, "0x" + "cd" * 32, amount=PRICE)
+
+    def paid(seen: Seen) -> Iterable[bytes]:
+        headers = [("location", "/receipt"), ("payment-response", encode_settlement(settlement))]
+        return response(303, headers)
+
+    with RawServer(seller(paid)) as api:
+        got = run(driver, Agent(EvmAccount.generate()), api.url + "/report")
+    assert [s.target for s in api.seen] == ["/report", "/report"]
+    assert (got.status, got.headers["location"]) == (303, "/receipt")
+    # Money moved: the caller learns of it with the 303, as a Payment or on the exception.
+    moved = got.payment.settlement if got.payment is not None else None
+    if moved is None:
+        assert isinstance(got.error, PaymentFailed)
+        moved = got.error.settlement
+    assert moved is not None
+    assert moved.transaction == settlement.transaction
+
+
 @pytest.mark.parametrize("same_origin", [False, True])
 @pytest.mark.parametrize("driver", BARE)
 def test_without_the_transport_httpx_never_writes_the_proof_to_the_redirect(

@@ -485,15 +485,14 @@ def _answer(response: httpx.Response, body: bytes | None) -> Answer:
     return Answer(response.status_code, headers, body if body is not None else b"")
 
 
-def _attach(exc: PaymentFailed, response: object) -> None:
-    # Set on the instance whether or not PaymentFailed declares the attribute.
-    if getattr(exc, "response", None) is None:
-        exc.__dict__["response"] = response
+def _attach(exc: PaymentFailed, response: httpx.Response) -> None:
+    if exc.response is None:  # a refused redirect carries its 3xx already
+        exc.response = response
 
 
 def _carries_none(exc: PaymentFailed, outgoing: Outgoing) -> bool:
     # After a token was minted there is no new answer; a refused redirect carries its 3xx.
-    return not isinstance(outgoing, MintToken) and getattr(exc, "response", None) is None
+    return not isinstance(outgoing, MintToken) and exc.response is None
 
 
 def _detached(response: httpx.Response) -> httpx.Response:
@@ -613,20 +612,18 @@ class PaymentAuth(httpx.Auth):
         answer = _answer(hop, body)
         if not own.proof:
             return flow.send(answer)
-        settlement = None
+        refusal = own.refusal(where)
         error: PaymentFailed | None = None
         try:
             flow.send(answer)
         except StopIteration as done:
-            paid = done.value
-            settlement = paid.settlement if isinstance(paid, Payment) else None
+            if isinstance(done.value, Payment):
+                refusal.payment, refusal.settlement = done.value, done.value.settlement
         except PaymentFailed as exc:
             error = exc
-            settlement = exc.settlement
-        refusal = own.refusal(where)
+            refusal.payment, refusal.settlement = exc.payment, exc.settlement
         refusal.status = hop.status_code
         refusal.answer = answer
-        refusal.settlement = settlement
         _attach(refusal, hop)
         raise refusal from error
 

@@ -81,9 +81,8 @@ def _already_paying(request: requests.PreparedRequest) -> bool:
 
 
 def _attach(exc: PaymentFailed, response: requests.Response) -> None:
-    # Set on the instance whether or not PaymentFailed declares the attribute.
-    if getattr(exc, "response", None) is None:
-        exc.__dict__["response"] = response
+    if exc.response is None:
+        exc.response = response
 
 
 class PaymentSession(requests.Session):
