@@ -55,8 +55,9 @@ if _typing.TYPE_CHECKING:
     from farebox.agent.book import ReceiptBook
     from farebox.agent.budget import Budget, Limits
     from farebox.agent.card import CardWallet
-    from farebox.agent.httpx_auth import PaymentAuth
+    from farebox.agent.httpx_auth import PaymentAuth, paying_async_client, paying_client
     from farebox.agent.policy import Policy
+    from farebox.agent.reconcile import reconcile_sync
     from farebox.agent.wallet import load_wallet
     from farebox.facilitator.local import LocalFacilitator
     from farebox.ledgers.devchain import DevChain
@@ -99,6 +100,9 @@ _LAZY = {
     "StripeLedger": "farebox.ledgers.stripe",
     "WsgiPaymentMiddleware": "farebox.server.wsgi",
     "load_wallet": "farebox.agent.wallet",
+    "paying_async_client": "farebox.agent.httpx_auth",
+    "paying_client": "farebox.agent.httpx_auth",
+    "reconcile_sync": "farebox.agent.reconcile",
     "refund_payment": "farebox.server.refunds",
 }
 
@@ -167,8 +171,11 @@ __all__ = [
     "load_signing_key",
     "load_wallet",
     "parse_price",
+    "paying_async_client",
+    "paying_client",
     "payment_claims",
     "read_challenge",
+    "reconcile_sync",
     "refund_payment",
     "render_challenge",
     "save_signing_key",

@@ -208,7 +208,7 @@ def get(
     from farebox.agent.agent import Agent, PaymentFailed
     from farebox.agent.book import ReceiptBook
     from farebox.agent.budget import Budget
-    from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
+    from farebox.agent.httpx_auth import PAYMENT_EXTENSION, paying_client
     from farebox.agent.wallet import load_wallet
     from farebox.errors import PaymentError
 
@@ -241,7 +241,7 @@ def get(
             book=ReceiptBook(book) if book is not None else None,
             require_receipt=require_receipt,
         )
-        with httpx.Client(auth=PaymentAuth(agent), timeout=timeout) as client:
+        with paying_client(agent, timeout=timeout) as client:
             try:
                 response = client.get(url)
                 payment = response.extensions.get(PAYMENT_EXTENSION)

@@ -108,6 +108,7 @@ REASONS: Mapping[str, Reason] = _table(
     ("policy_refused", 402, "Agent policy refuses this payment"),
     ("no_payable_offer", 402, "No offer the agent can pay"),
     ("receipt_invalid", 502, "Server receipt failed verification"),
+    ("payment_redirected", 502, "The paid request was redirected; the proof was not sent on"),
     ("idempotency_conflict", 409, "Idempotency key reused with another request"),
     ("idempotency_in_progress", 409, "A request with this idempotency key is still running"),
     ("ledger_unavailable", 503, "Ledger unavailable"),

@@ -580,9 +580,13 @@ class Agent:
         answer: Answer,
     ) -> Payment | None:
         settlement = self._settlement(answer)
-        if answer.status >= 300 or settlement is None or not settlement.success:
-            # The authorization stays outstanding in the budget (see the module docstring): a
-            # refusal, an error or a redirect is the server's word, not the chain's.
+        settled = settlement is not None and settlement.success
+        if settled and settlement is not None:
+            # Settled: spent for good, whatever else the answer says.
+            self.budget.commit(reservation, now=int(self.clock()), reference=settlement.transaction)
+        if answer.status == 402 or not settled:
+            # Unless settled, the authorization stays outstanding in the budget (see the module
+            # docstring): a refusal, an error or a redirect is the server's word, not the chain's.
             refused_by_gate = answer.status == 402 or "payment-required" in answer.headers
             if settlement is None and not refused_by_gate:
                 # The app's own error or redirect: the caller gets it as it is.
@@ -596,8 +600,10 @@ class Agent:
                 answer=answer,
                 settlement=settlement,
             )
+        # Paid: whatever the status (a 3xx reaches the caller unfollowed; an app's error after a
+        # settlement is still what was paid for), the response comes with its Payment.
+        assert settlement is not None
         now = int(self.clock())
-        self.budget.commit(reservation, now=now, reference=settlement.transaction)
         expected = {
             "amount_minor": str(offer.amount),
             "reference": settlement.transaction,
