@@ -366,10 +366,13 @@ async def test_a_receipt_from_another_issuer_is_reported_with_the_body_and_the_s
             if not required:
                 response = await c.get("/weather")
                 payment = response.extensions[PAYMENT_EXTENSION]
-                assert response.status_code == 200 and response.json() == {"forecast": "sunny"}
-                assert payment.receipt is None and payment.receipt_jws is not None
+                assert response.status_code == 200
+                assert response.json() == {"forecast": "sunny"}
+                assert payment.receipt is None
+                assert payment.receipt_jws is not None
                 assert "E_VERIFY_ISSUER_MISMATCH" in payment.receipt_error.message
-                assert payment.settlement.success and payment.settlement.transaction
+                assert payment.settlement.success
+                assert payment.settlement.transaction
             else:
                 with pytest.raises(PaymentFailed) as refused:
                     await c.get("/weather")
@@ -377,7 +380,8 @@ async def test_a_receipt_from_another_issuer_is_reported_with_the_body_and_the_s
                 assert "E_VERIFY_ISSUER_MISMATCH" in refused.value.message
                 assert refused.value.payment is not None
                 assert refused.value.payment.settlement.transaction
-                assert refused.value.answer is not None and refused.value.answer.status == 200
+                assert refused.value.answer is not None
+                assert refused.value.answer.status == 200
         assert chain.balance_of(payer.address) == 1_000_000 - PRICE
         assert agent.budget.spent(now=int(time.time())).today_committed > 0
 
