@@ -34,7 +34,7 @@ from farebox.receipts.jws import b64url_decode, b64url_encode, serialize_json
 pytestmark = pytest.mark.node
 
 JS_DIR = Path(__file__).resolve().parent / "js"
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors" / "peac"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "peac"
 STAMP = JS_DIR / "node_modules" / ".farebox-lock-sha256"
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 

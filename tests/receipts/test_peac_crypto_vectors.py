@@ -22,7 +22,7 @@ from farebox.receipts.jws import (
     sign_compact,
 )
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors" / "peac"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "peac"
 
 
 def load(name: str) -> Any:

@@ -33,7 +33,7 @@ from farebox.receipts import (
 )
 from farebox.receipts.jws import TYP_WIRE02, b64url_decode, serialize_json, sign_compact
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors" / "peac"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "peac"
 KID = "2026-03-03T00:00:00Z"  # the reference harness's test kid
 ROOT_SUITES = frozenset({"valid", "invalid", "warnings"})
 SUITE_FILES = {
