@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import orjson
 
 from farebox.errors import ConfigError, PaymentError
+from farebox.protocol.lifecycle import TRANSITIONS, ClaimState
 from farebox.protocol.models import EMPTY, frozen
 
 __all__ = [
@@ -46,7 +47,8 @@ __all__ = [
     "traffic_tally",
 ]
 
-ClaimState = Literal["held", "settled", "pending"]
+# What a held claim can finish as (the table's "settle" and "hold_pending" moves).
+_FINISHED = tuple(TRANSITIONS[move]["held"] for move in ("settle", "hold_pending"))
 
 #: The most events one query returns.
 MAX_EVENTS = 10_000
@@ -449,8 +451,9 @@ def clamp_limit(limit: int) -> int:
 
 
 def check_finish_state(state: str) -> None:
-    """Refuse a :meth:`Store.finish` state other than ``settled`` or ``pending`` (a caller's bug)."""
-    if state not in ("settled", "pending"):
+    """Refuse a :meth:`Store.finish` state other than ``settled`` or ``pending`` (a caller's bug;
+    see :data:`farebox.protocol.lifecycle.TRANSITIONS`)."""
+    if state not in _FINISHED:
         raise ConfigError(f"a claim finishes as settled or pending, not {state!r}")
 
 
