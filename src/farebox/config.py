@@ -86,7 +86,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -94,6 +94,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from farebox._asgi import ASGIApp, Receive, Scope, Send, run_lifespan, send_response
 from farebox.errors import ConfigError
 from farebox.eth import EvmAccount, checked_address
 from farebox.facilitator.base import Facilitator
@@ -102,7 +103,7 @@ from farebox.ledgers.evm import EvmLedger, EvmReader
 from farebox.ledgers.rpc import HttpRpc
 from farebox.money import ASSETS, DEVCHAIN_USDC, Asset, AssetRegistry, parse_price
 from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, save_signing_key
-from farebox.server.asgi import PaymentMiddleware, run_lifespan
+from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.proxy import ReverseProxy
 from farebox.server.reconcile import (
@@ -154,11 +155,6 @@ CARD_SECRET_ENV = "FAREBOX_CARD_SECRET"  # noqa: S105
 DEVCHAIN_ALIAS = "devchain"
 # Development account #1 of the embedded chain pays the gas, as in the sample API.
 EMBEDDED_SETTLER = 1
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
 _MIN_CARD_SECRET = 32
@@ -872,7 +868,7 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
         log_challenges=config.log_challenges,
     )
     proxy = None
-    inner: Callable[[Scope, Receive, Send], Awaitable[None]]
+    inner: ASGIApp
     if config.upstream is not None:
         proxy = ReverseProxy(config.upstream, timeout=config.upstream_timeout, routes=gate.routes)
         inner = proxy
@@ -1134,9 +1130,5 @@ class _BuiltinApp:
 
 
 async def _answer(send: Send, status: int, content_type: str, body: bytes, method: str) -> None:
-    headers = [
-        (b"content-type", content_type.encode("latin-1")),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+    headers = [(b"content-type", content_type.encode("latin-1"))]
+    await send_response(send, status, body, headers, head=method == "HEAD")

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from farebox._asgi import ASGIApp, Receive, Scope, Send, run_lifespan, send_response
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.money import ASSETS
 from farebox.receipts import SigningKey
-from farebox.server.asgi import PaymentMiddleware, run_lifespan
+from farebox.server.asgi import PaymentMiddleware
 from farebox.server.card import CardRail
 from farebox.server.gate import Gate
 from farebox.server.routes import CardOffer, RouteTable
@@ -31,23 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SampleApi", "build_sample_api", "weather_app"]
 
-ASGIApp = Callable[
-    [
-        MutableMapping[str, Any],
-        Callable[[], Awaitable[MutableMapping[str, Any]]],
-        Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ],
-    Awaitable[None],
-]
-
 SETTLER, MERCHANT, AGENT = 1, 2, 3
 
 
-async def weather_app(
-    scope: MutableMapping[str, Any],
-    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-) -> None:
+async def weather_app(scope: Scope, receive: Receive, send: Send) -> None:
     """A plain ASGI app that knows nothing of payments."""
     if scope["type"] == "lifespan":
         await run_lifespan(receive, send)
@@ -64,17 +51,8 @@ async def weather_app(
     else:
         status, body = 404, {"detail": "not found"}
     raw = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(raw)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else raw})
+    headers = [(b"content-type", b"application/json")]
+    await send_response(send, status, raw, headers, head=scope["method"] == "HEAD")
 
 
 @dataclass

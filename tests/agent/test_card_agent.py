@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from farebox._asgi import run_lifespan
 from farebox.agent.agent import Agent, Payment, PaymentFailed
 from farebox.agent.book import ReceiptBook
 from farebox.agent.budget import Budget, fiat_to_units
@@ -31,7 +32,7 @@ from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol import mpp
 from farebox.receipts import SigningKey
-from farebox.server.asgi import PaymentMiddleware, run_lifespan
+from farebox.server.asgi import PaymentMiddleware
 from farebox.server.card import CardRail
 from farebox.server.gate import Gate
 from farebox.server.routes import CardOffer, RouteTable

@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import uvicorn
 
+from farebox._asgi import run_lifespan
 from farebox.config import FareboxApp, build_app, parse_config
 from farebox.eth import EvmAccount
 from farebox.ledgers.devchain import DevChain
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof
-from farebox.server.asgi import run_lifespan
 from tests.e2e.conftest import PRICE, fund
 
 PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"

@@ -28,13 +28,14 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import orjson
 
+from farebox._asgi import Receive, Scope, Send, run_lifespan, send_response
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
@@ -49,9 +50,8 @@ from farebox.protocol.x402 import (
     requirements_from_json,
     settlement_to_json,
 )
-from farebox.schemes import evm_exact
+from farebox.schemes import evm_exact, verifier
 from farebox.schemes.evm_exact import VerifiedEvmProof
-from farebox.server.asgi import run_lifespan
 from farebox.server.reconcile import Reconciler
 from farebox.store.base import Claim, Event, Store
 
@@ -59,15 +59,7 @@ __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_doc
 
 logger = logging.getLogger("farebox.facilitator")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 DEFAULT_MAX_BODY = 64 * 1024
-
-# Offline verification per scheme (signature and terms, no I/O), as in the gate.
-_VERIFIERS: Mapping[str, Callable[..., VerifiedProof]] = {evm_exact.SCHEME: evm_exact.verify}
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -156,12 +148,10 @@ class FacilitatorApp:
             status, content_type, body = 500, _PROBLEM, orjson.dumps(error.to_problem())
         headers = [
             (b"content-type", content_type.encode("latin-1")),
-            (b"content-length", str(len(body)).encode("latin-1")),
             (b"cache-control", b"no-store"),
             *extra,
         ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, status, body, headers)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         every = self.reconcile_every
@@ -289,7 +279,7 @@ class FacilitatorApp:
     def _check_offline(self, request: _Request) -> VerifiedProof:
         """The gate's checks: scheme and network served, proof matches, signature and terms."""
         offer = request.offer
-        verify = _VERIFIERS.get(offer.scheme)
+        verify = verifier(offer)
         if verify is None:
             raise PaymentError("unsupported_scheme", f"cannot settle scheme {offer.scheme[:32]!r}")
         if not self.facilitator.supports(offer):

@@ -16,24 +16,16 @@ that cannot be normalized, or a body framed two ways, is a 400 that reaches neit
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
 import anyio
 
+from farebox._asgi import ASGIApp, Message, Receive, Scope, Send, send_response
 from farebox.server.card import CardAdmission
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.idempotency import BodyCapture
 from farebox.server.routes import RequestInfo
 from farebox.server.target import BadTarget, check_framing, normalize_target, target_of_decoded
 
-__all__ = ["PaymentMiddleware", "checked_scope", "request_info", "run_lifespan"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+__all__ = ["PaymentMiddleware", "checked_scope", "request_info"]
 
 # Headers beyond these sizes are not read as proofs (the gate bounds the decoded size too).
 _MAX_HEADER_VALUE = 64 * 1024
@@ -88,56 +80,9 @@ def checked_scope(scope: Scope) -> Scope:
     return checked
 
 
-async def run_lifespan(
-    receive: Receive,
-    send: Send,
-    on_shutdown: Callable[[], Awaitable[None]] | None = None,
-    *,
-    background: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Answer an ASGI ``lifespan`` scope for an app that needs no start-up work, running
-    ``on_shutdown`` (closing connections) before it reports the shutdown complete.
-
-    ``background`` (a reconciler's loop) runs from start-up until shutdown begins; only it is
-    cancelled then, so the lifespan itself still reports the shutdown complete."""
-    if background is None:
-        await _answer_lifespan(receive, send, on_shutdown)
-        return
-    running = anyio.CancelScope()
-
-    async def run() -> None:
-        with running:
-            await background()
-
-    async def shutdown() -> None:
-        running.cancel()
-        if on_shutdown is not None:
-            await on_shutdown()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(run)
-        await _answer_lifespan(receive, send, shutdown)
-
-
-async def _answer_lifespan(
-    receive: Receive, send: Send, on_shutdown: Callable[[], Awaitable[None]] | None
-) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            if on_shutdown is not None:
-                await on_shutdown()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 async def _send_reply(send: Send, reply: Reply) -> None:
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    headers.append((b"content-length", str(len(reply.body)).encode()))
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+    await send_response(send, reply.status, reply.body, headers)
 
 
 class PaymentMiddleware:

@@ -22,28 +22,24 @@ What the upstream receives is decided here and nowhere else:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal
 
 import httpx
 import orjson
 
+from farebox._asgi import Receive, Scope, Send, run_lifespan, send_response
 from farebox.errors import PROBLEM_TYPE_BASE, ConfigError
 from farebox.protocol import x402
 from farebox.server import card
-from farebox.server.asgi import checked_scope, run_lifespan
+from farebox.server.asgi import checked_scope
 from farebox.server.routes import RouteTable
 from farebox.server.target import BadTarget, normalize_target
 
 __all__ = ["HOP_BY_HOP", "PAYMENT_CREDENTIALS", "STRIPPED_REQUEST_HEADERS", "ReverseProxy"]
 
 logger = logging.getLogger("farebox.proxy")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -292,12 +288,9 @@ class ReverseProxy:
     async def _fail(
         send: Send, problem: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        body = orjson.dumps(problem)
         headers = [
             (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
             *(extra or []),
         ]
-        await send({"type": "http.response.start", "status": problem["status"], "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, problem["status"], orjson.dumps(problem), headers)
