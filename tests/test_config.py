@@ -661,7 +661,7 @@ async def test_build_app_with_cards(
     pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
     from farebox.cli_serve import serve_banner
     from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION
-    from farebox.server.card import CardRail
+    from farebox.rails.card import CardRail
 
     document = with_card(
         api_base="http://127.0.0.1:9",

@@ -64,8 +64,8 @@ if _typing.TYPE_CHECKING:
     from farebox.ledgers.evm import EvmLedger
     from farebox.ledgers.rpc import HttpRpc
     from farebox.ledgers.stripe import StripeLedger
+    from farebox.rails.card import CardRail
     from farebox.server.asgi import PaymentMiddleware
-    from farebox.server.card import CardRail
     from farebox.server.gate import Gate
     from farebox.server.refunds import refund_payment
     from farebox.server.routes import CardOffer, RouteTable
@@ -81,7 +81,7 @@ _LAZY = {
     "Agent": "farebox.agent.agent",
     "Budget": "farebox.agent.budget",
     "CardOffer": "farebox.server.routes",
-    "CardRail": "farebox.server.card",
+    "CardRail": "farebox.rails.card",
     "CardWallet": "farebox.agent.card",
     "DevChain": "farebox.ledgers.devchain",
     "EvmLedger": "farebox.ledgers.evm",

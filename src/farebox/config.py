@@ -122,7 +122,7 @@ if TYPE_CHECKING:
     import stripe
     from farebox.ledgers.devchain import DevChain
     from farebox.ledgers.stripe import StripeLedger
-    from farebox.server.card import CardRail
+    from farebox.rails.card import CardRail
 
 __all__ = [
     "CARD_SECRET_ENV",
@@ -911,7 +911,7 @@ def card_ledger(card: CardConfig) -> tuple[StripeLedger, stripe.HTTPXClient]:
 
 
 def _card_rail(card: CardConfig, ledger: StripeLedger) -> CardRail:
-    from farebox.server.card import CardRail
+    from farebox.rails.card import CardRail
 
     secret = card.challenge_secret
     if secret is None:

@@ -31,9 +31,9 @@ from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol import mpp
+from farebox.rails.card import CardRail
 from farebox.receipts import SigningKey
 from farebox.server.asgi import PaymentMiddleware
-from farebox.server.card import CardRail
 from farebox.server.gate import Gate
 from farebox.server.routes import CardOffer, RouteTable
 from farebox.store.memory import MemoryStore

@@ -18,9 +18,9 @@ import pytest
 from farebox.ledgers.devchain import DevChain
 from farebox.protocol import mpp
 from farebox.protocol.challenge import read_challenge
+from farebox.rails.card import CardRail
 from farebox.receipts.records import verify_receipt
 from farebox.server.asgi import PaymentMiddleware
-from farebox.server.card import CardRail
 from farebox.server.routes import CardOffer, RouteTable
 from tests.e2e.conftest import ISSUER, Paid, chain, make_gate
 from tests.e2e.test_asgi_faces import call

@@ -19,7 +19,7 @@ import pytest
 from farebox.ledgers.devchain import DevChain
 from farebox.receipts.records import verify_receipt
 from farebox.server.asgi import PaymentMiddleware
-from farebox.server.card import CardRail
+from farebox.rails.card import CardRail
 from farebox.server.gate import Reply
 from farebox.server.reconcile import Reconciler
 from farebox.server.routes import CardOffer, RequestInfo, RouteTable

@@ -29,6 +29,7 @@ from farebox.eth import (
 from farebox.protocol.models import Offer, Proof, Resource, VerifiedProof
 
 __all__ = [
+    "NAMESPACE",
     "SCHEME",
     "VALID_BEFORE_MARGIN",
     "VALID_BEFORE_SLACK",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 SCHEME = "exact"
+#: The CAIP-2 namespace of the networks this module pays on (with :data:`SCHEME`, its registry key).
+NAMESPACE = "eip155"
 # The official facilitators refuse an authorization that expires within 6 seconds: settlement
 # must still have time to land before validBefore.
 VALID_BEFORE_MARGIN = 6

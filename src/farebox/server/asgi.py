@@ -19,7 +19,6 @@ from __future__ import annotations
 import anyio
 
 from farebox._asgi import ASGIApp, Message, Receive, Scope, Send, send_response
-from farebox.server.card import CardAdmission
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.idempotency import BodyCapture
 from farebox.server.routes import RequestInfo
@@ -124,7 +123,7 @@ class PaymentMiddleware:
         return receive_lifespan
 
     async def _paid(
-        self, admission: Admission | CardAdmission, scope: Scope, receive: Receive, send: Send
+        self, admission: Admission, scope: Scope, receive: Receive, send: Send
     ) -> None:
         state = "waiting"  # -> "passing" (settled or not charged) | "replaced" (refusal sent)
         # A settled response under an idempotency id: what was sent, kept for its retries.
@@ -186,7 +185,7 @@ class PaymentMiddleware:
 
     async def _remember(
         self,
-        admission: Admission | CardAdmission,
+        admission: Admission,
         kept: tuple[int, list[tuple[str, str]], BodyCapture],
         *,
         complete: bool,

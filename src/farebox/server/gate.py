@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
@@ -30,27 +30,18 @@ from farebox.facilitator.base import Facilitator
 from farebox.money import ASSETS, AssetRegistry
 from farebox.protocol import mpp
 from farebox.protocol.challenge import render_challenge
-from farebox.protocol.lifecycle import claim_outcome
-from farebox.protocol.models import Challenge, Proof, Settlement, VerifiedProof
+from farebox.protocol.models import Challenge, Proof
 from farebox.protocol.x402 import (
     DEFAULT_MAX_HEADER_BYTES,
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     X_PAYMENT_RESPONSE,
-    decode_proof,
-    encode_settlement,
-    find_offer,
 )
+from farebox.rails.base import Admission, Headers, Offered, Outcome, Rail, Record
+from farebox.rails.card import CardRail
+from farebox.rails.x402 import X402Rail
 from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
 from farebox.receipts.records import receipt_ref
-from farebox.schemes import evm_exact
-from farebox.server.card import (
-    CardAdmission,
-    CardRail,
-    Offered,
-    is_card_credential,
-    is_card_receipt,
-)
 from farebox.server.idempotency import (
     DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_MAX_STORED_BODY,
@@ -101,11 +92,7 @@ EXPOSED_HEADERS = ", ".join(
         mpp.PAYMENT_RECEIPT,
     )
 )
-
-Headers = tuple[tuple[str, str], ...]
-
-# Offline verification per scheme: signature and terms, no I/O.
-_VERIFIERS: Mapping[str, Callable[..., VerifiedProof]] = {evm_exact.SCHEME: evm_exact.verify}
+_EXPOSE = ("access-control-expose-headers", EXPOSED_HEADERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,18 +102,6 @@ class Reply:
     status: int
     headers: Headers
     body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """A request whose payment was verified and claimed: the app may run."""
-
-    route: Route
-    request: RequestInfo
-    challenge: Challenge
-    verified: VerifiedProof
-    owner: str
-    idempotency: IdempotentRun | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,22 +175,52 @@ class Gate:
         card: CardRail | None = None,
     ) -> None:
         self.routes = routes
-        self.facilitator = facilitator
         self.store = store
         self.signing_key = signing_key
         self.issuer = issuer or signing_key.did_key
-        self.assets = assets
         self.clock = clock
-        self.max_header_bytes = max_header_bytes
         self.log_challenges = log_challenges
         self.max_request_body = max_request_body
         self.max_stored_body = max_stored_body
         self.idempotency_wait = idempotency_wait
         self.idempotency_stale = idempotency_stale
         self.card = card
+        # The x402 rail reads the gate's facilitator, assets and clock (each may be replaced).
+        self._x402 = X402Rail(
+            facilitator, assets, max_header_bytes=max_header_bytes, clock=lambda: self.clock()
+        )
         # Every challenge declares payment-identifier: clients may send an id, none must.
         self._extensions = {PAYMENT_IDENTIFIER: declaration(required=False)}
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
+
+    @property
+    def facilitator(self) -> Facilitator:
+        """Verifies and settles x402 proofs."""
+        return self._x402.facilitator
+
+    @facilitator.setter
+    def facilitator(self, facilitator: Facilitator) -> None:
+        self._x402.facilitator = facilitator
+
+    @property
+    def assets(self) -> AssetRegistry:
+        """The tokens the challenges and records name."""
+        return self._x402.assets
+
+    @assets.setter
+    def assets(self, assets: AssetRegistry) -> None:
+        self._x402.assets = assets
+
+    @property
+    def max_header_bytes(self) -> int:
+        """The largest payment header read."""
+        return self._x402.max_header_bytes
+
+    @property
+    def rails(self) -> tuple[Rail, ...]:
+        """The rails, in the order a request's credential is recognized (x402 first, as clients
+        expect); read per request, so a card rail set after construction takes part."""
+        return (self._x402,) if self.card is None else (self._x402, self.card)
 
     async def aclose(self) -> None:
         """Close the store and the facilitator's connections."""
@@ -228,9 +233,9 @@ class Gate:
 
     async def admit(
         self, request: RequestInfo, body: BodyReader | None = None
-    ) -> Reply | Admission | CardAdmission | None:
+    ) -> Reply | Admission | None:
         """``None`` to pass the request to the app untouched, a :class:`Reply` to answer it, or an
-        :class:`Admission` to run the app for a verified, claimed payment.
+        :class:`~farebox.rails.base.Admission` to run the app for a verified, claimed payment.
 
         ``body`` reads the request body; it is called only for a paid request carrying an
         idempotency id, and the face then gives the app the body it read. Without it, ids are
@@ -250,18 +255,11 @@ class Gate:
             reference=uuid7(now * 1000),
             extensions=self._extensions,
         )
-        header = request.headers.get("payment-signature") or request.headers.get("x-payment")
-        card = self.card
-        if (
-            header is None
-            and card is not None
-            and route.card is not None
-            and request.method != "HEAD"
-            and (is_card_credential(request) or (route.card.invoice and is_card_receipt(request)))
-        ):
-            return await self._accept_card(card, route, request, challenge, now, body)
         # A HEAD gets the GET's answer without a body; it is never charged (nothing is delivered).
-        if header is None or request.method == "HEAD":
+        rail = None
+        if request.method != "HEAD":
+            rail = next((r for r in self.rails if r.recognizes(route, request)), None)
+        if rail is None:
             if self.log_challenges:
                 await self._log(
                     Event("challenge", now, route.name, reference=challenge.reference),
@@ -269,23 +267,20 @@ class Gate:
                 )
             return await self._challenge(challenge, request, None, route)
         try:
-            return await self._accept(route, request, challenge, header, now, body)
+            return await self._accept(rail, route, request, challenge, now, body)
         except PaymentError as exc:
-            return await self._refuse(route, request, challenge, now, exc)
+            return await self._refuse(rail, route, request, challenge, now, exc)
 
     async def _refuse(
         self,
+        rail: Rail,
         route: Route,
         request: RequestInfo,
         challenge: Challenge,
         now: int,
         exc: PaymentError,
-        *,
-        rail: str | None = None,
-        mpp_problem: bool = False,
     ) -> Reply:
         """Log why a payment was refused and answer with a fresh challenge naming it."""
-        data = {"code": exc.code} if rail is None else {"code": exc.code, "rail": rail}
         await self._log(
             Event(
                 "refusal",
@@ -293,79 +288,49 @@ class Gate:
                 route.name,
                 payer=exc.payer,
                 reference=challenge.reference,
-                data=data,
+                data={"code": exc.code, "rail": rail.name},
             ),
             quiet=True,
         )
-        return await self._challenge(challenge, request, exc, route, mpp_problem=mpp_problem)
-
-    async def _accept_card(
-        self,
-        card: CardRail,
-        route: Route,
-        request: RequestInfo,
-        challenge: Challenge,
-        now: int,
-        body: BodyReader | None,
-    ) -> CardAdmission | Reply:
-        assert route.card is not None  # only card routes come here
-        try:
-            checked = await card.check(route, request, challenge, self.store)
-            owner = secrets.token_hex(8)
-            scope = _Scope("stripe " + route.card.network_id, checked.payer, checked.claim_key)
-            run = await self._take_id(route, request, None, scope, owner, now, body)
-            if isinstance(run, Reply):
-                return run
-            async with self._forgotten_on_error(run):
-                admitted = await card.take(checked, self.store, owner)
-            return replace(admitted, idempotency=run)
-        except PaymentError as exc:
-            return await self._refuse(
-                route,
-                request,
-                challenge,
-                now,
-                exc,
-                rail="stripe",
-                mpp_problem=is_card_credential(request),
-            )
+        problem_type = rail.problem_type(request, exc.code)
+        return await self._challenge(challenge, request, exc, route, problem_type=problem_type)
 
     async def _accept(
         self,
+        rail: Rail,
         route: Route,
         request: RequestInfo,
         challenge: Challenge,
-        header: str,
         now: int,
         body: BodyReader | None,
     ) -> Admission | Reply:
-        proof = decode_proof(header, max_bytes=self.max_header_bytes)
-        offer = find_offer(proof, challenge.accepts)
-        verify = _VERIFIERS.get(offer.scheme)
-        if verify is None or not self.facilitator.supports(offer):
-            raise PaymentError(
-                "unsupported_scheme", f"cannot settle {offer.scheme} on {offer.network}"
-            )
-        # Offline verification first: the payer it proves scopes the idempotency key.
-        verified = verify(proof, offer, now=now)
+        # Checked first, taking nothing: the payer it proves scopes the idempotency key.
+        checked = await rail.check(route, request, challenge, self.store, now)
         owner = secrets.token_hex(8)
-        scope = _Scope(verified.offer.pay_to.lower(), verified.payer, verified.claim_key)
-        run = await self._take_id(route, request, proof, scope, owner, now, body)
+        scope = _Scope(checked.payee, checked.payer, checked.claim_key)
+        run = await self._take_id(route, request, checked.proof, scope, owner, now, body)
         if isinstance(run, Reply):
             return run
+
+        def admitted(payment: object, holder: str) -> Admission:
+            return Admission(
+                rail,
+                route,
+                request,
+                challenge,
+                holder,
+                checked.claim_key,
+                checked.payer,
+                payment,
+                run,
+            )
+
         if run is not None and run.delivers is not None:
-            # Paid already (settled after its response was withheld): this proof is not spent.
-            return Admission(route, request, challenge, verified, run.owner, run)
+            # Paid already (settled after its response was withheld): this payment is not spent.
+            return admitted(checked.payment, run.owner)
         async with self._forgotten_on_error(run):
-            if await self.store.claim(verified.claim_key, owner=owner, now=now) is None:
-                raise await self._used(verified)
-            try:
-                await self.facilitator.verify(verified)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self.store.release(verified.claim_key, owner=owner)
-                raise
-        return Admission(route, request, challenge, verified, owner, run)
+            payment = await rail.take(checked, self.store, owner, now)
+        return admitted(payment, owner)
 
     # --- idempotency ---------------------------------------------------------------------------
 
@@ -549,7 +514,7 @@ class Gate:
 
     async def remember(
         self,
-        admission: Admission | CardAdmission,
+        admission: Admission,
         status: int,
         headers: Iterable[tuple[str, str]],
         capture: BodyCapture,
@@ -576,42 +541,22 @@ class Gate:
         except PaymentError as exc:
             logger.warning("could not release an idempotency id: %s", exc.code)
 
-    async def _used(self, verified: VerifiedProof) -> PaymentError:
-        """Why a proof cannot be claimed, naming the transaction when one is known: a client
-        whose response was lost learns where its money went instead of paying again."""
-        claim = await self.store.get_claim(verified.claim_key)
-        if claim is not None and claim.state == "settled" and claim.transaction:
-            message = f"this payment was already used: settled in transaction {claim.transaction}"
-        elif claim is not None and claim.state == "pending" and claim.transaction:
-            return PaymentError(
-                "settlement_pending",
-                f"this payment's transaction {claim.transaction} is not confirmed yet",
-                payer=verified.payer,
-            )
-        else:
-            message = "this payment was already used"
-        return PaymentError("proof_replayed", message, payer=verified.payer)
-
     # --- after the app -------------------------------------------------------------------------
 
-    async def abandon(self, admission: Admission | CardAdmission) -> None:
-        """The app failed or answered an error: nothing is charged, the proof can be used again,
-        and a retry with the same idempotency id runs again."""
+    async def abandon(self, admission: Admission) -> None:
+        """The app failed or answered an error: nothing is charged (the rail gives back or undoes
+        what it took), and a retry with the same idempotency id runs again."""
         with anyio.CancelScope(shield=True):
             run = admission.idempotency
-            if isinstance(admission, CardAdmission):
-                if self.card is not None:
-                    await self.card.abandon(admission, self.store)
-            elif run is not None and run.delivers is not None:
+            if run is not None and run.delivers is not None:
                 # Paid for and still not delivered: the next retry may try again.
                 await self._keep(run, run.delivers.answer)
                 return
-            else:
-                await self.store.release(admission.verified.claim_key, owner=admission.owner)
+            await admission.rail.abandon(admission, self.store)
             if run is not None:
                 await self._forget(run)
 
-    async def complete(self, admission: Admission | CardAdmission, status: int) -> Headers | Reply:
+    async def complete(self, admission: Admission, status: int) -> Headers | Reply:
         """Settle for an app that answered ``status``.
 
         Returns the headers to add to the app's response, or a :class:`Reply` that replaces it
@@ -624,190 +569,98 @@ class Gate:
         # Once the money may move, a client hanging up must not interrupt the bookkeeping.
         outcome: Headers | Reply = ()
         with anyio.CancelScope(shield=True):
-            if isinstance(admission, CardAdmission):
-                outcome = await self._settle_card(admission)
-            elif admission.idempotency is not None and admission.idempotency.delivers is not None:
-                outcome = await self._deliver(admission, admission.idempotency.delivers)
+            run = admission.idempotency
+            if run is not None and run.delivers is not None:
+                outcome = await self._deliver(admission, run.delivers)
             else:
                 outcome = await self._settle(admission)
         return outcome
 
-    async def _settle_card(self, admission: CardAdmission) -> Headers | Reply:
-        assert self.card is not None  # a CardAdmission comes only from the card rail
-        try:
-            added = await self.card.settle(
-                admission, self.store, issuer=self.issuer, signing_key=self.signing_key
-            )
-        except PaymentError as exc:
-            if admission.idempotency is not None:
-                await self._forget(admission.idempotency)
-            return await self._challenge(
-                admission.challenge,
-                admission.request,
-                exc,
-                admission.route,
-                mpp_problem=admission.card_challenge is not None,
-            )
-        return (*added, ("access-control-expose-headers", EXPOSED_HEADERS))
-
     async def _settle(self, admission: Admission) -> Headers | Reply:
-        verified = admission.verified
-        try:
-            settlement = await self.facilitator.settle(verified)
-        except PaymentError as exc:
-            # Nothing was broadcast: no money moved, the proof stays usable.
-            await self.store.release(verified.claim_key, owner=admission.owner)
+        """Settle through the admission's rail and record what it came to, by the lifecycle
+        table: settled (the claim, the log and the PEAC record, then the headers), pending (the
+        claim kept, the refusal withheld for retries of its id) or released."""
+        outcome = await admission.rail.settle(admission, self.store)
+        if outcome.problem is None:
+            assert outcome.record is not None  # a paid outcome names its record
+            now = int(self.clock())
+            receipt, event = self._receipt(admission, outcome.record, outcome.payer, now)
+            await self._finish(admission, outcome, (*outcome.events, event))
+            return (*outcome.headers, (PEAC_RECEIPT, receipt), _EXPOSE)
+        refusal = await self._challenge(
+            admission.challenge,
+            admission.request,
+            outcome.problem,
+            admission.route,
+            problem_type=admission.rail.problem_type(admission.request, outcome.problem.code),
+            settled=True,
+        )
+        refusal = replace(refusal, headers=(*refusal.headers, *outcome.headers))
+        if outcome.move == "hold_pending":
+            # The money may have moved: the claim stays until someone reconciles it, and a retry
+            # under the same id hears the same, rather than paying a second time.
+            await self._finish(admission, outcome, outcome.events)
+            if admission.idempotency is not None:
+                answer = StoredResponse(refusal.status, refusal.headers, refusal.body)
+                await self._keep(admission.idempotency, withholding(answer, **outcome.withhold))
+        else:
+            await self.store.release(admission.claim_key, owner=admission.owner)
             await self._unrun(admission)
-            return await self._refusal(admission, exc, None)
-        now = int(self.clock())
-        route_name = admission.route.name
-        events: list[Event] = [
-            Event(
-                "proof",
-                verified.verified_at,
-                route_name,
-                payer=verified.payer,
-                reference=admission.challenge.reference,
-                data={
-                    "claim": verified.claim_key,
-                    "network": verified.offer.network,
-                    "asset": verified.offer.asset,
-                    "amount": str(verified.offer.amount),
-                    "pay_to": verified.offer.pay_to,
-                    "valid_until": verified.valid_until,
-                    "resource": admission.request.url,
-                },
-            ),
-            Event(
-                "settlement",
-                now,
-                route_name,
-                payer=verified.payer,
-                reference=settlement.transaction or None,
-                data={
-                    "success": settlement.success,
-                    "error": settlement.error_reason,
-                    "network": settlement.network,
-                    "amount": str(verified.offer.amount),
-                },
-            ),
-        ]
-        if not settlement.success:
-            code = settlement.error_reason or "transaction_failed"
-            error = PaymentError(code, settlement.error_message, payer=verified.payer)
-            refusal = await self._refusal(admission, error, settlement)
-            if claim_outcome(settlement) == "pending":
-                # The money may have moved: the proof stays claimed until someone reconciles it,
-                # and a retry under the same id hears the same, rather than paying a second time.
-                await self._finish(admission, "pending", settlement, events)
-                if admission.idempotency is not None:
-                    answer = StoredResponse(refusal.status, refusal.headers, refusal.body)
-                    offer = verified.offer
-                    stored = withholding(
-                        answer,
-                        claim=verified.claim_key,
-                        owner=admission.owner,
-                        network=offer.network,
-                        asset=offer.asset,
-                        amount=offer.amount,
-                        payer=verified.payer,
-                    )
-                    await self._keep(admission.idempotency, stored)
-            else:
-                await self.store.release(verified.claim_key, owner=admission.owner)
-                await self._unrun(admission)
-                await self._log(*events, quiet=True)
-            return refusal
-        offer = verified.offer
-        receipt = self._receipt(
-            offer.network, offer.asset, offer.amount, settlement.transaction, admission, now
-        )
-        events.append(
-            Event(
-                "receipt",
-                now,
-                route_name,
-                payer=verified.payer,
-                reference=receipt_ref(receipt),
-                data={"transaction": settlement.transaction, "jws": receipt},
-            )
-        )
-        await self._finish(admission, "settled", settlement, events)
-        return self._paid(admission, settlement, receipt)
-
-    def _paid(self, admission: Admission, settlement: Settlement, receipt: str) -> Headers:
-        headers: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]
-        if admission.verified.proof.x402_version == 1:
-            headers.append((X_PAYMENT_RESPONSE, encode_settlement(settlement, x402_version=1)))
-        headers.append((PEAC_RECEIPT, receipt))
-        headers.append(("access-control-expose-headers", EXPOSED_HEADERS))
-        return tuple(headers)
+            if outcome.events:
+                await self._log(*outcome.events, quiet=True)
+        return refusal
 
     async def _deliver(self, admission: Admission, paid: Withheld) -> Headers:
         """The headers of a response delivered for ``paid``, which settled after its first
-        response was withheld: the settlement and a receipt naming its transaction."""
-        transaction = paid.transaction
-        settlement = Settlement(
-            success=True,
-            network=paid.network,
-            transaction=transaction,
-            payer=paid.payer,
-            amount=paid.amount,
-        )
+        response was withheld: its rail's settlement headers and a receipt naming its
+        transaction."""
+        outcome = await admission.rail.deliver(admission, paid)
+        assert outcome.record is not None
         now = int(self.clock())
-        receipt = self._receipt(paid.network, paid.asset, paid.amount, transaction, admission, now)
-        await self._log(
-            Event(
-                "receipt",
-                now,
-                admission.route.name,
-                payer=paid.payer,
-                reference=receipt_ref(receipt),
-                data={"transaction": transaction, "jws": receipt, "delivered": "late"},
-            ),
-            quiet=True,
-        )
-        return self._paid(admission, settlement, receipt)
+        receipt, event = self._receipt(admission, outcome.record, outcome.payer, now, late=True)
+        await self._log(event, quiet=True)
+        return (*outcome.headers, (PEAC_RECEIPT, receipt), _EXPOSE)
 
     async def _unrun(self, admission: Admission) -> None:
         if admission.idempotency is not None:
             await self._forget(admission.idempotency)
 
     def _receipt(
-        self,
-        network: str,
-        token: str,
-        amount: int,
-        transaction: str,
-        admission: Admission,
-        now: int,
-    ) -> str:
-        asset = self.assets.find(network, token)
+        self, admission: Admission, record: Record, payer: str | None, now: int, late: bool = False
+    ) -> tuple[str, Event]:
+        """The signed PEAC record of a paid response, and its log line."""
         claims = payment_claims(
             iss=self.issuer,
             iat=now,
             jti=uuid7(now * 1000),
-            payment_rail="x402",
-            amount_minor=amount,
-            currency=asset.symbol if asset is not None else "UNKNOWN",
-            asset=asset.caip19 if asset is not None else f"{network}/erc20:{token}",
-            env="test" if asset is None or asset.is_testnet else "live",
+            payment_rail=record.rail,
+            amount_minor=record.amount_minor,
+            currency=record.currency,
+            asset=record.asset,
+            env=record.env,
             event="settlement",
-            reference=transaction,
+            reference=record.reference,
             sub=admission.request.url,
             occurred_at=rfc3339(now),
         )
-        return issue_receipt(claims, self.signing_key).jws
+        jws = issue_receipt(claims, self.signing_key).jws
+        data = {"transaction": record.reference, "jws": jws}
+        if late:
+            data["delivered"] = "late"
+        event = Event(
+            "receipt", now, admission.route.name, payer=payer, reference=receipt_ref(jws), data=data
+        )
+        return jws, event
 
     async def _finish(
-        self, admission: Admission, state: str, settlement: Settlement, events: Sequence[Event]
+        self, admission: Admission, outcome: Outcome, events: Sequence[Event]
     ) -> None:
         try:
             await self.store.finish(
-                admission.verified.claim_key,
+                admission.claim_key,
                 owner=admission.owner,
-                state="settled" if state == "settled" else "pending",
-                transaction=settlement.transaction or None,
+                state="settled" if outcome.move == "settle" else "pending",
+                transaction=outcome.transaction or None,
                 events=events,
             )
         except PaymentError as exc:
@@ -815,7 +668,7 @@ class Gate:
             # held (never released), so the proof cannot be used again; the log line is lost.
             logger.error(
                 "could not record settlement %s of %s: %s",
-                settlement.transaction,
+                outcome.transaction,
                 admission.route.name,
                 exc.code,
             )
@@ -837,47 +690,45 @@ class Gate:
         problem: PaymentError | None,
         route: Route | None = None,
         *,
-        mpp_problem: bool = False,
+        problem_type: str | None = None,
+        settled: bool = False,
     ) -> Reply:
-        """The 402 (or refusal) for ``challenge``; ``mpp_problem`` types the problem with MPP's
-        registry (the refused request carried an ``Authorization: Payment`` credential)."""
+        """The 402 (or refusal) for ``challenge``, with what each rail adds to it; ``problem_type``
+        types the problem with another protocol's registry (a refused MPP credential's). A refusal
+        after a settlement was tried (``settled``), or of a service down (503), makes the rails
+        call no outside service (no invoice is created for it)."""
         if problem is not None:
             challenge = replace(challenge, error=problem.code)
         offered = Offered()
-        if self.card is not None and route is not None and route.card is not None:
-            offered = await self.card.offer(
-                route, request, self.store, invoice=problem is None or problem.status != 503
-            )
-            if offered.invoice is not None:
-                # The 402 names the invoice: an X-Receipt for it is what pays this request.
-                challenge = replace(challenge, reference=offered.invoice.reference)
+        if route is not None:
+            outside = not settled and (problem is None or problem.status != 503)
+            offered = await self._offered(route, request, outside_calls=outside)
+            if offered.reference is not None:
+                # The 402 names the rail's reference (an invoice): what pays this request.
+                challenge = replace(challenge, reference=offered.reference)
         rendered = render_challenge(
             challenge,
             assets=self.assets,
             problem=problem,
             extra_methods=offered.methods,
             extra_instructions=offered.instructions,
-            problem_type=mpp.problem_type(problem.code) if mpp_problem and problem else None,
+            problem_type=problem_type if problem is not None else None,
         )
-        headers = (
-            *rendered.headers,
-            *offered.headers,
-            ("access-control-expose-headers", EXPOSED_HEADERS),
-        )
+        headers = (*rendered.headers, *offered.headers, _EXPOSE)
         if problem is not None and problem.status == 503:
             headers = (*headers, ("retry-after", "2"))
         body = b"" if request.method == "HEAD" else rendered.body
         return Reply(rendered.status, headers, body)
 
-    async def _refusal(
-        self, admission: Admission, problem: PaymentError, settlement: Settlement | None
-    ) -> Reply:
-        reply = await self._challenge(
-            admission.challenge, admission.request, problem, admission.route
-        )
-        if settlement is None:
-            return reply
-        extra: list[tuple[str, str]] = [(PAYMENT_RESPONSE, encode_settlement(settlement))]
-        if admission.verified.proof.x402_version == 1:
-            extra.append((X_PAYMENT_RESPONSE, encode_settlement(settlement, x402_version=1)))
-        return replace(reply, headers=(*reply.headers, *extra))
+    async def _offered(self, route: Route, request: RequestInfo, *, outside_calls: bool) -> Offered:
+        """What the rails add to a 402 of ``route``, merged in rail order."""
+        headers: list[tuple[str, str]] = []
+        methods: list[dict[str, object]] = []
+        reference = instructions = None
+        for rail in self.rails:
+            extra = await rail.offer(route, request, self.store, outside_calls=outside_calls)
+            headers.extend(extra.headers)
+            methods.extend(extra.methods)
+            reference = reference or extra.reference
+            instructions = instructions or extra.instructions
+        return Offered(tuple(headers), tuple(methods), reference, instructions)

@@ -32,7 +32,7 @@ import orjson
 from farebox._asgi import Receive, Scope, Send, run_lifespan, send_response
 from farebox.errors import PROBLEM_TYPE_BASE, ConfigError
 from farebox.protocol import x402
-from farebox.server import card
+from farebox.rails import card
 from farebox.server.asgi import checked_scope
 from farebox.server.routes import RouteTable
 from farebox.server.target import BadTarget, normalize_target

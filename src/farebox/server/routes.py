@@ -47,7 +47,7 @@ _CURRENCY = re.compile(r"[a-z]{3}")
 
 @dataclass(frozen=True, slots=True)
 class CardOffer:
-    """A route's card price for the MPP ``stripe`` method (see :mod:`farebox.server.card`).
+    """A route's card price for the MPP ``stripe`` method (see :mod:`farebox.rails.card`).
 
     ``amount`` is in minor units of ``currency``; ``None`` derives it exactly from the route's USD
     price (``"$0.25"`` is 25 cents; a price finer than a cent is refused). Below ``minimum`` no card
@@ -55,7 +55,7 @@ class CardOffer:
     ``network_id`` is the seller's Stripe profile (``profile_…``) and ``realm`` the challenges'
     protection space (the API's host, say). ``spt`` offers the MPP ``stripe`` charge (Shared Payment
     Tokens); ``invoice`` offers the X-Receipt pattern (each 402 names an invoice backed by a
-    PaymentIntent the server created; see :mod:`farebox.server.card`).
+    PaymentIntent the server created; see :mod:`farebox.rails.card`).
     """
 
     network_id: str

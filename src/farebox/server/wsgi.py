@@ -26,7 +26,6 @@ from urllib.parse import unquote_to_bytes
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from farebox.server.card import CardAdmission
 from farebox.server.gate import Admission, Gate, Reply, merge_headers
 from farebox.server.idempotency import BodyCapture, BodyReader
 from farebox.server.routes import RequestInfo
@@ -185,7 +184,7 @@ class WsgiPaymentMiddleware:
         return read_off_loop
 
     def _keeper(
-        self, admission: Admission | CardAdmission, status: int, headers: list[tuple[str, str]]
+        self, admission: Admission, status: int, headers: list[tuple[str, str]]
     ) -> _Keeper:
         capture = BodyCapture(self.gate.max_stored_body)
 

@@ -48,11 +48,12 @@ import anyio
 from farebox.errors import ConfigError, PaymentError
 from farebox.protocol import mpp
 from farebox.protocol.models import Challenge
-from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
-from farebox.receipts.records import receipt_ref
-from farebox.server.idempotency import IdempotentRun
+from farebox.rails.base import Admission, Checked, Offered, Outcome, Record
 from farebox.server.routes import RequestInfo, Route
 from farebox.store.base import Event, Invoice, Store, invoice_claim_key
+
+if TYPE_CHECKING:
+    from farebox.server.idempotency import Withheld
 
 if TYPE_CHECKING:
     from farebox.ledgers.stripe import CardCharge, StripeLedger
@@ -62,9 +63,8 @@ __all__ = [
     "CREDENTIALS",
     "METHOD",
     "X_RECEIPT",
-    "CardAdmission",
+    "CardPayment",
     "CardRail",
-    "Offered",
     "is_card_credential",
     "is_card_receipt",
 ]
@@ -109,28 +109,23 @@ def is_card_receipt(request: RequestInfo) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class CardAdmission:
-    """A card payment verified and claimed: the app may run.
+class CardPayment:
+    """A card payment checked (and, once taken, claimed): an admission's ``payment``.
 
-    Either an MPP credential (``card_challenge`` and ``spt``: the token is charged after a 2xx) or
-    an X-Receipt (``invoice`` and ``paid``: the money already moved). ``challenge`` is the
-    request's x402 challenge (a refusal offers it again); ``idempotency`` is always ``None`` (the
-    faces read it; card requests are single use by their challenge id or invoice).
+    Either an MPP credential (``card_challenge`` and ``spt``: the token is charged when taken,
+    before the app runs) or an X-Receipt (``invoice`` and ``receipt``: the money already moved);
+    ``paid`` is the charge once taken.
     """
 
     route: Route
-    request: RequestInfo
-    challenge: Challenge
     amount: int
     currency: str
-    owner: str
     claim_key: str
     card_challenge: mpp.Challenge | None = None
     spt: str | None = None
     invoice: Invoice | None = None
     receipt: str | None = None
     paid: CardCharge | None = None
-    idempotency: IdempotentRun | None = None
 
     @property
     def payer(self) -> str:
@@ -144,17 +139,6 @@ class CardAdmission:
         return f"invoice:{self.invoice.reference if self.invoice else ''}:{shown}"
 
 
-@dataclass(frozen=True, slots=True)
-class Offered:
-    """What a 402 adds for cards: ``WWW-Authenticate`` lines, plain-body methods, and the invoice
-    (when one was made) whose reference the 402 names."""
-
-    headers: Headers = ()
-    methods: tuple[dict[str, Any], ...] = ()
-    invoice: Invoice | None = None
-    instructions: str | None = None
-
-
 class CardRail:
     """Issues and checks MPP ``stripe`` charge challenges and charges their Shared Payment Tokens.
 
@@ -164,6 +148,8 @@ class CardRail:
     ``require_client_secret`` accepts as a receipt only the PaymentIntent's client secret, not its
     id (ids show up in logs and dashboards; the secret was given only to the 402's recipient).
     """
+
+    name = METHOD
 
     def __init__(
         self,
@@ -224,12 +210,22 @@ class CardRail:
         )
         return (challenge,)
 
+    def recognizes(self, route: Route, request: RequestInfo) -> bool:
+        """An ``Authorization: Payment`` credential, or an ``X-Receipt`` on a route taking them."""
+        card = route.card
+        return card is not None and (
+            is_card_credential(request) or (card.invoice and is_card_receipt(request))
+        )
+
     async def offer(
-        self, route: Route, request: RequestInfo, store: Store, *, invoice: bool = True
+        self, route: Route, request: RequestInfo, store: Store, *, outside_calls: bool
     ) -> Offered:
-        """What a 402 of ``route`` offers for cards; with ``invoice`` (and a route that takes
-        X-Receipts) a new invoice is created and recorded, unless Stripe or the store is down (then
-        the 402 goes out without it, and the reason is logged)."""
+        """What a 402 of ``route`` offers for cards; with ``outside_calls``, a route that takes
+        X-Receipts also gets a new invoice, created and recorded, unless Stripe or the store is
+        down (then the 402 goes out without it, and the reason is logged). Without, none is made:
+        a refusal after a failed settlement creates no PaymentIntent."""
+        if route.card is None:
+            return Offered()
         # Priced once: a price function is asked once per 402, and both card methods agree.
         amount = route.card_amount(request)
         found = self.challenges(route, request, amount)
@@ -247,7 +243,7 @@ class CardRail:
         made: Invoice | None = None
         card = route.card
         if (
-            invoice
+            outside_calls
             and amount is not None
             and card is not None
             and card.invoice
@@ -271,7 +267,7 @@ class CardRail:
         return Offered(
             headers=tuple((mpp.WWW_AUTHENTICATE, line) for line in lines),
             methods=tuple(methods),
-            invoice=made,
+            reference=made.reference if made is not None else None,
             instructions=_INVOICE_INSTRUCTIONS if made is not None else None,
         )
 
@@ -315,9 +311,9 @@ class CardRail:
     # --- before the app ------------------------------------------------------------------------
 
     async def check(
-        self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
-    ) -> CardAdmission:
-        """Verify the request's card payment for ``route`` without claiming it (``owner`` empty).
+        self, route: Route, request: RequestInfo, challenge: Challenge, store: Store, now: int
+    ) -> Checked:
+        """Verify the request's card payment for ``route`` without claiming it.
 
         An ``Authorization: Payment`` credential is checked statelessly; an ``X-Receipt`` against
         the invoice it pays, found in ``store``. Raises :class:`PaymentError`:
@@ -329,12 +325,19 @@ class CardRail:
         (no invoice of this API has the receipt's PaymentIntent).
         """
         if is_card_credential(request):
-            return self._check_credential(route, request, challenge)
-        return await self._check_receipt(route, request, challenge, store)
+            payment = self._check_credential(route, request)
+        else:
+            payment = await self._check_receipt(route, request, store)
+        card = route.card
+        assert card is not None  # checked above
+        return Checked(
+            payee="stripe " + card.network_id,
+            payer=payment.payer,
+            claim_key=payment.claim_key,
+            payment=payment,
+        )
 
-    def _check_credential(
-        self, route: Route, request: RequestInfo, challenge: Challenge
-    ) -> CardAdmission:
+    def _check_credential(self, route: Route, request: RequestInfo) -> CardPayment:
         card = route.card
         amount = route.card_amount(request)
         if card is None or amount is None or not card.spt:
@@ -355,21 +358,16 @@ class CardRail:
             raise PaymentError(
                 "card_payment_mismatch", "the credential pays for another price or payee"
             )
-        return CardAdmission(
+        return CardPayment(
             route,
-            request,
-            challenge,
             amount,
             wanted.currency,
-            "",
             CLAIM_PREFIX + verified.id,
             card_challenge=verified,
             spt=payload.spt,
         )
 
-    async def _check_receipt(
-        self, route: Route, request: RequestInfo, challenge: Challenge, store: Store
-    ) -> CardAdmission:
+    async def _check_receipt(self, route: Route, request: RequestInfo, store: Store) -> CardPayment:
         card = route.card
         amount = route.card_amount(request)
         if card is None or amount is None or not card.invoice:
@@ -395,19 +393,16 @@ class CardRail:
             raise PaymentError("card_payment_mismatch", "the receipt pays for another invoice")
         if self.clock() >= invoice.expires_at:
             raise PaymentError("payment_expired", "the invoice this receipt pays has expired")
-        return CardAdmission(
+        return CardPayment(
             route,
-            request,
-            challenge,
             invoice.amount,
             invoice.currency,
-            "",
             invoice_claim_key(invoice.reference),
             invoice=invoice,
             receipt=found[0],
         )
 
-    async def take(self, admission: CardAdmission, store: Store, owner: str) -> CardAdmission:
+    async def take(self, checked: Checked, store: Store, owner: str, now: int) -> CardPayment:
         """Claim a checked card payment (single use), and for a receipt check its PaymentIntent.
 
         Raises :class:`PaymentError` ``proof_replayed`` (already used; the message names the
@@ -417,6 +412,7 @@ class CardRail:
         refunded or disputed, another amount, currency or reference, Stripe unavailable); then
         nothing stays claimed.
         """
+        admission: CardPayment = checked.payment
         key = admission.claim_key
         if await store.claim(key, owner=owner, now=int(self.clock())) is None:
             claim = await store.get_claim(key)
@@ -450,11 +446,11 @@ class CardRail:
             with anyio.CancelScope(shield=True):
                 await store.release(key, owner=owner)
             raise
-        return replace(admission, owner=owner, paid=paid)
+        return replace(admission, paid=paid)
 
     # --- after the app -------------------------------------------------------------------------
 
-    async def abandon(self, admission: CardAdmission, store: Store) -> None:
+    async def abandon(self, admission: Admission, store: Store) -> None:
         """The app failed or answered an error: nothing was delivered.
 
         An X-Receipt's claim is released, so the paid receipt can be presented again. A token was
@@ -462,12 +458,13 @@ class CardRail:
         PaymentIntent, so it is never refunded twice) and the credential stays spent; a refund
         Stripe refuses or cannot take is logged (event ``refund_failed``) for the operator.
         """
-        if admission.invoice is not None or admission.paid is None:
+        payment: CardPayment = admission.payment
+        if payment.invoice is not None or payment.paid is None:
             await store.release(admission.claim_key, owner=admission.owner)
             return
-        charged = admission.paid
+        charged = payment.paid
         now = int(self.clock())
-        event = _settlement_event(admission, charged, now, served=False)
+        event = _settlement_event(payment, charged, now, served=False)
         try:
             refund = await self.ledger.refund(
                 charged.payment_intent,
@@ -507,93 +504,64 @@ class CardRail:
         except PaymentError as exc:
             logger.error("could not record card charge %s: %s", charged.payment_intent, exc.code)
 
-    async def settle(
-        self, admission: CardAdmission, store: Store, *, issuer: str, signing_key: SigningKey
-    ) -> Headers:
-        """Record the payment of a served request; the headers to add to the app's response.
-
-        The money moved before the app ran (a token charged at admission, or an invoice paid out
-        of band); what is left is the record: the claim settled with its events, a PEAC record
-        and, for an MPP credential, ``Payment-Receipt``.
-        """
-        charged = admission.paid
+    async def settle(self, admission: Admission, store: Store) -> Outcome:
+        """The outcome of a served request: the money moved before the app ran (a token charged
+        when taken, or an invoice paid out of band), so it is always paid; what is left is the
+        record and, for an MPP credential, ``Payment-Receipt``."""
+        payment: CardPayment = admission.payment
+        charged = payment.paid
         assert charged is not None  # set by take()
         now = int(self.clock())
-        record = self._record(admission, charged, now, issuer, signing_key)
-        receipt = mpp.render_payment_receipt(
-            mpp.Receipt(
-                method=METHOD,
-                reference=charged.payment_intent,
-                timestamp=datetime.fromtimestamp(now, UTC),
-            )
+        event = _settlement_event(
+            payment,
+            charged,
+            now,
+            replayed=charged.replayed,
+            invoice=payment.invoice.reference if payment.invoice else None,
         )
-        events = (
-            _settlement_event(
-                admission,
-                charged,
-                now,
-                replayed=charged.replayed,
-                invoice=admission.invoice.reference if admission.invoice else None,
-            ),
-            Event(
-                "receipt",
-                now,
-                admission.route.name,
-                reference=receipt_ref(record),
-                data={"transaction": charged.payment_intent, "jws": record},
-            ),
-        )
-        try:
-            await store.finish(
-                admission.claim_key,
-                owner=admission.owner,
-                state="settled",
-                transaction=charged.payment_intent,
-                events=events,
-            )
-        except PaymentError as exc:
-            # The card was charged: the payer gets what it paid for; the claim stays held.
-            logger.error("could not record card charge %s: %s", charged.payment_intent, exc.code)
-        if admission.invoice is not None:
-            return (("PEAC-Receipt", record),)  # an MPP Payment-Receipt answers MPP credentials
-        return ((mpp.PAYMENT_RECEIPT, receipt), ("PEAC-Receipt", record))
-
-    def _record(
-        self,
-        admission: CardAdmission,
-        charged: CardCharge,
-        now: int,
-        issuer: str,
-        signing_key: SigningKey,
-    ) -> str:
-        claims = payment_claims(
-            iss=issuer,
-            iat=now,
-            jti=uuid7(now * 1000),
-            payment_rail=METHOD,
+        record = Record(
+            rail=METHOD,
             amount_minor=charged.amount,
             currency=charged.currency.upper(),
-            event="settlement",
             reference=charged.payment_intent,
-            sub=admission.request.url,
-            occurred_at=rfc3339(now),
         )
-        return issue_receipt(claims, signing_key).jws
+        headers: tuple[tuple[str, str], ...] = ()
+        if payment.invoice is None:  # an MPP Payment-Receipt answers MPP credentials only
+            receipt = mpp.render_payment_receipt(
+                mpp.Receipt(
+                    method=METHOD,
+                    reference=charged.payment_intent,
+                    timestamp=datetime.fromtimestamp(now, UTC),
+                )
+            )
+            headers = ((mpp.PAYMENT_RECEIPT, receipt),)
+        return Outcome(
+            "settle",
+            transaction=charged.payment_intent,
+            events=(event,),
+            record=record,
+            headers=headers,
+        )
+
+    async def deliver(self, admission: Admission, paid: Withheld) -> Outcome:
+        raise ConfigError("a card payment is never withheld: it settles before the app runs")
+
+    def problem_type(self, request: RequestInfo, code: str) -> str | None:
+        """A refused ``Authorization: Payment`` credential is answered in MPP's problem registry."""
+        return mpp.problem_type(code) if is_card_credential(request) else None
 
 
-def _settlement_event(
-    admission: CardAdmission, charged: CardCharge, now: int, **details: Any
-) -> Event:
+def _settlement_event(payment: CardPayment, charged: CardCharge, now: int, **details: Any) -> Event:
     """The log line of a card payment that moved money (``details`` say what became of it)."""
     return Event(
         "settlement",
         now,
-        admission.route.name,
+        payment.route.name,
         reference=charged.payment_intent,
         data={
             "success": True,
             "rail": METHOD,
-            "claim": admission.claim_key,
+            "claim": payment.claim_key,
             "amount": str(charged.amount),
             "currency": charged.currency,
             **details,
