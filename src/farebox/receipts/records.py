@@ -66,6 +66,7 @@ __all__ = [
     "policy_digest",
     "receipt_ref",
     "rfc3339",
+    "sign_payment_record",
     "uuid7",
     "validate_claims",
     "verify_receipt",
@@ -1268,6 +1269,43 @@ def issue_receipt(
 # --- verify ----------------------------------------------------------------------------------------
 
 KeySource = bytes | Ed25519PublicKey | Jwks | None
+
+
+def sign_payment_record(
+    key: SigningKey,
+    *,
+    issuer: str,
+    now: int,
+    rail: str,
+    amount_minor: int,
+    currency: str,
+    reference: str,
+    subject: str | None,
+    event: str | None,
+    asset: str | None = None,
+    env: Literal["live", "test"] | None = None,
+    extensions: Mapping[str, Any] | None = None,
+) -> str:
+    """The signed PEAC record of one payment event (a settlement, a refund) as a compact JWS:
+    :func:`payment_claims` issued at ``now`` with a fresh UUIDv7 ``jti``, plus ``extensions``,
+    signed by :func:`issue_receipt`. The one builder of payment records, for every rail."""
+    claims = payment_claims(
+        iss=issuer,
+        iat=now,
+        jti=uuid7(now * 1000),
+        payment_rail=rail,
+        amount_minor=amount_minor,
+        currency=currency,
+        asset=asset,
+        env=env,
+        event=event,
+        reference=reference,
+        sub=subject,
+        occurred_at=rfc3339(now),
+    )
+    if extensions:
+        claims["extensions"].update(extensions)
+    return issue_receipt(claims, key).jws
 
 
 def _resolve_key(key: KeySource, kid: str, payload: Any, revoked_kids: Collection[str]) -> bytes:

@@ -40,7 +40,7 @@ from farebox.protocol.x402 import (
 from farebox.rails.base import Admission, Headers, Offered, Outcome, Rail, Record
 from farebox.rails.card import CardRail
 from farebox.rails.x402 import X402Rail
-from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
+from farebox.receipts import SigningKey, sign_payment_record, uuid7
 from farebox.receipts.records import receipt_ref
 from farebox.server.idempotency import (
     DEFAULT_MAX_REQUEST_BODY,
@@ -629,21 +629,19 @@ class Gate:
         self, admission: Admission, record: Record, payer: str | None, now: int, late: bool = False
     ) -> tuple[str, Event]:
         """The signed PEAC record of a paid response, and its log line."""
-        claims = payment_claims(
-            iss=self.issuer,
-            iat=now,
-            jti=uuid7(now * 1000),
-            payment_rail=record.rail,
+        jws = sign_payment_record(
+            self.signing_key,
+            issuer=self.issuer,
+            now=now,
+            rail=record.rail,
             amount_minor=record.amount_minor,
             currency=record.currency,
+            reference=record.reference,
+            subject=admission.request.url,
+            event="settlement",
             asset=record.asset,
             env=record.env,
-            event="settlement",
-            reference=record.reference,
-            sub=admission.request.url,
-            occurred_at=rfc3339(now),
         )
-        jws = issue_receipt(claims, self.signing_key).jws
         data = {"transaction": record.reference, "jws": jws}
         if late:
             data["delivered"] = "late"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from farebox.errors import PaymentError, ReceiptError
-from farebox.receipts import SigningKey, issue_receipt, payment_claims, rfc3339, uuid7
+from farebox.receipts import SigningKey, sign_payment_record
 from farebox.receipts.records import COMMERCE_EXTENSION, verify_receipt
 from farebox.receipts.records import receipt_ref as reference_of
 from farebox.store.base import MAX_EVENTS, Event, Store
@@ -333,18 +333,16 @@ def _record(
     issuer: str,
     signing_key: SigningKey,
 ) -> str:
-    claims = payment_claims(
-        iss=issuer,
-        iat=now,
-        jti=uuid7(now * 1000),
-        payment_rail=RAIL,
+    return sign_payment_record(
+        signing_key,
+        issuer=issuer,
+        now=now,
+        rail=RAIL,
         amount_minor=-amount,
         currency=original.currency,
         # Only a succeeded refund is proven final; a pending one is recorded without an event.
         event="refund" if status == "succeeded" else None,
         reference=refund,
-        sub=original.sub,
-        occurred_at=rfc3339(now),
+        subject=original.sub,
+        extensions={CORRELATION_EXTENSION: {"parent_jti": original.jti}},
     )
-    claims["extensions"][CORRELATION_EXTENSION] = {"parent_jti": original.jti}
-    return issue_receipt(claims, signing_key).jws
