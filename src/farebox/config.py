@@ -102,17 +102,17 @@ from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.evm import EvmLedger, EvmReader
 from farebox.ledgers.rpc import HttpRpc
 from farebox.money import ASSETS, DEVCHAIN_USDC, Asset, AssetRegistry, parse_price
-from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, save_signing_key
-from farebox.server.asgi import PaymentMiddleware
-from farebox.server.gate import Gate
-from farebox.server.proxy import ReverseProxy
-from farebox.server.reconcile import (
+from farebox.ops.reconcile import (
     DEFAULT_TRAFFIC_KEEP,
     DEFAULT_TRAFFIC_RETENTION,
     ChainReader,
     Reconciler,
     release_after_for,
 )
+from farebox.receipts.keys import SigningKey, https_origin, load_signing_key, save_signing_key
+from farebox.server.asgi import PaymentMiddleware
+from farebox.server.gate import Gate
+from farebox.server.proxy import ReverseProxy
 from farebox.server.routes import CardOffer, Route, RouteTable
 from farebox.store.base import Store
 from farebox.store.memory import MemoryStore

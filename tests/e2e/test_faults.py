@@ -137,7 +137,7 @@ async def _receive() -> dict[str, Any]:
 async def test_slow_ledger_pending_then_reconciled_then_answered(
     chain: DevChain, tmp_path: Path
 ) -> None:
-    from farebox.server.reconcile import Reconciler
+    from farebox.ops.reconcile import Reconciler
     from tests.e2e.conftest import HiddenReceipts
 
     merchant = "0x" + os.urandom(20).hex()

@@ -12,9 +12,9 @@ import pytest
 from farebox.eth import EvmAccount
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger, encode_transfer_with_authorization
+from farebox.ops.reconcile import Reconciler, parse_claim_key
 from farebox.protocol.models import Offer
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
-from farebox.server.reconcile import Reconciler, parse_claim_key
 from farebox.store.memory import MemoryStore
 from tests.e2e.conftest import HiddenReceipts, chain, fund
 

@@ -141,10 +141,10 @@ async def test_unpaid_traffic_through_the_gate_stays_bounded(store: Store) -> No
 
     from farebox.facilitator.local import LocalFacilitator
     from farebox.money import DEVCHAIN_USDC
+    from farebox.ops.reconcile import Reconciler
     from farebox.receipts import SigningKey
     from farebox.server.asgi import PaymentMiddleware
     from farebox.server.gate import Gate
-    from farebox.server.reconcile import Reconciler
     from farebox.server.routes import RouteTable
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

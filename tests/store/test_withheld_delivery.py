@@ -23,13 +23,13 @@ from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import RpcUnavailable
+from farebox.ops.reconcile import Reconciler
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.receipts import SigningKey, verify_receipt
 from farebox.schemes.evm_exact import make_proof, verify
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
-from farebox.server.reconcile import Reconciler
 from farebox.server.routes import RouteTable
 from farebox.store.base import Store, StoredResponse
 from tests.e2e.conftest import PRICE, HiddenReceipts, cancel_on_chain, chain, fund

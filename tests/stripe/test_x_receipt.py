@@ -17,11 +17,11 @@ import anyio
 import pytest
 
 from farebox.ledgers.devchain import DevChain
+from farebox.ops.reconcile import Reconciler
+from farebox.rails.card import CardRail
 from farebox.receipts.records import verify_receipt
 from farebox.server.asgi import PaymentMiddleware
-from farebox.rails.card import CardRail
 from farebox.server.gate import Reply
-from farebox.server.reconcile import Reconciler
 from farebox.server.routes import CardOffer, RequestInfo, RouteTable
 from farebox.store.base import Invoice, invoice_claim_key
 from tests.e2e.conftest import ISSUER, Paid, chain, make_gate

@@ -41,6 +41,7 @@ from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.openapi import openapi_document
 from farebox.ledgers.evm import EvmLedger
+from farebox.ops.reconcile import Reconciler
 from farebox.protocol.lifecycle import claim_outcome
 from farebox.protocol.models import Offer, Proof, Settlement, VerifiedProof
 from farebox.protocol.x402 import (
@@ -52,7 +53,6 @@ from farebox.protocol.x402 import (
 )
 from farebox.schemes import evm_exact, verifier
 from farebox.schemes.evm_exact import VerifiedEvmProof
-from farebox.server.reconcile import Reconciler
 from farebox.store.base import Claim, Event, Store
 
 __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
@@ -482,7 +482,7 @@ def facilitator_app(
     ``max_body`` bytes are refused with 413. ``settle_wait`` bounds how long a ``/settle`` waits for
     a concurrent settlement of the same authorization. With ``close_on_shutdown`` the ASGI
     lifespan shutdown closes the facilitator and the store. With ``reconcile_every`` (seconds),
-    the lifespan runs a :class:`~farebox.server.reconcile.Reconciler` over the store's unfinished
+    the lifespan runs a :class:`~farebox.ops.reconcile.Reconciler` over the store's unfinished
     claims that often (``farebox facilitator`` does, every 30 s).
     """
     return FacilitatorApp(
