@@ -420,7 +420,7 @@ def test_unreadable_settler_key_names_the_key(tmp_path: Path) -> None:
 def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     port = free_port()
     # Run the command function itself, so this works before the lead registers it in cli.py.
-    code = "import typer; from farebox.cli_serve import serve_command; typer.run(serve_command)"
+    code = "import typer; from farebox.cli.serve import serve_command; typer.run(serve_command)"
     process = subprocess.Popen(
         [sys.executable, "-c", code, str(EXAMPLES / "devchain.toml"), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -467,7 +467,7 @@ def test_serve_answers_402_and_get_pays(served: tuple[str, subprocess.Popen[str]
 def test_serve_reports_a_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[payment]\nnetwork = "devchain"\n')
-    code = "import typer; from farebox.cli_serve import serve_command; typer.run(serve_command)"
+    code = "import typer; from farebox.cli.serve import serve_command; typer.run(serve_command)"
     result = subprocess.run(
         [sys.executable, "-c", code, str(bad)],
         capture_output=True,
@@ -659,7 +659,7 @@ async def test_build_app_with_cards(
     chain: DevChain, tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
-    from farebox.cli_serve import serve_banner
+    from farebox.cli.serve import serve_banner
     from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION
     from farebox.rails.card import CardRail
 

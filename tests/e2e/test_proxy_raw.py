@@ -474,7 +474,7 @@ def test_priced_methods_are_charged_and_free_paths_take_any_method(stand: Stand)
 
 
 def test_the_banner_states_the_method_rule(stand: Stand) -> None:
-    from farebox.cli_serve import serve_banner
+    from farebox.cli.serve import serve_banner
 
     banner = serve_banner(stand.app, "http://127.0.0.1:8402")
     assert "other methods on these paths are 405" in banner

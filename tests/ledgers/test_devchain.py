@@ -20,7 +20,7 @@ import pytest
 from eth_abi.abi import encode
 from eth_account import Account
 
-from farebox.cli_devchain import devchain_banner
+from farebox.cli.devchain import devchain_banner
 from farebox.eth import EvmAccount, keccak256
 from farebox.ledgers.devchain import (
     CHAIN_ID,
@@ -635,7 +635,7 @@ async def test_farebox_http_rpc_client_against_the_server(
 def test_farebox_devchain_command_in_its_own_process() -> None:
     script = (
         "import typer\n"
-        "from farebox.cli_devchain import devchain_command\n"
+        "from farebox.cli.devchain import devchain_command\n"
         "app = typer.Typer()\n"
         "app.command()(devchain_command)\n"
         "app()\n"

@@ -1,11 +1,10 @@
 """``farebox db migrate``: create or update the PostgreSQL payment store's schema.
 
-Kept apart from :mod:`farebox.cli` so that the other commands never import psycopg.
+psycopg is imported when the command runs, so that the other commands never load it.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
@@ -28,6 +27,8 @@ def db_migrate_command(
     ],
 ) -> None:
     """Apply the PostgreSQL store's migrations that the database lacks (safe to run again)."""
+    import asyncio
+
     try:
         from farebox.store.postgres import migrate
     except ImportError:

@@ -1,7 +1,7 @@
 """``farebox devchain``: a local EVM chain with a USDC-like token, served over JSON-RPC.
 
-Kept apart from :mod:`farebox.cli` so that the other commands never import py-evm; the chain's
-modules are imported when the command runs.
+The chain's modules are imported when the command runs, so that the other commands never load
+py-evm.
 """
 
 from __future__ import annotations

@@ -2,13 +2,12 @@
 
 The service settles ``exact`` EVM payments (EIP-3009 ``transferWithAuthorization``) on one chain
 reached over JSON-RPC, paying gas from the settler key; any token the proof names is settled (the
-token itself checks the signature). Kept apart from :mod:`farebox.cli` so that the other commands
-never import uvicorn.
+token itself checks the signature). uvicorn and the service
+are imported when the command runs, so that the other commands never load them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Annotated
@@ -71,6 +70,8 @@ def facilitator_command(
     except ModuleNotFoundError:
         typer.echo("farebox facilitator needs uvicorn: pip install 'farebox[serve]'", err=True)
         raise typer.Exit(1) from None
+    import asyncio
+
     from farebox.eth import EvmAccount
     from farebox.facilitator.local import LocalFacilitator
     from farebox.facilitator.service import facilitator_app

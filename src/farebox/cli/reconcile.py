@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import anyio
 import typer
 
 from farebox.errors import ConfigError, PaymentError
@@ -49,6 +48,8 @@ def reconcile_command(
 ) -> None:
     """Settle or release the payments whose outcome the server did not record, and prune old
     traffic; or, with --settled or --release, record an operator's finding for one claim."""
+    import anyio
+
     from farebox.config import build_app, load_config
 
     if settled is not None and release is not None:

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import anyio
 import typer
 
 from farebox.errors import ConfigError, PaymentError
@@ -49,6 +48,8 @@ def refund_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Refund all or part of a card payment and print the signed PEAC refund record."""
+    import anyio
+
     from farebox.config import card_ledger, load_config, open_store
     from farebox.receipts.keys import load_signing_key
     from farebox.server.refunds import refund_payment

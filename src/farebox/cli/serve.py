@@ -1,7 +1,7 @@
 """``farebox serve CONFIG``: run the paid API (or paid reverse proxy) a TOML file describes.
 
-Kept apart from :mod:`farebox.cli` so that the other commands never import the server's modules.
-The summary printed at start names routes, prices, network, asset, payee, settlement and issuer,
+The server's modules are imported when the command runs, so that the other commands never load
+them. The summary printed at start names routes, prices, network, asset, payee, settlement and issuer,
 and never a key: key files are named by path and the receipt key by its public kid.
 """
 
@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import typer
 
-from farebox.config import (
-    CONFIG_ENV,
-    EMBEDDED_SETTLER,
-    FACILITATOR_ENV,
-    EmbeddedSettlement,
-    FacilitatorSettlement,
-    FareboxApp,
-    RpcSettlement,
-    build_app,
-    load_config,
-)
 from farebox.errors import ConfigError
-from farebox.server.routes import RequestInfo
+
+if TYPE_CHECKING:  # the CLI starts without loading the server
+    from farebox.config import FareboxApp
 
 __all__ = ["serve_banner", "serve_command"]
-
-# Config prices are fixed and do not look at the request; this stands in for one when listing them.
-_NO_REQUEST = RequestInfo("GET", "/", "", {})
 
 
 def _shown(url: str) -> str:
@@ -44,6 +32,10 @@ def _shown(url: str) -> str:
 
 def serve_banner(app: FareboxApp, url: str) -> str:
     """What ``farebox serve`` prints when it starts."""
+    from farebox.server.routes import RequestInfo
+
+    # Config prices are fixed and do not look at the request: this stands in for one.
+    no_request = RequestInfo("GET", "/", "", {})
     config = app.config
     asset = config.asset
     lines = [f"farebox serve: a paid API on {url}"]
@@ -52,7 +44,7 @@ def serve_banner(app: FareboxApp, url: str) -> str:
     lines += ["", "Routes"]
     for entry in config.routes:
         route = entry.route
-        amount = route.amounts(_NO_REQUEST)[0]
+        amount = route.amounts(no_request)[0]
         price = f"{asset.format(amount)} {asset.symbol}"
         line = f"  {route.method:<7} {route.path:<28} {price:>14}"
         lines.append(line + (f"  {route.description}" if route.description else ""))
@@ -90,6 +82,13 @@ def serve_banner(app: FareboxApp, url: str) -> str:
 
 
 def _settlement(app: FareboxApp) -> str:
+    from farebox.config import (
+        EMBEDDED_SETTLER,
+        EmbeddedSettlement,
+        FacilitatorSettlement,
+        RpcSettlement,
+    )
+
     settlement = app.config.settlement
     if isinstance(settlement, EmbeddedSettlement):
         settler = app.chain.accounts[EMBEDDED_SETTLER].address if app.chain else "?"
@@ -128,6 +127,8 @@ def serve_command(
     except ImportError:
         typer.echo("farebox serve needs uvicorn: pip install 'farebox[serve]'", err=True)
         raise typer.Exit(1) from None
+    from farebox.config import CONFIG_ENV, FACILITATOR_ENV, build_app, load_config
+
     try:
         app = build_app(load_config(config, facilitator=facilitator))
     except ConfigError as exc:

@@ -1,0 +1,5 @@
+"""``python -m farebox.cli``: the ``farebox`` command."""
+
+from farebox.cli import main
+
+main()
