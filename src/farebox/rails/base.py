@@ -9,13 +9,17 @@ settle it after a 2xx (:meth:`Rail.settle`), or give it back when nothing was de
 move (by :mod:`farebox.protocol.lifecycle`), the log events, the PEAC record to sign, the headers
 for the response or the refusal. A rail never renders a reply nor signs a record; the gate holds
 the idempotency ids, the claim's bookkeeping and the replies, the same for every rail.
+
+The values handed along a paid request are named tuples: built once or twice per request, they
+cost a tuple, where a frozen dataclass costs a Python ``__setattr__`` call per field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from farebox.errors import PaymentError
 from farebox.protocol.models import Challenge, Proof
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Admission", "Checked", "Headers", "Offered", "Outcome", "Rail", "Record"]
 
 Headers = tuple[tuple[str, str], ...]
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +46,7 @@ class Offered:
     instructions: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Checked:
+class Checked(NamedTuple):
     """A credential its rail verified, not yet taken: whom it pays (``payee``) and who pays
     (``payer``), which scope the request's idempotency id; the key its claim takes; the x402
     proof when there is one (it may carry the idempotency id); and the rail's own ``payment``."""
@@ -54,8 +58,7 @@ class Checked:
     proof: Proof | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """A payment checked and taken by ``rail``: the app may run. ``owner`` holds the claim on
     ``claim_key``; ``payment`` is the rail's own (a verified proof, a charged card)."""
 
@@ -70,8 +73,7 @@ class Admission:
     idempotency: IdempotentRun | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """The payment fields of the PEAC record a paid response carries (the gate signs it)."""
 
     rail: str
@@ -85,8 +87,7 @@ class Record:
 Move = Literal["settle", "hold_pending", "release"]
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What settling an admission came to.
 
     ``move`` is what becomes of the claim (the lifecycle table's ``settle``, ``hold_pending``, or
@@ -104,7 +105,7 @@ class Outcome:
     headers: Headers = ()
     problem: PaymentError | None = None
     payer: str | None = None
-    withhold: Mapping[str, Any] = field(default_factory=dict)
+    withhold: Mapping[str, Any] = _NOTHING
 
 
 class Rail(Protocol):

@@ -108,11 +108,12 @@ class X402Rail:
             # Nothing was broadcast: no money moved, the proof stays usable.
             return Outcome("release", problem=exc)
         offer = verified.offer
+        route_name = admission.route.name
         events = (
             Event(
                 "proof",
                 verified.verified_at,
-                admission.route.name,
+                route_name,
                 payer=verified.payer,
                 reference=admission.challenge.reference,
                 data={
@@ -128,7 +129,7 @@ class X402Rail:
             Event(
                 "settlement",
                 int(self.clock()),
-                admission.route.name,
+                route_name,
                 payer=verified.payer,
                 reference=settlement.transaction or None,
                 data={

@@ -184,11 +184,15 @@ class Gate:
         self.max_stored_body = max_stored_body
         self.idempotency_wait = idempotency_wait
         self.idempotency_stale = idempotency_stale
-        self.card = card
         # The x402 rail reads the gate's facilitator, assets and clock (each may be replaced).
         self._x402 = X402Rail(
             facilitator, assets, max_header_bytes=max_header_bytes, clock=lambda: self.clock()
         )
+        #: The rails, in the order a request's credential is recognized (x402 first, as clients
+        #: expect).
+        self.rails: tuple[Rail, ...] = ()
+        self._card: CardRail | None = None
+        self.card = card
         # Every challenge declares payment-identifier: clients may send an id, none must.
         self._extensions = {PAYMENT_IDENTIFIER: declaration(required=False)}
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
@@ -217,10 +221,14 @@ class Gate:
         return self._x402.max_header_bytes
 
     @property
-    def rails(self) -> tuple[Rail, ...]:
-        """The rails, in the order a request's credential is recognized (x402 first, as clients
-        expect); read per request, so a card rail set after construction takes part."""
-        return (self._x402,) if self.card is None else (self._x402, self.card)
+    def card(self) -> CardRail | None:
+        """The card rail, if the API takes cards (it may be set after construction)."""
+        return self._card
+
+    @card.setter
+    def card(self, card: CardRail | None) -> None:
+        self._card = card
+        self.rails = (self._x402,) if card is None else (self._x402, card)
 
     async def aclose(self) -> None:
         """Close the store and the facilitator's connections."""
@@ -256,9 +264,12 @@ class Gate:
             extensions=self._extensions,
         )
         # A HEAD gets the GET's answer without a body; it is never charged (nothing is delivered).
-        rail = None
+        rail: Rail | None = None
         if request.method != "HEAD":
-            rail = next((r for r in self.rails if r.recognizes(route, request)), None)
+            for candidate in self.rails:
+                if candidate.recognizes(route, request):
+                    rail = candidate
+                    break
         if rail is None:
             if self.log_challenges:
                 await self._log(
@@ -312,25 +323,15 @@ class Gate:
         if isinstance(run, Reply):
             return run
 
-        def admitted(payment: object, holder: str) -> Admission:
-            return Admission(
-                rail,
-                route,
-                request,
-                challenge,
-                holder,
-                checked.claim_key,
-                checked.payer,
-                payment,
-                run,
-            )
-
         if run is not None and run.delivers is not None:
             # Paid already (settled after its response was withheld): this payment is not spent.
-            return admitted(checked.payment, run.owner)
-        async with self._forgotten_on_error(run):
-            payment = await rail.take(checked, self.store, owner, now)
-        return admitted(payment, owner)
+            payment, owner = checked.payment, run.owner
+        else:
+            async with self._forgotten_on_error(run):
+                payment = await rail.take(checked, self.store, owner, now)
+        return Admission(
+            rail, route, request, challenge, owner, checked.claim_key, checked.payer, payment, run
+        )
 
     # --- idempotency ---------------------------------------------------------------------------
 
