@@ -281,11 +281,13 @@ class Hold:
     def __init__(self, inner: RefuseThenSettle) -> None:
         self.inner = inner
         self.paid = threading.Event()
+        self.done = threading.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and any(k == b"payment-signature" for k, _ in scope["headers"]):
             self.paid.set()
-            await anyio.sleep(30)
+            while not self.done.is_set():  # until the test is over: the agent dies waiting
+                await anyio.sleep(0.05)
         await self.inner(scope, receive, send)
 
 
@@ -305,6 +307,7 @@ def test_an_agent_killed_after_sending_leaves_the_authorization_counted(
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
+            app.done.set()
     budget = Budget.from_prices(path, per_day="$1")
     # Hours later (past any reservation's time to live) the authorization still counts.
     spent = budget.spent(now=int(time.time()) + 7200)
