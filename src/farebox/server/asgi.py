@@ -122,9 +122,7 @@ class PaymentMiddleware:
 
         return receive_lifespan
 
-    async def _paid(
-        self, admission: Admission, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    async def _paid(self, admission: Admission, scope: Scope, receive: Receive, send: Send) -> None:
         state = "waiting"  # -> "passing" (settled or not charged) | "replaced" (refusal sent)
         # A settled response under an idempotency id: what was sent, kept for its retries.
         kept: tuple[int, list[tuple[str, str]], BodyCapture] | None = None

@@ -183,9 +183,7 @@ class WsgiPaymentMiddleware:
 
         return read_off_loop
 
-    def _keeper(
-        self, admission: Admission, status: int, headers: list[tuple[str, str]]
-    ) -> _Keeper:
+    def _keeper(self, admission: Admission, status: int, headers: list[tuple[str, str]]) -> _Keeper:
         capture = BodyCapture(self.gate.max_stored_body)
 
         def done(complete: bool) -> None:
