@@ -21,7 +21,7 @@ from farebox.ops.reconcile import Reconciler
 from farebox.rails.card import CardRail
 from farebox.receipts.records import verify_receipt
 from farebox.server.asgi import PaymentMiddleware
-from farebox.server.gate import Reply
+from farebox.server.replies import Reply
 from farebox.server.routes import CardOffer, RequestInfo, RouteTable
 from farebox.store.base import Invoice, invoice_claim_key
 from tests.e2e.conftest import ISSUER, Paid, chain, make_gate

@@ -19,8 +19,10 @@ from __future__ import annotations
 import anyio
 
 from farebox._asgi import ASGIApp, Message, Receive, Scope, Send, send_response
-from farebox.server.gate import Admission, Gate, Reply, merge_headers
+from farebox.rails.base import Admission
+from farebox.server.gate import Gate
 from farebox.server.idempotency import BodyCapture
+from farebox.server.replies import Reply, merge_headers
 from farebox.server.routes import RequestInfo
 from farebox.server.target import BadTarget, check_framing, normalize_target, target_of_decoded
 

@@ -18,25 +18,17 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import anyio
 
 from farebox.errors import PaymentError
 from farebox.facilitator.base import Facilitator
 from farebox.money import ASSETS, AssetRegistry
-from farebox.protocol import mpp
 from farebox.protocol.challenge import render_challenge
-from farebox.protocol.models import Challenge, Proof
-from farebox.protocol.x402 import (
-    DEFAULT_MAX_HEADER_BYTES,
-    PAYMENT_REQUIRED,
-    PAYMENT_RESPONSE,
-    X_PAYMENT_RESPONSE,
-)
+from farebox.protocol.models import Challenge
+from farebox.protocol.x402 import DEFAULT_MAX_HEADER_BYTES
 from farebox.rails.base import Admission, Headers, Offered, Outcome, Rail, Record
 from farebox.rails.card import CardRail
 from farebox.rails.x402 import X402Rail
@@ -50,88 +42,19 @@ from farebox.server.idempotency import (
     PAYMENT_IDENTIFIER,
     BodyCapture,
     BodyReader,
-    IdempotentRun,
     Withheld,
-    body_omitted,
     declaration,
-    fingerprint,
-    late_owner,
-    read_id,
-    replay_headers,
-    scope_key,
-    spent_by,
-    stored_response,
-    wait_for,
-    withheld,
     withholding,
 )
+from farebox.server.replies import EXPOSE, PEAC_RECEIPT, Reply, log_quietly
+from farebox.server.retries import Retries, Scope
 from farebox.server.routes import RequestInfo, Route, RouteTable
 from farebox.server.wellknown import WellKnown
-from farebox.store.base import Event, IdempotencyEntry, Store, StoredResponse
+from farebox.store.base import Event, Store, StoredResponse
 
-__all__ = [
-    "EXPOSED_HEADERS",
-    "PEAC_RECEIPT",
-    "Admission",
-    "Gate",
-    "Reply",
-    "merge_headers",
-]
+__all__ = ["Gate"]
 
 logger = logging.getLogger("farebox.server")
-
-PEAC_RECEIPT = "PEAC-Receipt"
-# Browsers hide response headers from scripts unless the server lists them.
-EXPOSED_HEADERS = ", ".join(
-    (
-        PAYMENT_REQUIRED,
-        PAYMENT_RESPONSE,
-        X_PAYMENT_RESPONSE,
-        PEAC_RECEIPT,
-        mpp.WWW_AUTHENTICATE,
-        mpp.PAYMENT_RECEIPT,
-    )
-)
-_EXPOSE = ("access-control-expose-headers", EXPOSED_HEADERS)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A complete response the face sends instead of running (or instead of finishing) the app."""
-
-    status: int
-    headers: Headers
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Scope:
-    """Whose idempotency ids these are: the payee and payer they are scoped by, and the claim the
-    request will spend (a stale entry is judged by that claim)."""
-
-    payee: str
-    payer: str
-    claim_key: str
-
-
-def merge_headers(app_headers: Iterable[tuple[str, str]], added: Headers) -> list[tuple[str, str]]:
-    """The app's headers with the payment headers added; a paid response is never shared-cached."""
-    out: list[tuple[str, str]] = []
-    cache_control = None
-    for name, value in app_headers:
-        lowered = name.lower()
-        if lowered == "cache-control":
-            cache_control = value
-            continue
-        if lowered == "access-control-expose-headers":
-            continue
-        out.append((name, value))
-    keep = cache_control is not None and any(
-        d.strip().lower() in ("no-store", "private") for d in cache_control.split(",")
-    )
-    out.append(("cache-control", cache_control if keep and cache_control else "private"))
-    out.extend(added)
-    return out
 
 
 class Gate:
@@ -175,15 +98,18 @@ class Gate:
         card: CardRail | None = None,
     ) -> None:
         self.routes = routes
-        self.store = store
         self.signing_key = signing_key
         self.issuer = issuer or signing_key.did_key
         self.clock = clock
         self.log_challenges = log_challenges
-        self.max_request_body = max_request_body
         self.max_stored_body = max_stored_body
-        self.idempotency_wait = idempotency_wait
-        self.idempotency_stale = idempotency_stale
+        self.retries = Retries(
+            store,
+            lambda: self.clock(),
+            max_request_body=max_request_body,
+            wait=idempotency_wait,
+            stale=idempotency_stale,
+        )
         # The x402 rail reads the gate's facilitator, assets and clock (each may be replaced).
         self._x402 = X402Rail(
             facilitator, assets, max_header_bytes=max_header_bytes, clock=lambda: self.clock()
@@ -196,6 +122,42 @@ class Gate:
         # Every challenge declares payment-identifier: clients may send an id, none must.
         self._extensions = {PAYMENT_IDENTIFIER: declaration(required=False)}
         self.wellknown = WellKnown(routes, signing_key, issuer, assets)
+
+    @property
+    def store(self) -> Store:
+        """Claims, idempotency ids and the log."""
+        return self.retries.store
+
+    @store.setter
+    def store(self, store: Store) -> None:
+        self.retries.store = store
+
+    @property
+    def max_request_body(self) -> int:
+        """The most request body read to fingerprint a paid request with an id."""
+        return self.retries.max_request_body
+
+    @max_request_body.setter
+    def max_request_body(self, limit: int) -> None:
+        self.retries.max_request_body = limit
+
+    @property
+    def idempotency_wait(self) -> float:
+        """How long a request waits for another running under its id."""
+        return self.retries.wait
+
+    @idempotency_wait.setter
+    def idempotency_wait(self, seconds: float) -> None:
+        self.retries.wait = seconds
+
+    @property
+    def idempotency_stale(self) -> float:
+        """The age past which a running entry is taken for one whose request died."""
+        return self.retries.stale
+
+    @idempotency_stale.setter
+    def idempotency_stale(self, seconds: float) -> None:
+        self.retries.stale = seconds
 
     @property
     def facilitator(self) -> Facilitator:
@@ -272,9 +234,9 @@ class Gate:
                     break
         if rail is None:
             if self.log_challenges:
-                await self._log(
+                await log_quietly(
+                    self.store,
                     Event("challenge", now, route.name, reference=challenge.reference),
-                    quiet=True,
                 )
             return await self._challenge(challenge, request, None, route)
         try:
@@ -292,7 +254,8 @@ class Gate:
         exc: PaymentError,
     ) -> Reply:
         """Log why a payment was refused and answer with a fresh challenge naming it."""
-        await self._log(
+        await log_quietly(
+            self.store,
             Event(
                 "refusal",
                 now,
@@ -301,7 +264,6 @@ class Gate:
                 reference=challenge.reference,
                 data={"code": exc.code, "rail": rail.name},
             ),
-            quiet=True,
         )
         problem_type = rail.problem_type(request, exc.code)
         return await self._challenge(challenge, request, exc, route, problem_type=problem_type)
@@ -318,8 +280,8 @@ class Gate:
         # Checked first, taking nothing: the payer it proves scopes the idempotency key.
         checked = await rail.check(route, request, challenge, self.store, now)
         owner = secrets.token_hex(8)
-        scope = _Scope(checked.payee, checked.payer, checked.claim_key)
-        run = await self._take_id(route, request, checked.proof, scope, owner, now, body)
+        scope = Scope(checked.payee, checked.payer, checked.claim_key)
+        run = await self.retries.take(route, request, checked.proof, scope, owner, now, body)
         if isinstance(run, Reply):
             return run
 
@@ -327,191 +289,11 @@ class Gate:
             # Paid already (settled after its response was withheld): this payment is not spent.
             payment, owner = checked.payment, run.owner
         else:
-            async with self._forgotten_on_error(run):
+            async with self.retries.forgotten_on_error(run):
                 payment = await rail.take(checked, self.store, owner, now)
         return Admission(
             rail, route, request, challenge, owner, checked.claim_key, checked.payer, payment, run
         )
-
-    # --- idempotency ---------------------------------------------------------------------------
-
-    async def _take_id(
-        self,
-        route: Route,
-        request: RequestInfo,
-        proof: Proof | None,
-        scope: _Scope,
-        owner: str,
-        now: int,
-        body: BodyReader | None,
-    ) -> IdempotentRun | Reply | None:
-        """Take the request's idempotency id (from the x402 ``proof`` or ``Idempotency-Key``), or
-        answer from the request that has it; ``None`` without an id, or without a body reader
-        (nothing to fingerprint, so nothing could be replayed safely)."""
-        if body is None:
-            return None
-        request_id = read_id(proof, request.headers)
-        if request_id is None:
-            return None
-        return await self._begin(route, request, scope, request_id, owner, now, body)
-
-    @asynccontextmanager
-    async def _forgotten_on_error(self, run: IdempotentRun | None) -> AsyncIterator[None]:
-        """Give the id back when the payment is not admitted, so a retry runs afresh."""
-        try:
-            yield
-        except BaseException:
-            if run is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._forget(run)
-            raise
-
-    async def _begin(
-        self,
-        route: Route,
-        request: RequestInfo,
-        scope: _Scope,
-        request_id: str,
-        owner: str,
-        now: int,
-        body: BodyReader,
-    ) -> IdempotentRun | Reply:
-        """Take the id for this request, or answer it from (or despite) the request that has."""
-        raw = await body()
-        if raw is None:
-            raise PaymentError(
-                "payload_too_large",
-                f"a paid request with an idempotency id may carry at most "
-                f"{self.max_request_body} bytes of body (it is fingerprinted)",
-                status=413,
-                payer=scope.payer,
-            )
-        origin = urlsplit(request.url)
-        api = f"{origin.scheme}://{origin.netloc} {scope.payee}"
-        key = scope_key(api, route.name, scope.payer, request_id)
-        request_print = fingerprint(request.method, request.url, raw)
-        while True:
-            entry = await self.store.begin_idempotent(
-                key, fingerprint=request_print, owner=owner, now=now, claim=scope.claim_key
-            )
-            if entry is None:
-                return IdempotentRun(key, owner, request_print)
-            if entry.fingerprint != request_print:
-                raise PaymentError(
-                    "idempotency_conflict",
-                    "this idempotency id was used for another request (method, URL or body)",
-                    payer=scope.payer,
-                )
-            if entry.response is None:
-                # An entry already stale is decided at once: waiting cannot make a dead request
-                # finish, and its retry would only sit out the wait to get the same answer.
-                if not self._stale(entry):
-                    entry = await wait_for(self.store, key, timeout=self.idempotency_wait)
-                    if entry is None:
-                        continue  # the first request charged nothing and gave the id back: run
-                if entry.response is None:
-                    if self._stale(entry) and await self._orphaned(entry, scope.payer):
-                        continue  # the dead request moved no money and its entry is gone: run
-                    raise PaymentError(
-                        "idempotency_in_progress",
-                        "a request with this idempotency id is still running; retry later",
-                        status=409,
-                        payer=scope.payer,
-                    )
-            stored = entry.response
-            paid = withheld(stored)
-            if paid is not None:
-                retry = await self._after_withheld(entry, paid, scope.claim_key, owner, now)
-                if isinstance(retry, IdempotentRun):
-                    return retry
-                if retry:
-                    continue  # another retry reopened the entry meanwhile: meet it
-            if body_omitted(stored):
-                raise PaymentError(
-                    "idempotency_conflict",
-                    "the request with this idempotency id was served and paid for, but its "
-                    "response was too large to keep (or cut short) and cannot be replayed",
-                    payer=scope.payer,
-                )
-            await self._log(
-                Event(
-                    "replay",
-                    now,
-                    route.name,
-                    payer=scope.payer,
-                    data={"status": stored.status, "resource": request.url},
-                ),
-                quiet=True,
-            )
-            replayed = b"" if request.method == "HEAD" else stored.body
-            return Reply(stored.status, replay_headers(stored), replayed)
-
-    async def _after_withheld(
-        self, entry: IdempotencyEntry, paid: Withheld, claim_key: str, owner: str, now: int
-    ) -> IdempotentRun | bool:
-        """A retry of a request whose response was withheld, its payment not confirmed then.
-
-        What that payment became decides: still pending, ``False`` (the stored answer is
-        replayed); settled, a run that delivers it (the app runs, since nothing was delivered);
-        released or spent by someone else since, it never moved money, and a run that pays with
-        this retry's own proof. Reopening the entry is atomic, so of concurrent retries one runs
-        and the others (``True``) meet it running and wait for its response.
-        """
-        claim = await self.store.get_claim(paid.claim)
-        if claim is not None and claim.owner == paid.owner:
-            # Delivered only against a transaction that moved the money: a settled claim names one.
-            if claim.state != "settled" or not claim.transaction:
-                return False
-            runner = late_owner(paid.owner)
-            if await self.store.reopen_idempotent(
-                entry.key, owner=entry.owner, new_owner=runner, now=now, claim=paid.claim
-            ):
-                settled = replace(paid, transaction=claim.transaction)
-                return IdempotentRun(entry.key, runner, entry.fingerprint, delivers=settled)
-            return True
-        if await self.store.reopen_idempotent(
-            entry.key, owner=entry.owner, new_owner=owner, now=now, claim=claim_key
-        ):
-            return IdempotentRun(entry.key, owner, entry.fingerprint)
-        return True
-
-    def _stale(self, entry: IdempotencyEntry) -> bool:
-        """Whether a running ``entry`` is older than any live request can be (see the class)."""
-        return self.clock() - entry.at >= self.idempotency_stale
-
-    async def _orphaned(self, entry: IdempotencyEntry, payer: str) -> bool:
-        """Settle the fate of a stale running ``entry`` from the claim of the proof it spent.
-
-        Raises a 409 naming the transaction when that claim moved money (settled or pending):
-        the client learns where its payment went instead of paying again. Returns True when the
-        entry was dropped because its request moved no money (the claim was released, or taken
-        since by another request, or never recorded), so the caller may run; False when the claim
-        is still held and nobody knows yet (the reconciler will resolve it).
-        """
-        claim = await self.store.get_claim(entry.claim) if entry.claim is not None else None
-        # A claim of another owner is a later request that spent the same proof after the dead
-        # one released it: the dead request itself moved nothing. A dead delivery of a withheld
-        # payment is judged like that payment's own request: it may have delivered, so a 409.
-        if claim is not None and spent_by(claim.owner, entry.owner):
-            if claim.state == "held" or (claim.state == "pending" and not claim.transaction):
-                return False
-            where = f" in transaction {claim.transaction}" if claim.transaction else ""
-            if claim.state == "pending":
-                raise PaymentError(
-                    "settlement_pending",
-                    f"the first attempt paid{where}, not confirmed yet; its response was lost",
-                    status=409,
-                    payer=payer,
-                )
-            raise PaymentError(
-                "idempotency_conflict",
-                f"the first attempt settled{where}; its response was lost",
-                payer=payer,
-            )
-        # Only this owner's running entry is removed: if it changed hands meanwhile, the loop
-        # meets whichever entry is there now.
-        await self.store.abandon_idempotent(entry.key, owner=entry.owner)
-        return True
 
     async def remember(
         self,
@@ -522,25 +304,7 @@ class Gate:
     ) -> None:
         """Keep the settled response the face delivered (headers as sent, the captured body) for
         retries of the admission's idempotency id; nothing to do without one."""
-        run = admission.idempotency
-        if run is None:
-            return
-        response = stored_response(status, tuple(headers), capture.body, overflow=capture.overflow)
-        with anyio.CancelScope(shield=True):
-            await self._keep(run, response)
-
-    async def _keep(self, run: IdempotentRun, response: StoredResponse) -> None:
-        try:
-            await self.store.complete_idempotent(run.key, owner=run.owner, response=response)
-        except PaymentError as exc:
-            # The response was delivered; its retries will wait and get a 409 instead of it.
-            logger.error("could not store the response for an idempotency id: %s", exc.code)
-
-    async def _forget(self, run: IdempotentRun) -> None:
-        try:
-            await self.store.abandon_idempotent(run.key, owner=run.owner)
-        except PaymentError as exc:
-            logger.warning("could not release an idempotency id: %s", exc.code)
+        await self.retries.remember(admission, status, headers, capture)
 
     # --- after the app -------------------------------------------------------------------------
 
@@ -551,11 +315,11 @@ class Gate:
             run = admission.idempotency
             if run is not None and run.delivers is not None:
                 # Paid for and still not delivered: the next retry may try again.
-                await self._keep(run, run.delivers.answer)
+                await self.retries.keep(run, run.delivers.answer)
                 return
             await admission.rail.abandon(admission, self.store)
             if run is not None:
-                await self._forget(run)
+                await self.retries.forget(run)
 
     async def complete(self, admission: Admission, status: int) -> Headers | Reply:
         """Settle for an app that answered ``status``.
@@ -587,7 +351,7 @@ class Gate:
             now = int(self.clock())
             receipt, event = self._receipt(admission, outcome.record, outcome.payer, now)
             await self._finish(admission, outcome, (*outcome.events, event))
-            return (*outcome.headers, (PEAC_RECEIPT, receipt), _EXPOSE)
+            return (*outcome.headers, (PEAC_RECEIPT, receipt), EXPOSE)
         refusal = await self._challenge(
             admission.challenge,
             admission.request,
@@ -603,12 +367,14 @@ class Gate:
             await self._finish(admission, outcome, outcome.events)
             if admission.idempotency is not None:
                 answer = StoredResponse(refusal.status, refusal.headers, refusal.body)
-                await self._keep(admission.idempotency, withholding(answer, **outcome.withhold))
+                await self.retries.keep(
+                    admission.idempotency, withholding(answer, **outcome.withhold)
+                )
         else:
             await self.store.release(admission.claim_key, owner=admission.owner)
             await self._unrun(admission)
             if outcome.events:
-                await self._log(*outcome.events, quiet=True)
+                await log_quietly(self.store, *outcome.events)
         return refusal
 
     async def _deliver(self, admission: Admission, paid: Withheld) -> Headers:
@@ -619,12 +385,12 @@ class Gate:
         assert outcome.record is not None
         now = int(self.clock())
         receipt, event = self._receipt(admission, outcome.record, outcome.payer, now, late=True)
-        await self._log(event, quiet=True)
-        return (*outcome.headers, (PEAC_RECEIPT, receipt), _EXPOSE)
+        await log_quietly(self.store, event)
+        return (*outcome.headers, (PEAC_RECEIPT, receipt), EXPOSE)
 
     async def _unrun(self, admission: Admission) -> None:
         if admission.idempotency is not None:
-            await self._forget(admission.idempotency)
+            await self.retries.forget(admission.idempotency)
 
     def _receipt(
         self, admission: Admission, record: Record, payer: str | None, now: int, late: bool = False
@@ -672,14 +438,6 @@ class Gate:
                 exc.code,
             )
 
-    async def _log(self, *events: Event, quiet: bool) -> None:
-        try:
-            await self.store.append(*events)
-        except PaymentError:
-            if not quiet:
-                raise
-            logger.warning("store unavailable: %d log event(s) not recorded", len(events))
-
     # --- replies -------------------------------------------------------------------------------
 
     async def _challenge(
@@ -713,7 +471,7 @@ class Gate:
             extra_instructions=offered.instructions,
             problem_type=problem_type if problem is not None else None,
         )
-        headers = (*rendered.headers, *offered.headers, _EXPOSE)
+        headers = (*rendered.headers, *offered.headers, EXPOSE)
         if problem is not None and problem.status == 503:
             headers = (*headers, ("retry-after", "2"))
         body = b"" if request.method == "HEAD" else rendered.body

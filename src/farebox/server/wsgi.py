@@ -26,8 +26,10 @@ from urllib.parse import unquote_to_bytes
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from farebox.server.gate import Admission, Gate, Reply, merge_headers
+from farebox.rails.base import Admission
+from farebox.server.gate import Gate
 from farebox.server.idempotency import BodyCapture, BodyReader
+from farebox.server.replies import Reply, merge_headers
 from farebox.server.routes import RequestInfo
 from farebox.server.target import BadTarget, target_of_decoded
 
