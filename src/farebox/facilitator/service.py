@@ -30,7 +30,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import orjson
@@ -53,6 +53,7 @@ from farebox.protocol.x402 import (
 )
 from farebox.schemes import evm_exact, verifier
 from farebox.schemes.evm_exact import VerifiedEvmProof
+from farebox.settle import record_outcome
 from farebox.store.base import Claim, Event, Store
 
 __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
@@ -67,6 +68,12 @@ _SETTLE_ROUTE = "POST /settle"
 _NONCE_USED = "invalid_exact_evm_nonce_already_used"
 # Between the authorization's name and the attempt's random part, in a claim's owner.
 _OWNER_SEP = ":"
+# The claim's move for each settlement outcome (see farebox.protocol.lifecycle).
+_MOVES: Mapping[str, Literal["settle", "hold_pending", "release"]] = {
+    "settled": "settle",
+    "pending": "hold_pending",
+    "release": "release",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,12 +394,12 @@ class FacilitatorApp:
             settlement = await self.facilitator.settle(verified)
         except PaymentError as exc:
             # Nothing was broadcast (settle raises only then): the authorization stays usable.
-            await self._release(key, owner)
+            await self._record(key, owner, "release", None, ())
             return self._outcome(verified, exc.code, exc.message)
         except BaseException:
             # Unknown whether anything was sent: keep the claim, never settle it a second time.
             logger.exception("facilitator: settlement of %s failed unexpectedly", key)
-            await self._finish(verified, owner, "pending", None, ())
+            await self._record(key, owner, "hold_pending", None, ())
             raise
         event = Event(
             "settlement",
@@ -412,48 +419,29 @@ class FacilitatorApp:
                 "valid_until": verified.valid_until,
             },
         )
-        outcome = claim_outcome(settlement)
-        if outcome != "release":
-            # Settled, or the money may have moved: the claim stays (until reconciled).
-            await self._finish(verified, owner, outcome, settlement.transaction, (event,))
-        else:
-            # Mined and reverted: no money moved, the payer may try again.
-            await self._release(key, owner)
-            try:
-                await self.store.append(event)
-            except PaymentError:
-                logger.warning("facilitator: store unavailable, settlement event not recorded")
+        # Settled, or the money may have moved (the claim stays until reconciled), or mined and
+        # reverted (no money moved, the payer may try again).
+        move = _MOVES[claim_outcome(settlement)]
+        await self._record(key, owner, move, settlement.transaction, (event,))
         return settlement
 
-    async def _release(self, key: str, owner: str) -> None:
-        try:
-            await self.store.release(key, owner=owner)
-        except PaymentError as exc:
-            # The refusal is still the answer; the claim stays held until the reconciler (or a
-            # waiting /settle) sees it: nothing can settle twice because of it.
-            logger.warning("facilitator: could not release %s: %s", key, exc.code)
-
-    async def _finish(
+    async def _record(
         self,
-        verified: VerifiedProof,
+        key: str,
         owner: str,
-        state: str,
+        move: Literal["settle", "hold_pending", "release"],
         transaction: str | None,
-        events: Iterable[Event],
+        events: tuple[Event, ...],
     ) -> None:
-        try:
-            await self.store.finish(
-                verified.claim_key,
-                owner=owner,
-                state="settled" if state == "settled" else "pending",
-                transaction=transaction or None,
-                events=tuple(events),
-            )
-        except PaymentError as exc:
-            # The claim stays held (never released), so the authorization cannot settle twice.
-            logger.error(
-                "facilitator: could not record settlement %s: %s", transaction or "-", exc.code
-            )
+        await record_outcome(
+            self.store,
+            key,
+            owner=owner,
+            move=move,
+            transaction=transaction,
+            events=events,
+            what=_SETTLE_ROUTE,
+        )
 
     # --- documents ---------------------------------------------------------------------------------
 

@@ -46,11 +46,12 @@ from farebox.server.idempotency import (
     declaration,
     withholding,
 )
-from farebox.server.replies import EXPOSE, PEAC_RECEIPT, Reply, log_quietly
+from farebox.server.replies import EXPOSE, PEAC_RECEIPT, Reply
 from farebox.server.retries import Retries, Scope
 from farebox.server.routes import RequestInfo, Route, RouteTable
 from farebox.server.wellknown import WellKnown
-from farebox.store.base import Event, Store, StoredResponse
+from farebox.settle import record_outcome
+from farebox.store.base import Event, Store, StoredResponse, append_quietly
 
 __all__ = ["Gate"]
 
@@ -234,7 +235,7 @@ class Gate:
                     break
         if rail is None:
             if self.log_challenges:
-                await log_quietly(
+                await append_quietly(
                     self.store,
                     Event("challenge", now, route.name, reference=challenge.reference),
                 )
@@ -254,7 +255,7 @@ class Gate:
         exc: PaymentError,
     ) -> Reply:
         """Log why a payment was refused and answer with a fresh challenge naming it."""
-        await log_quietly(
+        await append_quietly(
             self.store,
             Event(
                 "refusal",
@@ -350,7 +351,7 @@ class Gate:
             assert outcome.record is not None  # a paid outcome names its record
             now = int(self.clock())
             receipt, event = self._receipt(admission, outcome.record, outcome.payer, now)
-            await self._finish(admission, outcome, (*outcome.events, event))
+            await self._record(admission, outcome, (*outcome.events, event))
             return (*outcome.headers, (PEAC_RECEIPT, receipt), EXPOSE)
         refusal = await self._challenge(
             admission.challenge,
@@ -364,17 +365,15 @@ class Gate:
         if outcome.move == "hold_pending":
             # The money may have moved: the claim stays until someone reconciles it, and a retry
             # under the same id hears the same, rather than paying a second time.
-            await self._finish(admission, outcome, outcome.events)
+            await self._record(admission, outcome, outcome.events)
             if admission.idempotency is not None:
                 answer = StoredResponse(refusal.status, refusal.headers, refusal.body)
                 await self.retries.keep(
                     admission.idempotency, withholding(answer, **outcome.withhold)
                 )
         else:
-            await self.store.release(admission.claim_key, owner=admission.owner)
+            await self._record(admission, outcome, outcome.events)
             await self._unrun(admission)
-            if outcome.events:
-                await log_quietly(self.store, *outcome.events)
         return refusal
 
     async def _deliver(self, admission: Admission, paid: Withheld) -> Headers:
@@ -385,7 +384,7 @@ class Gate:
         assert outcome.record is not None
         now = int(self.clock())
         receipt, event = self._receipt(admission, outcome.record, outcome.payer, now, late=True)
-        await log_quietly(self.store, event)
+        await append_quietly(self.store, event)
         return (*outcome.headers, (PEAC_RECEIPT, receipt), EXPOSE)
 
     async def _unrun(self, admission: Admission) -> None:
@@ -417,26 +416,19 @@ class Gate:
         )
         return jws, event
 
-    async def _finish(
+    async def _record(
         self, admission: Admission, outcome: Outcome, events: Sequence[Event]
     ) -> None:
-        try:
-            await self.store.finish(
-                admission.claim_key,
-                owner=admission.owner,
-                state="settled" if outcome.move == "settle" else "pending",
-                transaction=outcome.transaction or None,
-                events=events,
-            )
-        except PaymentError as exc:
-            # The money moved and the client paid: it gets what it paid for. The claim stays
-            # held (never released), so the proof cannot be used again; the log line is lost.
-            logger.error(
-                "could not record settlement %s of %s: %s",
-                outcome.transaction,
-                admission.route.name,
-                exc.code,
-            )
+        assert outcome.move is not None  # a settlement's outcome moves its claim
+        await record_outcome(
+            self.store,
+            admission.claim_key,
+            owner=admission.owner,
+            move=outcome.move,
+            transaction=outcome.transaction,
+            events=events,
+            what=admission.route.name,
+        )
 
     # --- replies -------------------------------------------------------------------------------
 

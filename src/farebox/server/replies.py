@@ -6,13 +6,11 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from farebox.errors import PaymentError
 from farebox.protocol import mpp
 from farebox.protocol.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE
 from farebox.rails.base import Headers
-from farebox.store.base import Event, Store
 
-__all__ = ["EXPOSE", "EXPOSED_HEADERS", "PEAC_RECEIPT", "Reply", "log_quietly", "merge_headers"]
+__all__ = ["EXPOSE", "EXPOSED_HEADERS", "PEAC_RECEIPT", "Reply", "merge_headers"]
 
 logger = logging.getLogger("farebox.server")
 
@@ -59,12 +57,3 @@ def merge_headers(app_headers: Iterable[tuple[str, str]], added: Headers) -> lis
     out.append(("cache-control", cache_control if keep and cache_control else "private"))
     out.extend(added)
     return out
-
-
-async def log_quietly(store: Store, *events: Event) -> None:
-    """Append ``events`` to the store's log; a store that is down loses them with a warning (a
-    log line is never worth refusing a request for)."""
-    try:
-        await store.append(*events)
-    except PaymentError:
-        logger.warning("store unavailable: %d log event(s) not recorded", len(events))

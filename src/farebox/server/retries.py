@@ -36,9 +36,9 @@ from farebox.server.idempotency import (
     wait_for,
     withheld,
 )
-from farebox.server.replies import Reply, log_quietly
+from farebox.server.replies import Reply
 from farebox.server.routes import RequestInfo, Route
-from farebox.store.base import Event, IdempotencyEntry, Store, StoredResponse
+from farebox.store.base import Event, IdempotencyEntry, Store, StoredResponse, append_quietly
 
 __all__ = ["Retries", "Scope"]
 
@@ -177,7 +177,7 @@ class Retries:
                     "response was too large to keep (or cut short) and cannot be replayed",
                     payer=scope.payer,
                 )
-            await log_quietly(
+            await append_quietly(
                 self.store,
                 Event(
                     "replay",

@@ -9,6 +9,7 @@ same questions the same way.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "Store",
     "StoredResponse",
     "TrafficCount",
+    "append_quietly",
     "check_finish_state",
     "claim_not_held",
     "clamp_limit",
@@ -504,3 +506,15 @@ def decode_event_data(text: str) -> Mapping[str, Any]:
     # The standard library, not orjson: orjson reads integers beyond 64 bits as floats.
     value = json.loads(text)
     return MappingProxyType(value) if isinstance(value, dict) else _EMPTY
+
+
+_log = logging.getLogger("farebox.store")
+
+
+async def append_quietly(store: Store, *events: Event) -> None:
+    """Append ``events`` to ``store``'s log; a store that is down loses them with a warning (a
+    log line is never worth refusing a request for)."""
+    try:
+        await store.append(*events)
+    except PaymentError:
+        _log.warning("store unavailable: %d log event(s) not recorded", len(events))
