@@ -57,6 +57,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from farebox._wire import IDEMPOTENCY_KEY, ISSUER_PATH, PAYMENT_IDENTIFIER
+from farebox._wire import PEAC_RECEIPT as _PEAC_RECEIPT
 from farebox.agent.book import BookEntry, ReceiptBook
 from farebox.agent.budget import Budget, Reservation, SentAuthorization
 from farebox.agent.card import CardWallet, MintToken
@@ -102,13 +104,10 @@ CARD_RAIL = "stripe"
 _RAILS = (X402_RAIL, CARD_RAIL)
 
 #: The x402 extension carrying an idempotency id in the proof, and the HTTP header for it.
-PAYMENT_IDENTIFIER = "payment-identifier"
-IDEMPOTENCY_KEY = "Idempotency-Key"
 
-PEAC_RECEIPT = "peac-receipt"
+PEAC_RECEIPT = _PEAC_RECEIPT.lower()  # the drivers hand headers over in lower case
 # Card refusals after which the token may have been charged.
 _MAYBE_CHARGED = frozenset({"proof_replayed", "ledger_unavailable", "idempotency_in_progress"})
-ISSUER_PATH = "/.well-known/peac-issuer.json"
 _DISCOVERY_TTL = 300  # PEAC: cache issuer documents for 5 minutes to 24 hours
 _MAX_DOCUMENT = 64 * 1024
 _COMMERCE = "org.peacprotocol/commerce"

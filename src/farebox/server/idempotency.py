@@ -56,6 +56,8 @@ from typing import Any
 import anyio
 import orjson
 
+from farebox._wire import IDEMPOTENCY_KEY as _IDEMPOTENCY_KEY
+from farebox._wire import PAYMENT_IDENTIFIER
 from farebox.errors import PaymentError
 from farebox.protocol.models import Proof
 from farebox.store.base import IdempotencyEntry, Store, StoredResponse, payer_key
@@ -87,8 +89,7 @@ __all__ = [
     "withholding",
 ]
 
-PAYMENT_IDENTIFIER = "payment-identifier"
-IDEMPOTENCY_KEY = "idempotency-key"
+IDEMPOTENCY_KEY = _IDEMPOTENCY_KEY.lower()  # request headers are read in lower case
 #: Added to a replayed response, so a client (and its operator) can tell it was not run again.
 REPLAYED = "Idempotent-Replayed"
 

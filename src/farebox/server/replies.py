@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from farebox._wire import PEAC_RECEIPT
 from farebox.protocol import mpp
 from farebox.protocol.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE
 from farebox.rails.base import Headers
@@ -14,7 +15,6 @@ __all__ = ["EXPOSE", "EXPOSED_HEADERS", "PEAC_RECEIPT", "Reply", "merge_headers"
 
 logger = logging.getLogger("farebox.server")
 
-PEAC_RECEIPT = "PEAC-Receipt"
 # Browsers hide response headers from scripts unless the server lists them.
 EXPOSED_HEADERS = ", ".join(
     (

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from farebox._wire import ISSUER_PATH, JWKS_PATH
 from farebox.money import AssetRegistry
 from farebox.receipts import SigningKey, issuer_config_document, jwks_document
 from farebox.receipts.keys import https_origin
@@ -20,8 +21,7 @@ from farebox.server.routes import RequestInfo, RouteTable
 
 __all__ = ["JWKS_PATH", "PEAC_ISSUER_PATH", "PEAC_TXT_PATH", "WellKnown"]
 
-JWKS_PATH = "/.well-known/jwks.json"
-PEAC_ISSUER_PATH = "/.well-known/peac-issuer.json"
+PEAC_ISSUER_PATH = ISSUER_PATH
 PEAC_TXT_PATH = "/.well-known/peac.txt"
 
 Answer = tuple[int, tuple[tuple[str, str], ...], bytes]

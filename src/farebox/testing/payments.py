@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from farebox._wire import IDEMPOTENCY_KEY as _IDEMPOTENCY_KEY
+from farebox._wire import PAYMENT_IDENTIFIER
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.protocol import mpp
@@ -26,8 +28,6 @@ from farebox.testing.keys import TEST_PAYER
 __all__ = ["PAYMENT_IDENTIFIER", "Response402", "make_card_payment", "make_payment", "read_402"]
 
 #: The x402 extension that carries an idempotency id in the proof (and its HTTP header twin).
-PAYMENT_IDENTIFIER = "payment-identifier"
-_IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 class Response402(Protocol):
