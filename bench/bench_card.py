@@ -1,6 +1,6 @@
 """Benchmark: card payments through the gate, against Stripe's calls alone, in one run.
 
-Stripe is the local stand-in (:mod:`farebox.ledgers.devstripe`) over HTTP on 127.0.0.1, reached
+Stripe is the local stand-in (:mod:`farebox.dev.devstripe`) over HTTP on 127.0.0.1, reached
 through the official ``stripe`` library, so every figure includes a real HTTP round trip; the
 baselines are the same Stripe calls made directly through :class:`StripeLedger` in the same run.
 What the gate adds (credential or receipt checks, the store claim and finish in SQLite, the PEAC
@@ -33,11 +33,11 @@ import httpx
 from bench._harness import fmt_time
 from bench.bench_gate import _call
 from farebox.agent.card import CardWallet
-from farebox.ledgers.devchain import DevChain
-from farebox.ledgers.devstripe import AGENT_KEY, SELLER_PROFILE, running_devstripe
+from farebox.dev.devchain import DevChain
+from farebox.dev.devstripe import AGENT_KEY, SELLER_PROFILE, running_devstripe
+from farebox.dev.sample import build_sample_api
 from farebox.ledgers.stripe import StripeLedger, stripe_client
 from farebox.protocol import mpp
-from farebox.sample import build_sample_api
 from farebox.store.sqlite import SqliteStore
 
 COUNT = 200

@@ -36,10 +36,10 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 import anyio
 
 from bench._harness import fmt_time
+from farebox.dev.anvil import DEV_KEYS, Anvil, AnvilError, find_anvil_binary, place_usdc
 from farebox.errors import ConfigError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.anvil import DEV_KEYS, Anvil, AnvilError, find_anvil_binary, place_usdc
 from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import HttpRpc
 from farebox.money import BASE_SEPOLIA_USDC as USDC

@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 import anyio
 
 from bench._harness import fmt_time
+from farebox.dev.sample import AGENT, build_sample_api
 from farebox.protocol.models import Offer, Settlement, VerifiedProof
 from farebox.protocol.x402 import encode_proof
-from farebox.sample import AGENT, build_sample_api
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
 from farebox.store.memory import MemoryStore

@@ -19,9 +19,9 @@ from farebox.agent.budget import Budget
 from farebox.agent.httpx_auth import PaymentAuth
 from farebox.agent.policy import Policy
 from farebox.config import build_app, load_config, parse_config
+from farebox.dev.devchain import DevChain
 from farebox.errors import ConfigError, PaymentError
 from farebox.eth import checksum_address
-from farebox.ledgers.devchain import DevChain
 from farebox.money import BASE_SEPOLIA_USDC, DEVCHAIN_USDC, Asset
 from farebox.protocol.models import Offer
 from farebox.server.routes import RequestInfo, RouteTable

@@ -30,9 +30,9 @@ from farebox.config import (
     load_config,
     parse_config,
 )
+from farebox.dev.devchain import DevChain
 from farebox.errors import ConfigError, PaymentError
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.money import BASE_SEPOLIA_USDC, DEVCHAIN_USDC
 from farebox.receipts.keys import load_signing_key
 from farebox.server.routes import CardOffer, RequestInfo

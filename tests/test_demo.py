@@ -2,7 +2,7 @@ import pytest
 from typer.testing import CliRunner
 
 from farebox.cli import app
-from farebox.demo import run_demo
+from farebox.dev.demo import run_demo
 
 # stripe 16.1's HTTPXClient hands httpx the form body as ``data=<bytes>`` (deprecated in 0.28); the
 # test run turns warnings into errors.

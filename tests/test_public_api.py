@@ -2,6 +2,8 @@
 
 import inspect
 
+import pytest
+
 import farebox
 
 
@@ -24,3 +26,16 @@ def test_nothing_public_is_left_out_of_all() -> None:
     lazy = set(farebox._LAZY)
     assert public - lazy == set(farebox.__all__) - {"__version__"} - lazy
     assert lazy <= set(farebox.__all__)
+
+
+def test_no_development_double_is_exported_from_the_root() -> None:
+    # The embedded chain, the Stripe stand-in and the demo live in farebox.dev: the root is what
+    # production uses. HttpRpc is a real ledger's transport and stays.
+    assert "DevChain" not in farebox.__all__
+    with pytest.raises(AttributeError):
+        farebox.DevChain  # noqa: B018
+    assert not [module for module in farebox._LAZY.values() if module.startswith("farebox.dev")]
+    for name in farebox.__all__:
+        module = getattr(getattr(farebox, name), "__module__", None) or ""
+        assert not module.startswith("farebox.dev"), name
+    assert farebox.HttpRpc.__module__ == "farebox.ledgers.rpc"

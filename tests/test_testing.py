@@ -91,7 +91,7 @@ def test_importing_farebox_testing_loads_no_chain_and_no_stripe() -> None:
     # The card fake loads Stripe's library when it is first asked for, and still no chain.
     assert "stripe" in after
     assert {n.split(".")[0] for n in after} & (HEAVY - {"stripe"}) == set()
-    assert "farebox.ledgers.devchain" not in after
+    assert "farebox.dev.devchain" not in after
 
 
 # --- the fixed keys --------------------------------------------------------------------------------

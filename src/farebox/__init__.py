@@ -5,7 +5,8 @@ facilitator such as :class:`LocalFacilitator` over an :class:`EvmLedger`, a stor
 :class:`SqliteStore`, a receipt :class:`SigningKey`) in front of its app with
 :class:`PaymentMiddleware` (ASGI) or :class:`WsgiPaymentMiddleware`. An :class:`Agent` pays within
 its :class:`Policy` and :class:`Budget`, through httpx (:class:`PaymentAuth`) or requests
-(``farebox.agent.requests_adapter.PaymentSession``). :class:`DevChain` is the embedded EVM.
+(``farebox.agent.requests_adapter.PaymentSession``). What only development needs (the embedded
+EVM ``farebox.dev.devchain.DevChain``, a Stripe stand-in, the demo) is in :mod:`farebox.dev`.
 
 Cards: a route's :class:`CardOffer` and the gate's :class:`CardRail` (over a :class:`StripeLedger`)
 offer MPP ``Payment`` challenges (Shared Payment Tokens) and X-Receipt invoices beside x402; an
@@ -60,7 +61,6 @@ if _typing.TYPE_CHECKING:
     from farebox.agent.reconcile import reconcile_sync
     from farebox.agent.wallet import load_wallet
     from farebox.facilitator.local import LocalFacilitator
-    from farebox.ledgers.devchain import DevChain
     from farebox.ledgers.evm import EvmLedger
     from farebox.ledgers.rpc import HttpRpc
     from farebox.ledgers.stripe import StripeLedger
@@ -83,7 +83,6 @@ _LAZY = {
     "CardOffer": "farebox.server.routes",
     "CardRail": "farebox.rails.card",
     "CardWallet": "farebox.agent.card",
-    "DevChain": "farebox.ledgers.devchain",
     "EvmLedger": "farebox.ledgers.evm",
     "Gate": "farebox.server.gate",
     "HttpRpc": "farebox.ledgers.rpc",
@@ -132,7 +131,6 @@ __all__ = [
     "CardWallet",
     "Challenge",
     "ConfigError",
-    "DevChain",
     "EvmAccount",
     "EvmLedger",
     "FareboxError",

@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import encode_transfer_with_authorization
 from farebox.ledgers.rpc import RpcError
 from farebox.protocol.challenge import render_challenge

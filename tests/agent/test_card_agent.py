@@ -25,10 +25,10 @@ from farebox.agent.card import ISSUED_TOKENS_PATH, CardWallet, mint_idempotency_
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth, PaymentTransport
 from farebox.agent.policy import Policy
 from farebox.agent.requests_adapter import PaymentSession
+from farebox.dev.devchain import DevChain
 from farebox.errors import ConfigError, PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol import mpp
 from farebox.rails.card import CardRail

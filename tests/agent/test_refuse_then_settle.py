@@ -28,11 +28,11 @@ from farebox.agent.budget import Budget
 from farebox.agent.httpx_auth import PaymentAuth
 from farebox.agent.policy import Policy
 from farebox.agent.reconcile import reconcile_sync
+from farebox.dev.devchain import DevChain
+from farebox.dev.rpc_server import DevChainServer
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmReader
-from farebox.ledgers.rpc_server import DevChainServer
 from tests.agent.hostile_server import RefuseThenSettle
 from tests.e2e.conftest import cancel_on_chain, chain, fund, send_usdc
 from tests.servers import serve

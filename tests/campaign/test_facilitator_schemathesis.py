@@ -22,9 +22,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from farebox.dev.devchain import DevChain
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import facilitator_app, openapi_document
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.store.memory import MemoryStore
 from tests.campaign.conftest import tried

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farebox.agent.agent import Agent, Answer, Fetch, Payment, Retry
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.remote import RemoteFacilitator
 from farebox.facilitator.service import facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.money import BASE_SEPOLIA_USDC
 from farebox.protocol.challenge import read_challenge, render_challenge

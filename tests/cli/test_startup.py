@@ -9,10 +9,9 @@ import sys
 NOT_AT_START = (
     "farebox.agent",
     "farebox.config",
-    "farebox.demo",
+    "farebox.dev",
     "farebox.facilitator",
     "farebox.ledgers",
-    "farebox.sample",
     "farebox.server",
     "farebox.store",
 )

@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount, address_bytes, keccak256
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.money import ASSETS
 from farebox.receipts import SigningKey

@@ -16,9 +16,9 @@ from starlette.routing import Route
 
 from farebox.agent.agent import Agent
 from farebox.agent.httpx_auth import PaymentAuth
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof

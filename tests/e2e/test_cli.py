@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.protocol.models import Offer
 from tests.e2e.conftest import PRICE, make_gate, send_usdc
 from tests.e2e.test_fastapi import fastapi_app
@@ -379,7 +379,7 @@ def test_serve_takes_cards_through_devstripe(tmp_path: Path) -> None:
     from farebox.agent.budget import Budget
     from farebox.agent.card import CardWallet
     from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
-    from farebox.ledgers.devstripe import AGENT_KEY
+    from farebox.dev.devstripe import AGENT_KEY
 
     stand_in_port, api_port = free_port(), free_port()
     stand_in = f"http://127.0.0.1:{stand_in_port}"

@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from farebox.agent.agent import Agent, PaymentFailed
 from farebox.agent.budget import Budget, Limits
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.models import Challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof

@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
@@ -206,8 +206,8 @@ def test_a_real_server_process_killed_mid_response(tmp_path: Path) -> None:
 
     import httpx
 
+    from farebox.dev.anvil import DEV_KEYS
     from farebox.eth import EvmAccount
-    from farebox.ledgers.anvil import DEV_KEYS
     from farebox.money import DEVCHAIN_USDC
     from tests.e2e.test_cli import FAREBOX
     from tests.e2e.test_processes import balance, free_port, wait_for

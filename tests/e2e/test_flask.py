@@ -12,9 +12,9 @@ from flask import Flask, Response, stream_with_context
 
 from farebox.agent.agent import Agent
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.schemes.evm_exact import make_proof

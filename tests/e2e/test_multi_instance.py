@@ -17,8 +17,8 @@ import psycopg
 import pytest
 import redis
 
+from farebox.dev.anvil import DEV_KEYS
 from farebox.eth import EvmAccount
-from farebox.ledgers.anvil import DEV_KEYS
 from farebox.money import DEVCHAIN_USDC as USDC
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof

@@ -17,6 +17,7 @@ import uvicorn
 
 from farebox.agent.agent import Agent
 from farebox.agent.requests_adapter import PaymentSession
+from farebox.dev.sample import weather_app
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.ledgers.evm import EvmLedger
@@ -24,7 +25,6 @@ from farebox.ledgers.rpc import HttpRpc
 from farebox.money import DEVCHAIN_USDC
 from farebox.protocol.x402 import decode_settlement
 from farebox.receipts import SigningKey, public_key_from_did_key, verify_receipt
-from farebox.sample import weather_app
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable

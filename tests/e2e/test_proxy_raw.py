@@ -22,8 +22,8 @@ import uvicorn
 
 from farebox._asgi import run_lifespan
 from farebox.config import FareboxApp, build_app, parse_config
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof

@@ -18,8 +18,8 @@ import anyio
 import httpx
 import pytest
 
+from farebox.dev.anvil import DEV_KEYS
 from farebox.eth import EvmAccount
-from farebox.ledgers.anvil import DEV_KEYS
 from farebox.money import DEVCHAIN_USDC as USDC
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.models import Offer, Resource

@@ -21,11 +21,11 @@ from x402.mechanisms.evm.constants import (
     ERR_FAILED_TO_GET_ASSET_INFO,
 )
 
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import FacilitatorApp, facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.evm_asset import TokenCheck
 from farebox.ledgers.rpc import Rpc, RpcError, RpcUnavailable

@@ -18,12 +18,12 @@ import httpx
 import orjson
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.errors import ConfigError, PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.remote import RemoteFacilitator
 from farebox.facilitator.service import FacilitatorApp, facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.models import Offer

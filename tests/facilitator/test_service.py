@@ -21,10 +21,10 @@ from x402.schemas import (
     VerifyResponse,
 )
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import FacilitatorApp, facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol import x402
 from farebox.protocol.models import Offer, Proof, Resource

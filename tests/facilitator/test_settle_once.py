@@ -18,10 +18,10 @@ import anyio
 import httpx
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import FacilitatorApp, facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import TRANSFER_TOPIC, EvmLedger
 from farebox.ledgers.rpc import Rpc
 from farebox.protocol.models import Offer, Proof, Resource

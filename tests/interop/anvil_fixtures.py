@@ -24,9 +24,9 @@ import anyio
 import httpx
 import pytest
 
+from farebox.dev.anvil import DEV_KEYS, Anvil, AnvilError, find_anvil_binary, place_usdc
 from farebox.errors import ConfigError
 from farebox.eth import EvmAccount
-from farebox.ledgers.anvil import DEV_KEYS, Anvil, AnvilError, find_anvil_binary, place_usdc
 from farebox.money import BASE_SEPOLIA_USDC, Asset
 
 ANVIL_DIR = Path(__file__).resolve().parent / "anvil"

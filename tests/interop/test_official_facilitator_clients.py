@@ -30,10 +30,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import TRANSFER_TOPIC, EvmLedger
 from farebox.protocol.x402 import decode_challenge_header, encode_proof
 from farebox.schemes.evm_exact import make_proof

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import uvicorn
 
+from farebox.dev.devchain import DevChain
+from farebox.dev.sample import AGENT, SampleApi, build_sample_api
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.money import BASE_SEPOLIA_USDC
 from farebox.receipts import verify_receipt
-from farebox.sample import AGENT, SampleApi, build_sample_api
 from tests.e2e.test_processes import free_port, wait_for
 from tests.interop.anvil_fixtures import AnvilChain
 from tests.interop.test_peac_node import JS_DIR, node

@@ -21,8 +21,7 @@ from eth_abi.abi import encode
 from eth_account import Account
 
 from farebox.cli.devchain import devchain_banner
-from farebox.eth import EvmAccount, keccak256
-from farebox.ledgers.devchain import (
+from farebox.dev.devchain import (
     CHAIN_ID,
     DEVCHAIN_NETWORK,
     DEVCHAIN_TOKEN,
@@ -30,8 +29,9 @@ from farebox.ledgers.devchain import (
     DevChainRpc,
     revert_error,
 )
+from farebox.dev.rpc_server import MAX_BODY_BYTES, DevChainServer
+from farebox.eth import EvmAccount, keccak256
 from farebox.ledgers.rpc import HttpRpc, Rpc, RpcError
-from farebox.ledgers.rpc_server import MAX_BODY_BYTES, DevChainServer
 
 pytestmark = pytest.mark.anyio
 

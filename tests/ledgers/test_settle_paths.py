@@ -13,15 +13,15 @@ import anyio
 import httpx
 import pytest
 
+from farebox.dev.devchain import DevChain
+from farebox.dev.sample import weather_app
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import facilitator_app
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.models import Resource
 from farebox.protocol.x402 import encode_proof, proof_to_json, requirements_to_json
-from farebox.sample import weather_app
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
 from farebox.store.memory import MemoryStore

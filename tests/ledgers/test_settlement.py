@@ -10,9 +10,9 @@ from typing import Any
 import anyio
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import HttpRpc, RpcError, RpcUnavailable
 from farebox.protocol.models import Offer, Settlement

@@ -14,10 +14,10 @@ import orjson
 import pytest
 from eth_abi.abi import decode, encode
 
+from farebox.dev import contracts
+from farebox.dev.contracts import compile_token, load_token
+from farebox.dev.devchain import DevChain
 from farebox.eth import SECP256K1_N, EvmAccount, address_bytes, keccak256
-from farebox.ledgers import contracts
-from farebox.ledgers.contracts import compile_token, load_token
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.rpc import RpcError
 from farebox.money import BASE_SEPOLIA_USDC
 from farebox.schemes.evm_exact import Authorization, authorization_digest, domain_separator

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger, encode_transfer_with_authorization
 from farebox.ops.reconcile import Reconciler, parse_claim_key
 from farebox.protocol.models import Offer

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from farebox.ledgers.devchain import DevChain
+from farebox.dev.devchain import DevChain
 from farebox.protocol import mpp
 from farebox.protocol.challenge import read_challenge
 from farebox.rails.card import CardRail

@@ -16,8 +16,8 @@ from flask import Flask, request
 
 from farebox.agent.agent import Agent
 from farebox.agent.httpx_auth import PaymentAuth, PaymentTransport
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
-from farebox.ledgers.devchain import DevChain
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_proof, encode_proof
 from farebox.schemes.evm_exact import make_proof

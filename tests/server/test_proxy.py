@@ -19,7 +19,7 @@ from farebox._asgi import run_lifespan
 from farebox.agent.agent import Agent
 from farebox.agent.httpx_auth import PaymentAuth
 from farebox.config import FareboxApp, build_app, parse_config
-from farebox.ledgers.devchain import DevChain
+from farebox.dev.devchain import DevChain
 from farebox.money import DEVCHAIN_USDC
 from farebox.server.proxy import ReverseProxy
 from farebox.server.routes import RouteTable

@@ -18,9 +18,9 @@ import anyio
 import httpx
 import pytest
 
+from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import RpcUnavailable
 from farebox.ops.reconcile import Reconciler

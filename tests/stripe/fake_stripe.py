@@ -1,11 +1,11 @@
 """The documented-API FAKE of Stripe the card tests run against, under the names they use.
 
-It lives in :mod:`farebox.ledgers.devstripe` (``farebox demo`` and ``farebox devstripe`` serve it
+It lives in :mod:`farebox.dev.devstripe` (``farebox demo`` and ``farebox devstripe`` serve it
 too); its docstring lists the Stripe documentation it follows and the choices it makes where the
 documentation is silent. It is not Stripe: the real API cannot be reached from the test machines.
 """
 
-from farebox.ledgers.devstripe import (
+from farebox.dev.devstripe import (
     AGENT_KEY,
     ISSUED_TOKENS,
     SELLER_PROFILE,
@@ -14,8 +14,8 @@ from farebox.ledgers.devstripe import (
     Placement,
     RecordedRequest,
 )
-from farebox.ledgers.devstripe import DevStripe as FakeStripe
-from farebox.ledgers.devstripe import running_devstripe as running_fake_stripe
+from farebox.dev.devstripe import DevStripe as FakeStripe
+from farebox.dev.devstripe import running_devstripe as running_fake_stripe
 
 __all__ = [
     "AGENT_KEY",

@@ -1,4 +1,4 @@
-"""The stand-in's confirm path (``farebox.ledgers.devstripe``): how an X-Receipt invoice is paid
+"""The stand-in's confirm path (``farebox.dev.devstripe``): how an X-Receipt invoice is paid
 without Stripe, with the merchant's publishable key and the client secret as Stripe.js would."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from farebox.ledgers.devstripe import DevStripe, running_devstripe
+from farebox.dev.devstripe import DevStripe, running_devstripe
 
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 

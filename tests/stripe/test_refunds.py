@@ -20,8 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from farebox.cli import app as cli_app
+from farebox.dev.devchain import DevChain
 from farebox.errors import PaymentError
-from farebox.ledgers.devchain import DevChain
 from farebox.receipts import (
     SigningKey,
     issue_receipt,

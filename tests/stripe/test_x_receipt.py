@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from farebox.ledgers.devchain import DevChain
+from farebox.dev.devchain import DevChain
 from farebox.ops.reconcile import Reconciler
 from farebox.rails.card import CardRail
 from farebox.receipts.records import verify_receipt

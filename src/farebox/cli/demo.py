@@ -22,10 +22,10 @@ def demo_command(
 ) -> None:
     """Run a paid request end to end on the embedded chain, or (--serve) keep a sample paid API up."""
     if serve:
-        from farebox.demo import serve_demo
+        from farebox.dev.demo import serve_demo
 
         serve_demo(Console(highlight=False), host=host, port=port)
         return
-    from farebox.demo import run_demo
+    from farebox.dev.demo import run_demo
 
     run_demo(Console(highlight=False))

@@ -15,7 +15,7 @@ from farebox.money import format_amount
 from farebox.net import is_loopback
 
 if TYPE_CHECKING:
-    from farebox.ledgers.devchain import DevChain
+    from farebox.dev.devchain import DevChain
 
 __all__ = ["devchain_banner", "devchain_command"]
 
@@ -57,8 +57,8 @@ def devchain_command(
 ) -> None:
     """Run a local EVM chain with a USDC-like token and ten funded accounts (JSON-RPC over HTTP)."""
     try:
-        from farebox.ledgers.devchain import DevChain
-        from farebox.ledgers.rpc_server import DevChainServer
+        from farebox.dev.devchain import DevChain
+        from farebox.dev.rpc_server import DevChainServer
     except ModuleNotFoundError as exc:
         typer.echo(f"farebox devchain needs {exc.name}: pip install 'farebox[devchain]'", err=True)
         raise typer.Exit(1) from None

@@ -1,5 +1,5 @@
 """``farebox devstripe``: a local stand-in for the part of Stripe's API farebox uses, for trying
-card payments without a Stripe account (see :mod:`farebox.ledgers.devstripe`; it is not Stripe and
+card payments without a Stripe account (see :mod:`farebox.dev.devstripe`; it is not Stripe and
 moves no money)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from farebox.ledgers.devstripe import DevStripe
+    from farebox.dev.devstripe import DevStripe
 
 __all__ = ["devstripe_command"]
 
@@ -21,7 +21,7 @@ def devstripe_command(
     ] = 12111,
 ) -> None:
     """Serve a local Stripe stand-in (PaymentIntents, Shared Payment Tokens, refunds) on 127.0.0.1."""
-    from farebox.ledgers.devstripe import AGENT_KEY, DevStripe, running_devstripe
+    from farebox.dev.devstripe import AGENT_KEY, DevStripe, running_devstripe
 
     stand_in = DevStripe(keep_requests=False)
     try:

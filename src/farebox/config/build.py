@@ -44,7 +44,7 @@ from farebox.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     import stripe
-    from farebox.ledgers.devchain import DevChain
+    from farebox.dev.devchain import DevChain
     from farebox.ledgers.stripe import StripeLedger
     from farebox.rails.card import CardRail
 
@@ -68,7 +68,7 @@ def build_app(config: ServerConfig, *, chain: DevChain | None = None) -> Farebox
     if isinstance(settlement, EmbeddedSettlement):
         if chain is None:
             try:
-                from farebox.ledgers.devchain import DevChain
+                from farebox.dev.devchain import DevChain
             except ModuleNotFoundError as exc:
                 raise ConfigError(
                     f"settlement.ledger: the embedded chain needs {exc.name}: "

@@ -51,7 +51,7 @@ _SHARED_STORES = {
 
 @dataclass(frozen=True, slots=True)
 class EmbeddedSettlement:
-    """Settle on an in-process :class:`~farebox.ledgers.devchain.DevChain`."""
+    """Settle on an in-process :class:`~farebox.dev.devchain.DevChain`."""
 
 
 @dataclass(frozen=True, slots=True)

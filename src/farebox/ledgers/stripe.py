@@ -84,7 +84,7 @@ def stripe_client(
 
     httpx-based, so async calls never block the event loop, and with no automatic retries (see
     :meth:`StripeLedger._options` for why). ``api_base`` points it at another Stripe-compatible
-    API (localstripe, :mod:`farebox.ledgers.devstripe`).
+    API (localstripe, :mod:`farebox.dev.devstripe`).
     """
     http_client = stripe.HTTPXClient()
     options: dict[str, Any] = {"max_network_retries": 0, "http_client": http_client}

@@ -2,7 +2,7 @@
 
 :class:`FakeCardLedger` is a :class:`~farebox.ledgers.stripe.StripeLedger`: every check and every
 error translation the card rail relies on is the real one. Only the other end is fake: instead of
-Stripe's servers, its Stripe client calls :class:`~farebox.ledgers.devstripe.DevStripe` directly
+Stripe's servers, its Stripe client calls :class:`~farebox.dev.devstripe.DevStripe` directly
 (no socket, no thread, no network), the stand-in written by hand to follow Stripe's documented API
 (its docstring lists the pages it follows and the choices it makes where they are silent). It
 needs the ``stripe`` extra (the official library builds the requests).
@@ -19,8 +19,8 @@ from urllib.parse import parse_qsl, urlsplit
 import anyio
 
 import stripe as stripe_lib
+from farebox.dev.devstripe import DevStripe
 from farebox.errors import PaymentError
-from farebox.ledgers.devstripe import DevStripe
 from farebox.ledgers.stripe import StripeLedger
 
 __all__ = ["FakeCardLedger"]
@@ -97,7 +97,7 @@ class FakeCardLedger(StripeLedger):
     :class:`~farebox.CardRail` where a :class:`~farebox.ledgers.stripe.StripeLedger`
     goes, and route :class:`~farebox.CardOffer` ``network_id`` to :attr:`profile`.
 
-    ``stripe`` is the fake Stripe's state (a new :class:`~farebox.ledgers.devstripe.DevStripe` by
+    ``stripe`` is the fake Stripe's state (a new :class:`~farebox.dev.devstripe.DevStripe` by
     default): its ``intents``, ``charges``, ``refunds`` and ``requests`` show what was asked.
     How a charge ends is chosen by the Shared Payment Token, as with Stripe's test tokens:
     ``spt_succeeds`` succeeds, ``spt_declines`` and ``spt_insufficient_funds`` are declined

@@ -6,11 +6,11 @@
   test test junk`` (``m/44'/60'/0'/0/i``, as anvil and hardhat; the first is
   ``0xf39F...2266``), each with 10,000 ETH and 1,000 USDC. Their keys are public test keys,
   never to be used for real value; farebox still never prints or logs them;
-* the token of :mod:`farebox.ledgers.contracts` ("USD Coin", "USDC", EIP-712 version "2"),
+* the token of :mod:`farebox.dev.contracts` ("USD Coin", "USDC", EIP-712 version "2"),
   deployed by account 0, its owner;
 * :meth:`DevChain.handle` answering standard Ethereum JSON-RPC (hex strings like geth and
   anvil), :attr:`DevChain.rpc` serving the same in-process as a :class:`~farebox.ledgers.rpc.Rpc`,
-  and :mod:`farebox.ledgers.rpc_server` serving it over HTTP (``farebox devchain``).
+  and :mod:`farebox.dev.rpc_server` serving it over HTTP (``farebox devchain``).
 
 Mining is automatic: every accepted transaction is mined at once in its own block, as anvil does
 by default, and a transaction that reverts is mined with status 0 (see :meth:`DevChain.handle`).
@@ -82,8 +82,8 @@ from eth_tester.backends.pyevm.main import (  # type: ignore[import-untyped]
 from eth_typing import Address, BlockNumber, Hash32
 from eth_utils.exceptions import ValidationError
 
+from farebox.dev.contracts import load_token
 from farebox.eth import EvmAccount, address_bytes, checksum_address, keccak256
-from farebox.ledgers.contracts import load_token
 from farebox.ledgers.rpc import RpcError
 from farebox.money import DEVCHAIN_USDC, Asset
 

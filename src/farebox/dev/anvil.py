@@ -5,7 +5,7 @@ by default and the ten standard development accounts of the ``test test ... junk
 unlocked and holding 10,000 ETH. It mines every transaction at once (automine), so settlement
 confirms in milliseconds.
 
-:func:`place_usdc` then puts farebox's EIP-3009 token (:mod:`farebox.ledgers.contracts`) at the
+:func:`place_usdc` then puts farebox's EIP-3009 token (:mod:`farebox.dev.contracts`) at the
 canonical address of an asset (Base Sepolia USDC by default) with that asset's EIP-712 name and
 version, and mints to the holders. Official x402 clients and facilitators, which sign and verify
 against the canonical address, chain id and domain, then pay and settle there with their default
@@ -30,9 +30,9 @@ from typing import Any, Final
 import anyio
 import httpx
 
+from farebox.dev.contracts import load_token
 from farebox.errors import ConfigError, FareboxError
 from farebox.eth import address_bytes, checksum_address, keccak256
-from farebox.ledgers.contracts import load_token
 from farebox.ledgers.rpc import HttpRpc, RpcError, RpcUnavailable
 from farebox.money import BASE_SEPOLIA_USDC, Asset
 from farebox.schemes.evm_exact import domain_separator

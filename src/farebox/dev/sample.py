@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from farebox._asgi import ASGIApp, Receive, Scope, Send, run_lifespan, send_response
+from farebox.dev.devchain import DevChain
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.devchain import DevChain
 from farebox.ledgers.evm import EvmLedger
 from farebox.money import ASSETS
 from farebox.rails.card import CardRail

@@ -4,7 +4,7 @@
 runtime bytecode, the compiler version and settings). Running farebox never compiles: the
 artifact is loaded as is. After editing the source, rebuild the artifact with vyper installed::
 
-    python -c "from farebox.ledgers.contracts import build; build()"
+    python -c "from farebox.dev.contracts import build; build()"
 
 and commit both files; a test recompiles the source and compares it byte for byte.
 """

@@ -8,7 +8,7 @@ Then cards, on a route that offers x402 and cards in one 402: an agent holding o
 with a Shared Payment Token (MPP ``Payment``), the crypto agent pays the same route with x402, a
 payer settles an invoice out of band and presents ``X-Receipt``, and the card payment is partly
 refunded with a signed refund record. Stripe cannot be reached offline: the card calls go to
-:mod:`farebox.ledgers.devstripe`, a local stand-in that follows Stripe's documented API and moves
+:mod:`farebox.dev.devstripe`, a local stand-in that follows Stripe's documented API and moves
 no money (the demo says so). Without the ``stripe`` library the card chapter is skipped.
 """
 
@@ -27,11 +27,11 @@ from farebox.agent.agent import Agent, Payment
 from farebox.agent.book import ReceiptBook
 from farebox.agent.budget import SCALE, Budget
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
+from farebox.dev.sample import AGENT, build_sample_api
 from farebox.errors import PaymentError
 from farebox.money import format_amount
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import b64json_encode, decode_proof, decode_settlement, proof_to_json
-from farebox.sample import AGENT, build_sample_api
 
 __all__ = ["run_demo"]
 
@@ -165,7 +165,7 @@ async def _story(console: Console) -> dict[str, Any]:
         console.print("Cards: skipped (install farebox[stripe] for the card chapter).")
         facts["card"] = None
         return facts
-    from farebox.demo_cards import card_story
+    from farebox.dev.demo_cards import card_story
 
     facts["card"] = await card_story(console, chain)
     return facts

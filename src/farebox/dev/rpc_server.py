@@ -1,4 +1,4 @@
-"""JSON-RPC 2.0 over HTTP for a :class:`~farebox.ledgers.devchain.DevChain` (``farebox devchain``).
+"""JSON-RPC 2.0 over HTTP for a :class:`~farebox.dev.devchain.DevChain` (``farebox devchain``).
 
 The standard library's threading HTTP server: POST a request object or a batch array to any path.
 Bodies are bounded (1 MiB), malformed JSON gets -32700, a malformed request -32600, and nothing a
@@ -30,7 +30,7 @@ _IDLE_TIMEOUT: Final = 30.0
 
 
 class Handler(Protocol):
-    """What the server serves: :meth:`DevChain.handle <farebox.ledgers.devchain.DevChain.handle>`."""
+    """What the server serves: :meth:`DevChain.handle <farebox.dev.devchain.DevChain.handle>`."""
 
     def handle(self, method: str, params: list[Any] | None = None) -> Any:
         """The result of ``method``, or raise :class:`~farebox.ledgers.rpc.RpcError`."""

@@ -1,6 +1,6 @@
 """The card chapter of ``farebox demo``: one route, x402 and cards in the same 402.
 
-Stripe is :mod:`farebox.ledgers.devstripe`, a local stand-in that follows Stripe's documented API
+Stripe is :mod:`farebox.dev.devstripe`, a local stand-in that follows Stripe's documented API
 (Shared Payment Tokens, PaymentIntents, refunds) and moves no money: Stripe itself cannot be
 reached offline. Everything else is what runs in production: the gate, the card rail, the
 StripeLedger speaking to it through the official ``stripe`` library, the agent's CardWallet, the
@@ -21,12 +21,12 @@ from farebox.agent.agent import Agent, Payment
 from farebox.agent.budget import Budget
 from farebox.agent.card import CardWallet
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
-from farebox.ledgers.devchain import DevChain
-from farebox.ledgers.devstripe import AGENT_KEY, SELLER_PROFILE, running_devstripe
+from farebox.dev.devchain import DevChain
+from farebox.dev.devstripe import AGENT_KEY, SELLER_PROFILE, running_devstripe
+from farebox.dev.sample import AGENT, build_sample_api
 from farebox.ledgers.stripe import StripeLedger, stripe_client
 from farebox.protocol import mpp
 from farebox.receipts.records import verify_receipt
-from farebox.sample import AGENT, build_sample_api
 from farebox.server.refunds import refund_payment
 
 __all__ = ["card_story"]
@@ -67,7 +67,7 @@ async def _chapter(
 ) -> None:
     console.rule("[bold]cards, beside x402")
     console.print(
-        "Stripe is a local stand-in here (farebox.ledgers.devstripe): it follows Stripe's "
+        "Stripe is a local stand-in here (farebox.dev.devstripe): it follows Stripe's "
         "documented API and moves no money.\nPaid route: GET /report for $0.50, in USDC by x402 "
         "or by card (50 cents is the card minimum; /weather at $0.01 offers no card)."
     )
