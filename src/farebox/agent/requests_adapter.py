@@ -13,6 +13,10 @@ get there), checked by the policy, and sends the proof there only. The paid retr
 back to the caller as it is, same origin or not, body unread. Discovery documents (the PEAC issuer
 document, the JWKS) are not followed either (PEAC's discovery profile: ``redirect: "error"``).
 
+Discovery fetches carry none of the session's credentials: no session headers, auth, netrc or
+cookies go to whatever host an issuer document names (the session's proxies, TLS and timeout
+settings still apply).
+
 Bodies: every body the agent parses (402s and refusals, discovery documents) is read off the wire
 through :class:`~farebox.agent.httpx_auth.BodyBound`: at most ``max_body`` decoded bytes (64 KiB),
 at most 16 times that off the wire, gzip and deflate decoded under the same cap, ``br`` and
@@ -42,6 +46,12 @@ __all__ = ["PaymentSession"]
 
 MAX_402_BODY = 64 * 1024
 _CHUNK = 8192
+# What a discovery fetch sends: no session header, which may be a credential for another host.
+_FETCH_HEADERS = {
+    "accept": "application/json",
+    "accept-encoding": "gzip, deflate",  # what the bound decodes
+    "user-agent": requests.utils.default_user_agent(),
+}
 
 
 def _wire(response: requests.Response) -> Iterator[bytes]:
@@ -146,9 +156,9 @@ class PaymentSession(requests.Session):
                         raise
                     continue
                 assert isinstance(step, Fetch)
-                fetch = self.prepare_request(
-                    requests.Request("GET", step.url, headers={"accept": "application/json"})
-                )
+                # Not prepare_request: it merges the session's headers, auth, netrc and cookies,
+                # credentials for the caller's hosts, into a fetch to a host the server names.
+                fetch = requests.Request("GET", step.url, headers=_FETCH_HEADERS).prepare()
                 self._own.add(fetch)
                 answer = _read(super().send(fetch, stream=True, **own_kwargs), self.max_body)
                 step = flow.send(answer)
