@@ -16,7 +16,7 @@ import gzip
 import itertools
 import tracemalloc
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,17 +118,22 @@ def run(
     stream: bool = False,
     read_error_body: bool = False,
     transport: httpx.BaseTransport | None = None,
+    options: Mapping[str, Any] | None = None,
+    client_options: Mapping[str, Any] | None = None,
 ) -> Got:
-    """GET ``url`` through ``driver`` with redirects followed; a streamed answer is not read."""
+    """GET ``url`` through ``driver`` with redirects followed; a streamed answer is not read.
+    ``options`` go to the driver (``PaymentAuth``, ``paying_client``, ``PaymentSession``),
+    ``client_options`` to the httpx client."""
     got = Got()
+    options = dict(options or {})
     if driver in ("httpx", "bare-httpx"):
-        kwargs: dict[str, Any] = {"follow_redirects": True, "timeout": 10}
+        kwargs: dict[str, Any] = {"follow_redirects": True, "timeout": 10, **(client_options or {})}
         if transport is not None:
             kwargs["transport"] = transport
         client = (
-            paying_client(agent, **kwargs)
+            paying_client(agent, **options, **kwargs)
             if driver == "httpx"
-            else httpx.Client(auth=PaymentAuth(agent), **kwargs)
+            else httpx.Client(auth=PaymentAuth(agent, **options), **kwargs)
         )
         with client:
             try:
@@ -149,11 +154,15 @@ def run(
     if driver in ("httpx-async", "bare-httpx-async"):
 
         async def go() -> None:
-            kwargs: dict[str, Any] = {"follow_redirects": True, "timeout": 10}
+            kwargs: dict[str, Any] = {
+                "follow_redirects": True,
+                "timeout": 10,
+                **(client_options or {}),
+            }
             client = (
-                paying_async_client(agent, **kwargs)
+                paying_async_client(agent, **options, **kwargs)
                 if driver == "httpx-async"
-                else httpx.AsyncClient(auth=PaymentAuth(agent), **kwargs)
+                else httpx.AsyncClient(auth=PaymentAuth(agent, **options), **kwargs)
             )
             async with client:
                 try:
@@ -174,7 +183,7 @@ def run(
         anyio.run(go)
         return got
     assert driver == "requests"
-    with PaymentSession(agent) as session:
+    with PaymentSession(agent, **options) as session:
         try:
             paid = session.get(url, timeout=10, stream=stream)
         except PaymentError as exc:

@@ -27,11 +27,20 @@ from the auth) the followed answer is never taken as the paid one: the flow gets
 URL gave and ``payment_redirected`` is raised, with that 3xx as ``exc.response``.
 
 Bodies. Every body the agent parses (402s and refusals, discovery documents) is read through a
-streaming bound: at most ``max_body`` decoded bytes (64 KiB), at most 16 times that off the wire,
-gzip and deflate decoded under the same cap; a body past it, or in an encoding the bound cannot
-decode (``br``, ``zstd``), reaches the flow empty and the connection is closed instead of read.
-httpx then keeps what was read for the response's history (nothing when it was too large). A
-response that goes back to the caller (the last one, or ``exc.response``) keeps its whole stream.
+streaming bound: at most ``max_body`` decoded bytes (64 KiB), and at most 16 times that off the
+wire in body bytes, in at most 256 pieces as the HTTP library hands them over. gzip and deflate
+are decoded under the same cap; a body past the bound, or in an encoding the bound cannot decode
+(``br``, ``zstd``), reaches the flow empty and its stream is closed instead of read. The chunk
+framing around each piece (its size line and any extensions) is the library's: httpcore takes up
+to 100 KiB of it a chunk, so a server padding its chunks reaches at most about 25 MiB off the wire
+with the default bound, within the deadline. A read also ends, as one past the bound does, once it
+has run ``max_body_seconds`` (30 s): ``httpx.AsyncClient`` cancels it then; ``httpx.Client`` checks
+between pieces, so it can overrun by one wait for the next piece (each bounded by the client's
+read timeout). httpx then keeps what was read for the response's history (nothing when it was too
+large). A response handed to the caller with its body past the bound or the deadline (a refusal
+as ``exc.response``, the first 402) keeps only the prefix read (none when it was compressed: a
+compressed prefix can decode to far more than the bound), and its connection is closed, not kept
+checked out of the pool by a response nobody reads.
 
 httpx gives an auth flow no say when sending fails, so resending a paid request after a transport
 error (same signed payment, same idempotency id) is also the job of :class:`PaymentTransport`. It
@@ -50,6 +59,7 @@ blocking :meth:`~farebox.agent.card.CardWallet.mint`, ``httpx.AsyncClient`` awai
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import (
     AsyncGenerator,
@@ -62,12 +72,14 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 
 from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, PaymentFailed, Retry
 
 __all__ = [
     "MAX_402_BODY",
+    "MAX_BODY_SECONDS",
     "PAYMENT_EXTENSION",
     "REDIRECTED",
     "BodyBound",
@@ -79,11 +91,16 @@ __all__ = [
 
 PAYMENT_EXTENSION = "farebox.payment"
 MAX_402_BODY = 64 * 1024
+#: How long one bounded read may run, in seconds, before it ends as one past the bound does.
+MAX_BODY_SECONDS = 30.0
 #: The code of the refusal to send a payment proof on to where a redirect points.
 REDIRECTED = "payment_redirected"
 # How much more than max_body may come off the wire for one body: compressed data is smaller than
 # what it decodes to, but padding (empty deflate blocks) decodes to nothing for ever.
 _WIRE_FACTOR = 16
+# How many pieces one body may come in: the chunk framing around each (its size line, extensions)
+# never reaches the bound, so a server could pad one byte of body with kilobytes of it.
+_MAX_PIECES = 256
 # Marks the agent's own requests (the paid retry, discovery fetches) with their _Own.
 _OWN = "farebox.own"
 # Marks a paid retry, with how many times PaymentTransport may send it again.
@@ -133,12 +150,12 @@ class _Inflate:
 class BodyBound:
     """Undoes a body's ``Content-Encoding`` while it streams in, within a bound.
 
-    At most ``limit`` decoded bytes, at most ``_WIRE_FACTOR * limit`` off the wire. ``identity``
-    and codings the HTTP library ignores pass through; gzip and deflate are decoded with zlib's
-    output cap (a gzip bomb stops at the bound, not in memory); ``br``, ``zstd`` and anything
-    nested deeper than three codings cannot be bounded here: ``readable`` is then false and the
-    body should not be read at all. ``x_gzip`` says whether the library decodes ``x-gzip``
-    (urllib3 does, httpx does not).
+    At most ``limit`` decoded bytes, at most ``_WIRE_FACTOR * limit`` body bytes off the wire, in
+    at most ``_MAX_PIECES`` pieces (each :meth:`feed`). ``identity`` and codings the HTTP library
+    ignores pass through; gzip and deflate are decoded with zlib's output cap (a gzip bomb stops
+    at the bound, not in memory); ``br``, ``zstd`` and anything nested deeper than three codings
+    cannot be bounded here: ``readable`` is then false and the body should not be read at all.
+    ``x_gzip`` says whether the library decodes ``x-gzip`` (urllib3 does, httpx does not).
     """
 
     def __init__(self, codings: Iterable[str], limit: int, *, x_gzip: bool = False) -> None:
@@ -147,6 +164,7 @@ class BodyBound:
         self.readable = True
         self.ok = True  # False once past a bound or undecodable
         self._wire = 0
+        self._pieces = 0
         self._out: list[bytes] = []
         self._size = 0
         layers: list[_Inflate] = []
@@ -165,12 +183,18 @@ class BodyBound:
         if not self.readable:
             self.ok = False
 
+    @property
+    def plain(self) -> bool:
+        """Whether what comes off the wire is the body itself (no coding to undo)."""
+        return self.readable and not self._layers
+
     def feed(self, data: bytes) -> bool:
         """Take the next bytes off the wire; ``False`` once the body is past the bound (stop)."""
         if not self.ok:
             return False
         self._wire += len(data)
-        if self._wire > self.wire_limit:
+        self._pieces += 1
+        if self._wire > self.wire_limit or self._pieces > _MAX_PIECES:
             self.ok = False
             return False
         return self._take(self._decode(data, flush=False))
@@ -224,43 +248,14 @@ def _bound_for(response: httpx.Response, limit: int) -> BodyBound:
 @dataclass(eq=False)
 class _Read:
     """A body read up to the bound: what came off the wire, its decoded form (``None`` past the
-    bound or undecodable), and the rest of the stream (``None`` when it was read to its end)."""
+    bound, the deadline, or undecodable), the rest of the stream (``None`` when it was read to its
+    end) and whether the wire is the body itself (no content coding)."""
 
     stream: httpx.SyncByteStream | httpx.AsyncByteStream | None  # None: read before us
     wire: bytes
     body: bytes | None
     rest: Iterator[bytes] | AsyncIterator[bytes] | None
-
-
-class _Resumed(httpx.SyncByteStream):
-    """What was read, then the rest of the same stream: the caller's response stays whole."""
-
-    def __init__(self, head: bytes, rest: Iterator[bytes], stream: httpx.SyncByteStream) -> None:
-        self._head, self._rest, self._stream = head, rest, stream
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self._head:
-            yield self._head
-        yield from self._rest
-
-    def close(self) -> None:
-        self._stream.close()
-
-
-class _AsyncResumed(httpx.AsyncByteStream):
-    def __init__(
-        self, head: bytes, rest: AsyncIterator[bytes], stream: httpx.AsyncByteStream
-    ) -> None:
-        self._head, self._rest, self._stream = head, rest, stream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._head:
-            yield self._head
-        async for chunk in self._rest:
-            yield chunk
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+    plain: bool = False
 
 
 def _read_before(response: httpx.Response, limit: int) -> _Read:
@@ -274,7 +269,7 @@ def _read_before(response: httpx.Response, limit: int) -> _Read:
     return _Read(None, b"", body, None)
 
 
-def _read_sync(response: httpx.Response, limit: int) -> _Read:
+def _read_sync(response: httpx.Response, limit: int, seconds: float) -> _Read:
     if response.is_stream_consumed:
         return _read_before(response, limit)
     stream = response.stream
@@ -284,14 +279,16 @@ def _read_sync(response: httpx.Response, limit: int) -> _Read:
     wire = bytearray()
     if not bound.readable:
         return _Read(stream, b"", None, chunks)
+    deadline = time.monotonic() + seconds
     for chunk in chunks:
         wire += chunk
-        if not bound.feed(chunk):
-            return _Read(stream, bytes(wire), None, chunks)
-    return _Read(stream, bytes(wire), bound.finish(), None)
+        # Between pieces only: a blocking read cannot be interrupted from here.
+        if not bound.feed(chunk) or time.monotonic() > deadline:
+            return _Read(stream, bytes(wire), None, chunks, bound.plain)
+    return _Read(stream, bytes(wire), bound.finish(), None, bound.plain)
 
 
-async def _read_async(response: httpx.Response, limit: int) -> _Read:
+async def _read_async(response: httpx.Response, limit: int, seconds: float) -> _Read:
     if response.is_stream_consumed:
         return _read_before(response, limit)
     stream = response.stream
@@ -301,24 +298,25 @@ async def _read_async(response: httpx.Response, limit: int) -> _Read:
     wire = bytearray()
     if not bound.readable:
         return _Read(stream, b"", None, chunks)
-    async for chunk in chunks:
-        wire += chunk
-        if not bound.feed(chunk):
-            return _Read(stream, bytes(wire), None, chunks)
-    return _Read(stream, bytes(wire), bound.finish(), None)
+    # Cancelled mid-read at the deadline, even while the server dribbles framing and no piece
+    # comes; httpcore closes the connection it was reading.
+    with anyio.move_on_after(seconds):
+        async for chunk in chunks:
+            wire += chunk
+            if not bound.feed(chunk):
+                return _Read(stream, bytes(wire), None, chunks, bound.plain)
+        return _Read(stream, bytes(wire), bound.finish(), None, bound.plain)
+    return _Read(stream, bytes(wire), None, chunks, bound.plain)
 
 
 def _settle_sync(response: httpx.Response, read: _Read, *, theirs: bool) -> None:
-    """Give ``response`` the stream it goes on with. httpx reads every response an auth flow
-    answered with another request (``theirs`` false) in full: it gets only what was read, and
-    nothing when that was too much or did not decode. The caller's gets the whole stream back."""
+    """Give ``response`` what it goes on with, its stream closed (a body cut short closes its
+    connection instead of keeping it checked out of the pool by a response nobody reads). httpx reads every response an auth flow answered with another request (``theirs``
+    false) in full: it gets only what was read, and nothing when that was too much or did not
+    decode. The caller's (``theirs``) gets what was read, a plain prefix included."""
     if read.stream is None:
         return
     assert isinstance(read.stream, httpx.SyncByteStream)
-    if theirs and read.rest is not None:
-        assert isinstance(read.rest, Iterator)
-        response.stream = _Resumed(read.wire, read.rest, read.stream)
-        return
     if read.rest is not None:
         _close_iterator(read.rest)
     read.stream.close()
@@ -329,10 +327,6 @@ async def _settle_async(response: httpx.Response, read: _Read, *, theirs: bool) 
     if read.stream is None:
         return
     assert isinstance(read.stream, httpx.AsyncByteStream)
-    if theirs and read.rest is not None:
-        assert isinstance(read.rest, AsyncIterator)
-        response.stream = _AsyncResumed(read.wire, read.rest, read.stream)
-        return
     aclose = getattr(read.rest, "aclose", None)
     if aclose is not None:
         await aclose()
@@ -341,8 +335,9 @@ async def _settle_async(response: httpx.Response, read: _Read, *, theirs: bool) 
 
 
 def _kept(read: _Read, *, theirs: bool) -> bytes:
-    # httpx decodes what it is given again: only what decoded within the bound, for its own read.
-    return read.wire if theirs or read.body is not None else b""
+    # httpx decodes what it is given again: only what decoded within the bound, or for the caller
+    # the prefix of a plain body cut short (a compressed prefix could decode to far more).
+    return read.wire if read.body is not None or (theirs and read.plain) else b""
 
 
 def _close_iterator(chunks: Iterator[bytes] | AsyncIterator[bytes]) -> None:
@@ -515,12 +510,20 @@ class PaymentAuth(httpx.Auth):
     """Pays 402 challenges with ``agent``; raises the agent's errors when it cannot or may not.
 
     Prefer :func:`paying_client`, which also installs :class:`PaymentTransport`; see the module
-    docstring for what each part does about redirects.
+    docstring for what each part does about redirects. ``max_body`` and ``max_body_seconds``
+    bound every body the agent reads (402s, refusals, discovery documents).
     """
 
-    def __init__(self, agent: Agent, *, max_body: int = MAX_402_BODY) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        max_body: int = MAX_402_BODY,
+        max_body_seconds: float = MAX_BODY_SECONDS,
+    ) -> None:
         self.agent = agent
         self.max_body = max_body
+        self.max_body_seconds = max_body_seconds
 
     def _flow(
         self, request: httpx.Request, *, is_async: bool
@@ -645,7 +648,7 @@ class PaymentAuth(httpx.Auth):
                     response = yield outgoing
                     _restore(response)
                     if _wants_body(response):
-                        read = _read_sync(response, self.max_body)
+                        read = _read_sync(response, self.max_body, self.max_body_seconds)
                     incoming = (response, None if read is None else read.body)
                 try:
                     outgoing = flow.send(incoming)
@@ -686,7 +689,7 @@ class PaymentAuth(httpx.Auth):
                     response = yield outgoing
                     _restore(response)
                     if _wants_body(response):
-                        read = await _read_async(response, self.max_body)
+                        read = await _read_async(response, self.max_body, self.max_body_seconds)
                     incoming = (response, None if read is None else read.body)
                 try:
                     outgoing = flow.send(incoming)
@@ -797,20 +800,32 @@ def _wrap_transports(client: httpx.Client | httpx.AsyncClient) -> None:
     client._mounts = {pattern: wrapped(inner) for pattern, inner in mounts.items()}
 
 
-def paying_client(agent: Agent, *, max_body: int = MAX_402_BODY, **kwargs: Any) -> httpx.Client:
+def paying_client(
+    agent: Agent,
+    *,
+    max_body: int = MAX_402_BODY,
+    max_body_seconds: float = MAX_BODY_SECONDS,
+    **kwargs: Any,
+) -> httpx.Client:
     """An ``httpx.Client(**kwargs)`` that pays with ``agent``: :class:`PaymentAuth` as its auth
     and :class:`PaymentTransport` around each transport it uses (``transport=``, ``mounts=``,
     proxies). The client to use: a paid retry is resent after a dropped connection and its
     redirects come back to the caller, never followed with the proof."""
-    client = httpx.Client(auth=PaymentAuth(agent, max_body=max_body), **kwargs)
+    auth = PaymentAuth(agent, max_body=max_body, max_body_seconds=max_body_seconds)
+    client = httpx.Client(auth=auth, **kwargs)
     _wrap_transports(client)
     return client
 
 
 def paying_async_client(
-    agent: Agent, *, max_body: int = MAX_402_BODY, **kwargs: Any
+    agent: Agent,
+    *,
+    max_body: int = MAX_402_BODY,
+    max_body_seconds: float = MAX_BODY_SECONDS,
+    **kwargs: Any,
 ) -> httpx.AsyncClient:
     """:func:`paying_client` for ``httpx.AsyncClient``."""
-    client = httpx.AsyncClient(auth=PaymentAuth(agent, max_body=max_body), **kwargs)
+    auth = PaymentAuth(agent, max_body=max_body, max_body_seconds=max_body_seconds)
+    client = httpx.AsyncClient(auth=auth, **kwargs)
     _wrap_transports(client)
     return client

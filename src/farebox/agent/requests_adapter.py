@@ -19,9 +19,12 @@ settings still apply).
 
 Bodies: every body the agent parses (402s and refusals, discovery documents) is read off the wire
 through :class:`~farebox.agent.httpx_auth.BodyBound`: at most ``max_body`` decoded bytes (64 KiB),
-at most 16 times that off the wire, gzip and deflate decoded under the same cap, ``br`` and
-``zstd`` not read at all. What fits stays the response's ``content``; a body past the bound is
-dropped (``content`` is empty) and its connection closed.
+at most 16 times that in body bytes off the wire, in at most 256 pieces as urllib3 hands them over
+(the chunk framing around each, which http.client takes up to 64 KiB of a chunk, is not counted),
+gzip and deflate decoded under the same cap, ``br`` and ``zstd`` not read at all, and for at most
+``max_body_seconds`` (30 s), checked as each piece arrives (a wait for the next one is bounded by
+the request's read timeout). What fits stays the response's ``content``; a body past the bound or
+the deadline is dropped (``content`` is empty) and its connection closed.
 
 When the paid retry got an answer and the flow still fails (:class:`PaymentFailed`, e.g.
 ``receipt_invalid`` under ``require_receipt``), the exception carries that answer as
@@ -30,6 +33,7 @@ When the paid retry got an answer and the flow still fails (:class:`PaymentFaile
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -40,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the requests adapter needs: pip install 'farebox[requests]'") from exc
 
 from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, PaymentFailed, Retry
-from farebox.agent.httpx_auth import BodyBound
+from farebox.agent.httpx_auth import MAX_BODY_SECONDS, BodyBound
 
 __all__ = ["PaymentSession"]
 
@@ -57,6 +61,13 @@ _FETCH_HEADERS = {
 def _wire(response: requests.Response) -> Iterator[bytes]:
     # The body as it came (transfer coding undone, content coding not): the bound decodes it.
     raw = response.raw
+    read1 = getattr(raw, "read1", None)
+    if read1 is not None and getattr(raw, "stream", None) is not None:
+        # urllib3 2: a piece as soon as one arrives. stream() blocks until 8 KiB (or a whole
+        # chunk) came, for ever when a server sends one byte at a time under the read timeout.
+        while chunk := read1(_CHUNK, decode_content=False):
+            yield chunk
+        return
     stream = getattr(raw, "stream", None)
     if stream is not None:
         yield from stream(_CHUNK, decode_content=False)
@@ -65,13 +76,14 @@ def _wire(response: requests.Response) -> Iterator[bytes]:
         yield chunk
 
 
-def _read(response: requests.Response, max_body: int) -> Answer:
+def _read(response: requests.Response, max_body: int, seconds: float) -> Answer:
     codings = response.headers.get("content-encoding", "").split(",")
     bound = BodyBound(codings, max_body, x_gzip=True)
     body: bytes | None = None
     if bound.readable:
+        deadline = time.monotonic() + seconds
         for chunk in _wire(response):
-            if not bound.feed(chunk):
+            if not bound.feed(chunk) or time.monotonic() > deadline:
                 break
         else:
             body = bound.finish()
@@ -96,12 +108,23 @@ def _attach(exc: PaymentFailed, response: requests.Response) -> None:
 
 
 class PaymentSession(requests.Session):
-    """A ``requests.Session`` whose requests pay for themselves within the agent's limits."""
+    """A ``requests.Session`` whose requests pay for themselves within the agent's limits.
 
-    def __init__(self, agent: Agent, *, max_body: int = MAX_402_BODY) -> None:
+    ``max_body`` and ``max_body_seconds`` bound every body the agent reads (402s, refusals,
+    discovery documents).
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        max_body: int = MAX_402_BODY,
+        max_body_seconds: float = MAX_BODY_SECONDS,
+    ) -> None:
         super().__init__()
         self.agent = agent
         self.max_body = max_body
+        self.max_body_seconds = max_body_seconds
         # The agent's own requests (paid retries, discovery fetches): never followed.
         self._own: weakref.WeakSet[requests.PreparedRequest] = weakref.WeakSet()
 
@@ -122,7 +145,7 @@ class PaymentSession(requests.Session):
         if response.status_code != 402 or _already_paying(asked):
             return self._finish(response, stream)
         own_kwargs = {**kwargs, "allow_redirects": False}
-        flow = self.agent.pay(str(asked.method), str(asked.url), _read(response, self.max_body))
+        flow = self.agent.pay(str(asked.method), str(asked.url), self._read(response))
         payment: Payment | None = None
         try:
             step = next(flow)
@@ -145,7 +168,7 @@ class PaymentSession(requests.Session):
                         step = flow.throw(exc)  # the same step again, or the error raised
                         continue
                     if response.status_code == 402 or "payment-required" in response.headers:
-                        answer = _read(response, self.max_body)
+                        answer = self._read(response)
                     else:
                         headers = {k.lower(): v for k, v in response.headers.items()}
                         answer = Answer(response.status_code, headers, b"")
@@ -160,7 +183,7 @@ class PaymentSession(requests.Session):
                 # credentials for the caller's hosts, into a fetch to a host the server names.
                 fetch = requests.Request("GET", step.url, headers=_FETCH_HEADERS).prepare()
                 self._own.add(fetch)
-                answer = _read(super().send(fetch, stream=True, **own_kwargs), self.max_body)
+                answer = self._read(super().send(fetch, stream=True, **own_kwargs))
                 step = flow.send(answer)
         except StopIteration as done:
             payment = done.value
@@ -168,6 +191,9 @@ class PaymentSession(requests.Session):
             flow.close()
         response.farebox_payment = payment  # type: ignore[attr-defined]
         return self._finish(response, stream)
+
+    def _read(self, response: requests.Response) -> Answer:
+        return _read(response, self.max_body, self.max_body_seconds)
 
     @staticmethod
     def _finish(response: requests.Response, stream: bool) -> requests.Response:
