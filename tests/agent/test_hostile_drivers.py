@@ -321,18 +321,49 @@ class NoTrace(httpx.BaseTransport):
         self.inner.close()
 
 
-def test_a_followed_redirect_is_never_taken_as_the_paid_answer() -> None:
+def test_a_transport_that_drops_the_trace_gets_nothing_signed() -> None:
     with (
         RawServer(goods) as elsewhere,
         RawServer(seller(lambda s: response(302, [("location", elsewhere.url)]))) as api,
     ):
         got = run("bare-httpx", Agent(EvmAccount.generate()), api.url, transport=NoTrace())
-    # Here nothing below the auth flow stops httpx (which is why paying_client wraps the
-    # transport); the other host's answer is still refused, and the caller gets the 302.
+    # Nothing below the auth flow would stop httpx here (which is why paying_client wraps the
+    # transport). Before: the proof went to the other host with the redirect httpx followed, and
+    # only its answer was refused; now the 402 came off a connection the auth's trace never saw,
+    # and nothing is signed.
     assert got.error is not None
-    assert got.error.code == "payment_redirected"
-    assert got.status == 302
-    assert got.headers["location"] == elsewhere.url
+    assert got.error.code == "payment_unguarded"
+    assert "paying_client" in got.error.message
+    assert proofs_seen(api) == []
+    assert elsewhere.seen == []
+
+
+def test_in_process_a_followed_redirect_is_never_taken_as_the_paid_answer() -> None:
+    """A mock (or ASGI, WSGI) transport calls no trace and has no network connection: the auth
+    pays, and what a redirect httpx followed reached is never the paid answer."""
+    asked = render_challenge(Challenge(Resource("https://seller.test/report"), (OFFER,)))
+    reached: list[str] = []
+
+    def app(request: httpx.Request) -> httpx.Response:
+        reached.append(str(request.url))
+        if request.url.host == "elsewhere.test":
+            return httpx.Response(200, text="elsewhere's answer")
+        if "payment-signature" in request.headers:
+            return httpx.Response(302, headers={"location": "https://elsewhere.test/loot"})
+        return httpx.Response(402, headers=asked.headers, content=asked.body)
+
+    agent = Agent(EvmAccount.generate())
+    with (
+        httpx.Client(
+            auth=PaymentAuth(agent), transport=httpx.MockTransport(app), follow_redirects=True
+        ) as client,
+        pytest.raises(PaymentFailed) as caught,
+    ):
+        client.get("https://seller.test/report")
+    assert caught.value.code == "payment_redirected"
+    assert caught.value.response is not None
+    assert caught.value.response.status_code == 302
+    assert reached[-1] == "https://elsewhere.test/loot"
 
 
 def to(api: RawServer) -> Callable[[Seen], Iterable[bytes]]:
@@ -515,12 +546,18 @@ def test_a_discovery_document_is_not_followed(driver: str) -> None:
             agent = Discovering(
                 EvmAccount.generate(), documents=[api.url + "/.well-known/peac-issuer.json"]
             )
-            run(driver, agent, api.url)
-    # PEAC discovery: redirect "error". A bare httpx client still follows it (below the auth),
-    # but the flow gets the 302, never the other host's document.
-    assert [a.status for a in agent.answers] == [302]
-    if driver != "bare-httpx":
-        assert elsewhere.seen == []
+            got = run(driver, agent, api.url)
+    # PEAC discovery: redirect "error"; the other host's document is never fetched.
+    assert elsewhere.seen == []
+    if driver == "bare-httpx":
+        # httpx follows below the auth: its trace stops it before the 3xx is read to follow it,
+        # which ends the payment there, before anything is signed. Before: httpx fetched the
+        # other host's document (the flow got the 302).
+        assert agent.answers == []
+        assert got.error is not None
+        assert got.error.code == "payment_redirected"
+    else:
+        assert [a.status for a in agent.answers] == [302]
 
 
 # --- the paid answer is never lost -----------------------------------------------------------

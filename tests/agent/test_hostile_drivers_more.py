@@ -1,8 +1,11 @@
 """The drivers against hostile servers, second round (tests/agent/raw_http.py, real sockets).
 
-Every bounded read has a deadline, counts the pieces a body comes in (chunk extensions cannot
-stretch the wire bound), and gives its connection back when the body went past the bound. A
-requests discovery fetch carries none of the session's credentials.
+The proof is signed only when something is known to keep it from a redirect httpx follows (a
+request hook that replaces the ``trace`` extension no longer disables the guard silently); a
+bare client's trace stops httpx before it reads a 3xx to follow it, and a settlement that 3xx
+carried reaches the caller. Every bounded read has a deadline, counts the pieces a body comes in
+(chunk extensions cannot stretch the wire bound), and gives its connection back when the body
+went past the bound. A requests discovery fetch carries none of the session's credentials.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -20,24 +24,174 @@ from farebox.agent.httpx_auth import paying_async_client, paying_client
 from farebox.agent.requests_adapter import PaymentSession
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
+from farebox.money import BASE_SEPOLIA_USDC
 from farebox.protocol.challenge import render_challenge
-from farebox.protocol.models import Challenge, Resource
+from farebox.protocol.models import Challenge, Resource, Settlement
+from farebox.protocol.x402 import encode_settlement
 from tests.agent.raw_http import RawServer, Seen, chunked, endless, response
 from tests.agent.test_hostile_drivers import (
+    BARE,
     GIVE_UP,
     JUNK,
     OFFER,
     PAYING,
+    PRICE,
     Discovering,
     MiB,
     asks_payment,
     carries_proof,
     challenge_header,
+    goods,
     measured,
+    proofs_seen,
     run,
     seller,
     settled,
 )
+
+HTTPX = ["httpx", "httpx-async"]
+
+
+def trace_replacing_hook(driver: str) -> dict[str, Any]:
+    """An event hook that sets its own ``trace`` on every request, as tracing code does."""
+    events: list[str] = []
+    if driver.endswith("async"):
+
+        async def atrace(event: str, info: Any) -> None:
+            events.append(event)
+
+        async def ahook(request: httpx.Request) -> None:
+            request.extensions = {**request.extensions, "trace": atrace}
+
+        return {"event_hooks": {"request": [ahook]}}
+
+    def trace(event: str, info: Any) -> None:
+        events.append(event)
+
+    def hook(request: httpx.Request) -> None:
+        request.extensions = {**request.extensions, "trace": trace}
+
+    return {"event_hooks": {"request": [hook]}}
+
+
+def extensions_replacing_hook(driver: str) -> dict[str, Any]:
+    """An event hook that replaces the extensions whole (the agent's markers go with them)."""
+    if driver.endswith("async"):
+
+        async def ahook(request: httpx.Request) -> None:
+            request.extensions = {}
+
+        return {"event_hooks": {"request": [ahook]}}
+
+    def hook(request: httpx.Request) -> None:
+        request.extensions = {}
+
+    return {"event_hooks": {"request": [hook]}}
+
+
+# --- 1. the guard is known to run before anything is signed ----------------------------------
+
+
+@pytest.mark.parametrize("driver", BARE)
+def test_a_hook_that_replaces_the_trace_gets_nothing_signed(driver: str) -> None:
+    with (
+        RawServer(goods) as elsewhere,
+        RawServer(seller(lambda s: response(302, [("location", elsewhere.url + "/loot")]))) as api,
+    ):
+        got = run(
+            driver,
+            Agent(EvmAccount.generate()),
+            api.url + "/report",
+            client_options=trace_replacing_hook(driver),
+        )
+    # Before: the hook removed the auth's trace, httpx followed the paid retry's 302 and
+    # PAYMENT-SIGNATURE and Idempotency-Key reached the other host.
+    assert proofs_seen(elsewhere) == []
+    assert proofs_seen(api) == []  # refused before signing: no proof left at all
+    assert got.error is not None
+    assert got.error.code == "payment_unguarded"
+    assert "paying_client" in got.error.message
+
+
+@pytest.mark.parametrize("hook", [trace_replacing_hook, extensions_replacing_hook])
+@pytest.mark.parametrize("driver", HTTPX)
+def test_paying_client_keeps_the_proof_home_whatever_a_hook_does(driver: str, hook: Any) -> None:
+    with (
+        RawServer(goods) as elsewhere,
+        RawServer(seller(lambda s: response(302, [("location", elsewhere.url + "/loot")]))) as api,
+    ):
+        got = run(
+            driver, Agent(EvmAccount.generate()), api.url + "/report", client_options=hook(driver)
+        )
+    # Before (a hook that replaces the extensions): PaymentTransport no longer knew the paid
+    # retry, and httpx followed it to the other host with the proof. It knows it by its proof
+    # headers now; the 302 comes back, unfollowed.
+    assert elsewhere.seen == []
+    assert len(api.saw("payment-signature")) == 1
+    assert got.error is None
+    assert got.status == 302
+
+
+# --- 2. a bare client does not read a 3xx to follow it ---------------------------------------
+
+
+@pytest.mark.parametrize("driver", BARE)
+def test_a_bare_client_stopped_before_a_settled_303_carries_the_payment(driver: str) -> None:
+    settlement = Settlement(True, BASE_SEPOLIA_USDC.network, "0x" + "cd" * 32, amount=PRICE)
+
+    def paid(seen: Seen) -> Iterable[bytes]:
+        if seen.target == "/receipt":
+            return goods(seen)
+        headers = [("location", "/receipt"), ("payment-response", encode_settlement(settlement))]
+        return response(303, headers, b"see /receipt")
+
+    with RawServer(seller(paid)) as api:
+        got = run(driver, Agent(EvmAccount.generate()), api.url + "/report")
+    assert [s.target for s in api.seen] == ["/report", "/report"]  # never followed
+    # Money moved. Before: payment_redirected with no payment, no settlement and no response.
+    assert isinstance(got.error, PaymentFailed)
+    assert got.error.code == "payment_redirected"
+    assert got.error.payment is not None
+    assert got.error.payment.settlement.transaction == settlement.transaction
+    assert got.error.settlement is not None
+    assert got.error.settlement.transaction == settlement.transaction
+    assert (got.status, got.headers["location"]) == (303, "/receipt")
+    assert got.payment is got.error.payment  # also on exc.response.extensions
+
+
+@pytest.mark.parametrize("where", ["paid", "discovery"])
+@pytest.mark.parametrize("driver", BARE)
+def test_a_bare_client_does_not_read_an_endless_redirect_to_follow_it(
+    driver: str, where: str
+) -> None:
+    def endless_302() -> Iterator[bytes]:
+        return chunked(302, [("location", "/moved")], endless(JUNK, give_up=GIVE_UP))
+
+    def answer(seen: Seen) -> Iterable[bytes]:
+        if where == "discovery" and seen.target == "/.well-known/peac-issuer.json":
+            return endless_302()
+        if where == "paid" and carries_proof(seen):
+            return endless_302()
+        return asks_payment()
+
+    with RawServer(answer) as api:
+        agent = (
+            Discovering(
+                EvmAccount.generate(), documents=[api.url + "/.well-known/peac-issuer.json"]
+            )
+            if where == "discovery"
+            else Agent(EvmAccount.generate())
+        )
+        got, peak = measured(lambda: run(driver, agent, api.url, stream=True))
+    # Before: httpx read the whole 64 MiB body of the 302 to follow it (peak 129 MiB).
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert max(api.written) < 16 * MiB
+    assert got.error is not None
+    assert got.error.code == "payment_redirected"
+    assert "/moved" not in [s.target for s in api.seen]
+    if where == "discovery":
+        assert proofs_seen(api) == []  # the payment ended before anything was signed
+
 
 # --- 3. a deadline on every bounded read -----------------------------------------------------
 

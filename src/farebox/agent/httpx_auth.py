@@ -19,12 +19,23 @@ there), checked by the policy, and sends the proof there only:
   profile: ``redirect: "error"``): a 3xx there is a receipt problem, not the document.
 
 Following is httpx's, below the auth flow, so it is :class:`PaymentTransport` that hides the
-``Location`` of the agent's own requests from httpx (``paying_client`` installs it). Without it, a
-client with ``follow_redirects=True`` would copy the proof into the redirected request: on httpx's
-own transports the auth's ``trace`` hook refuses to write a proof to any other target than the one
-paid for (``payment_redirected``, nothing sent); on any other transport (which cannot be stopped
-from the auth) the followed answer is never taken as the paid one: the flow gets the 3xx the paid
-URL gave and ``payment_redirected`` is raised, with that 3xx as ``exc.response``.
+``Location`` of the agent's own requests from httpx (``paying_client`` installs it; it knows the
+paid retry by its proof headers, whatever a request hook does to the extensions). Without it, the
+auth guards from httpcore's ``trace`` extension, and signs only when that guard is known to run:
+
+- a 402 that :class:`PaymentTransport` passed, or whose exchange called the auth's trace (httpx's
+  own transports), is paid. On the paid retry the trace stops httpx before it reads a 3xx to
+  follow it (``payment_redirected``, the 3xx's headers as ``exc.response`` and, when it carried a
+  settlement, the Payment as ``exc.payment``), and refuses to write a proof to any other target;
+  a discovery document's 3xx ends the payment there, before anything is signed;
+- a 402 that came off a network connection (httpcore's ``network_stream``) without calling the
+  trace (an event hook or instrumentation replaced the ``trace`` extension, or a transport wrapper
+  dropped it) is refused before anything is signed: ``payment_unguarded``; build the client with
+  ``paying_client``;
+- an in-process transport (ASGI, WSGI, mock: neither trace nor network stream) is paid as before:
+  a redirect httpx follows reaches the same app, and the followed answer is never taken as the
+  paid one (``payment_redirected``, with the 3xx the paid URL gave as ``exc.response``). A
+  third-party network transport that reports neither is not guarded: use ``paying_client``.
 
 Bodies. Every body the agent parses (402s and refusals, discovery documents) is read through a
 streaming bound: at most ``max_body`` decoded bytes (64 KiB), and at most 16 times that off the
@@ -59,6 +70,7 @@ blocking :meth:`~farebox.agent.card.CardWallet.mint`, ``httpx.AsyncClient`` awai
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections.abc import (
@@ -70,18 +82,20 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import httpx
 
 from farebox.agent.agent import Agent, Answer, Fetch, MintToken, Payment, PaymentFailed, Retry
+from farebox.errors import PaymentError
 
 __all__ = [
     "MAX_402_BODY",
     "MAX_BODY_SECONDS",
     "PAYMENT_EXTENSION",
     "REDIRECTED",
+    "UNGUARDED",
     "BodyBound",
     "PaymentAuth",
     "PaymentTransport",
@@ -95,6 +109,8 @@ MAX_402_BODY = 64 * 1024
 MAX_BODY_SECONDS = 30.0
 #: The code of the refusal to send a payment proof on to where a redirect points.
 REDIRECTED = "payment_redirected"
+#: The code of the refusal to sign when nothing is known to keep the proof from a redirect.
+UNGUARDED = "payment_unguarded"
 # How much more than max_body may come off the wire for one body: compressed data is smaller than
 # what it decodes to, but padding (empty deflate blocks) decodes to nothing for ever.
 _WIRE_FACTOR = 16
@@ -108,15 +124,23 @@ _RESENDS = "farebox.resends"
 # A Location that PaymentTransport took off one of the agent's own answers so httpx would not
 # follow it; the auth puts it back.
 _HIDDEN = "farebox.location"
+# On every response PaymentTransport passed: the guard that needs no trace is in place.
+_PASSED = "farebox.transport"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# httpcore's trace event right before it writes a request's headers (HTTP/1.1 and HTTP/2).
+# httpcore's trace events (HTTP/1.1 and HTTP/2): before it writes a request's headers, around
+# reading a response's head, and when something starts reading a response's body.
 _SEND_HEADERS = ".send_request_headers.started"
+_HEAD_STARTED = ".receive_response_headers.started"
+_HEAD_DONE = ".receive_response_headers.complete"
+_BODY_STARTED = ".receive_response_body.started"
 
 Exchange = tuple[httpx.Response, bytes | None]
 # What the shared flow asks the sync or async face to do, and what it gets back.
 Outgoing = httpx.Request | MintToken
 Incoming = Exchange | str | BaseException
 _Target = tuple[bytes, bytes, int | None, bytes]
+_Head = tuple[int, list[tuple[bytes, bytes]]]
+_Flow = Generator[Any, Any, Payment | None]
 
 
 # --- bounded bodies --------------------------------------------------------------------------
@@ -368,16 +392,98 @@ def _wire_target(url: Any) -> _Target | None:
     return (bytes(scheme).lower(), bytes(host).lower(), getattr(url, "port", None), target)
 
 
+def _traced(info: Mapping[str, Any]) -> _Target | None:
+    return _wire_target(getattr(info.get("request"), "url", None))
+
+
+def _head_of(value: Any) -> _Head | None:
+    """Status and headers from httpcore's ``receive_response_headers.complete``: ``(version,
+    status, reason, headers)`` over HTTP/1.1, ``(status, headers)`` over HTTP/2."""
+    if not isinstance(value, tuple) or not value:
+        return None
+    status = next((item for item in value if isinstance(item, int)), None)
+    try:
+        headers = [(bytes(name).lower(), bytes(data)) for name, data in value[-1]]
+    except (TypeError, ValueError):
+        return None
+    return None if status is None else (status, headers)
+
+
+def _origin(url: httpx.URL) -> str:
+    return f"{url.scheme}://{url.netloc.decode()}"
+
+
+def _callers(trace: Any) -> Any:
+    # The caller's own trace under one of ours (a request sent again, a redirect httpx built).
+    owner = getattr(trace, "__self__", None)
+    return owner.trace if isinstance(owner, _Probe | _Own) else trace
+
+
+@dataclass(eq=False)
+class _Probe:
+    """The trace on the caller's request: notes where httpcore wrote it, so that the auth knows,
+    before it signs, that its trace runs on this client (event hooks and instrumentation may
+    replace it; other transports never call it)."""
+
+    trace: Any = None  # the caller's own trace extension, still called
+    seen: set[_Target] = field(default_factory=set)
+
+    def _note(self, event: str, info: Mapping[str, Any]) -> None:
+        if event.endswith(_SEND_HEADERS):
+            where = _traced(info)
+            if where is not None:
+                self.seen.add(where)
+
+    def sync_trace(self, event: str, info: Mapping[str, Any]) -> None:
+        self._note(event, info)
+        if self.trace is not None:
+            self.trace(event, info)
+
+    async def async_trace(self, event: str, info: Mapping[str, Any]) -> None:
+        self._note(event, info)
+        if self.trace is not None:
+            await self.trace(event, info)
+
+
+def _guarded(response: httpx.Response, probe: _Probe) -> bool:
+    """Whether a redirect httpx follows cannot carry a proof for this 402 away: PaymentTransport
+    passed it, or the auth's trace ran on its exchange (it runs on the paid retry's too), or it
+    came from an in-process transport (no network connection: a redirect reaches the same app)."""
+    if response.extensions.get(_PASSED):
+        return True
+    if _target(response.request.url) in probe.seen:
+        return True
+    return "network_stream" not in response.extensions
+
+
+def _unguarded(url: httpx.URL) -> PaymentError:
+    return PaymentError(
+        UNGUARDED,
+        f"the 402 of {_origin(url)} came over a connection where this client's redirect guard "
+        "(the payment auth's httpcore trace extension) did not run: an event hook or "
+        "instrumentation replaced the request's trace, or its transport dropped it, so httpx "
+        "could follow a redirect of the paid request with the proof. Nothing was signed; build "
+        "the client with farebox.agent.httpx_auth.paying_client (or wrap its transport in "
+        "PaymentTransport)",
+    )
+
+
 @dataclass(eq=False)
 class _Own:
     """One of the agent's own requests: the paid retry (with the proof headers it carries, as
-    sent) or a discovery fetch (no proof). httpx copies a request's extensions into a redirect it
-    follows, so a request carrying this but not being ``request`` is such a redirect."""
+    sent, and the agent's flow that sent it) or a discovery fetch (no proof). httpx copies a
+    request's extensions and headers into a redirect it follows, so a request carrying this (or
+    the proof) but not being ``request`` is such a redirect."""
 
     request: httpx.Request
     proof: frozenset[tuple[bytes, bytes]] = frozenset()
     trace: Any = None  # the caller's own trace extension, still called
+    flow: _Flow | None = None
+    transported: bool = False  # PaymentTransport carries it (and hides its Location itself)
+    received: bool = False  # the auth flow has its response
+    head: _Head | None = None  # the status and headers of its response, as they came
     target: _Target = field(init=False)
+    _receiving: _Target | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.target = _target(self.request.url)
@@ -387,19 +493,35 @@ class _Own:
         if not self.proof:
             return PaymentFailed(
                 REDIRECTED,
-                f"a discovery document of {paid.scheme}://{paid.netloc.decode()} is not followed "
-                f"to {where}",
+                f"a discovery document of {_origin(paid)} is not followed to {where} (httpx "
+                "follows redirects below the auth flow; a client built with "
+                "farebox.agent.httpx_auth.paying_client hands the 3xx to the flow instead)",
             )
         return PaymentFailed(
             REDIRECTED,
-            f"the paid request to {paid.scheme}://{paid.netloc.decode()}{paid.raw_path.decode()} "
-            f"was redirected to {where}; a payment proof goes only where its 402 came from, so it "
-            "was not sent on (build the client with farebox.agent.httpx_auth.paying_client to get "
-            "the redirect back instead)",
+            f"the paid request to {_origin(paid)}{paid.raw_path.decode()} was redirected to "
+            f"{where}; a payment proof goes only where its 402 came from, so it was not sent on "
+            "(build the client with farebox.agent.httpx_auth.paying_client to get the redirect "
+            "back instead)",
         )
 
     def _check(self, event: str, info: Mapping[str, Any]) -> None:
-        if not self.proof or not event.endswith(_SEND_HEADERS):
+        if event.endswith(_SEND_HEADERS):
+            self._check_send(info)
+        elif event.endswith(_HEAD_STARTED):
+            self._receiving = _traced(info)
+        elif event.endswith(_HEAD_DONE):
+            if self._receiving == self.target:
+                self.head = _head_of(info.get("return_value"))
+        elif (
+            event.endswith(_BODY_STARTED)
+            and _traced(info) == self.target
+            and self._followed_by_httpx()
+        ):
+            self._stop()
+
+    def _check_send(self, info: Mapping[str, Any]) -> None:
+        if not self.proof:
             return
         sent = info.get("request")
         headers = getattr(sent, "headers", None) or ()
@@ -412,6 +534,34 @@ class _Own:
             )
             raise self.refusal(shown)
 
+    def _followed_by_httpx(self) -> bool:
+        # httpx reads a redirect's whole body before following it, below the auth flow: a 3xx
+        # read before the flow got it is about to be followed (PaymentTransport, when it carries
+        # the request, has hidden its Location, and httpx leaves it alone).
+        if self.received or self.transported or self.head is None:
+            return False
+        status, headers = self.head
+        return status in _REDIRECTS and any(name == b"location" for name, _ in headers)
+
+    def _stop(self) -> NoReturn:
+        """Stop httpx from reading this 3xx to follow it: the paid retry's still concludes the
+        agent's flow (a settlement it carried lands on the refusal), a fetch's ends the payment
+        before anything is signed. The caller gets its status and headers as ``exc.response``
+        (the body is never read)."""
+        assert self.head is not None
+        status, raw = self.head
+        response = httpx.Response(status, headers=raw, request=self.request)
+        try:
+            where = _origin(self.request.url.join(response.headers.get("location", "")))
+        except httpx.InvalidURL:
+            where = "another target"
+        refusal = self.refusal(where)
+        if self.flow is None:
+            refusal.status = status
+            refusal.response = response
+            raise refusal
+        _refuse(self.flow, refusal, response, _answer(response, b""))
+
     def sync_trace(self, event: str, info: Mapping[str, Any]) -> None:
         self._check(event, info)
         if self.trace is not None:
@@ -423,9 +573,60 @@ class _Own:
             await self.trace(event, info)
 
 
+def _refuse(
+    flow: _Flow, refusal: PaymentFailed, response: httpx.Response, answer: Answer
+) -> NoReturn:
+    """The paid retry's answer was a 3xx httpx would follow: the agent's flow still concludes on
+    it, so that a settlement it carried reaches the caller on ``refusal`` (``exc.payment``,
+    ``exc.settlement``, and the Payment in ``exc.response.extensions``); then ``refusal`` is
+    raised."""
+    error: PaymentError | None = None
+    try:
+        flow.send(answer)
+    except StopIteration as done:
+        if isinstance(done.value, Payment):
+            refusal.payment, refusal.settlement = done.value, done.value.settlement
+            response.extensions[PAYMENT_EXTENSION] = done.value
+    except PaymentError as exc:
+        error = exc
+        refusal.payment = getattr(exc, "payment", None)
+        refusal.settlement = getattr(exc, "settlement", None)
+    refusal.status = response.status_code
+    refusal.answer = answer
+    _attach(refusal, response)
+    raise refusal from error
+
+
+# The paid retries whose flows are running, by the proof headers they carry: PaymentTransport and
+# the auth know them (and the redirects httpx copies them into) even when a request hook replaced
+# the extensions.
+_CARRIED: dict[tuple[bytes, bytes], _Own] = {}
+_CARRIED_LOCK = threading.Lock()
+
+
+def _carry(own: _Own) -> None:
+    with _CARRIED_LOCK:
+        for pair in own.proof:
+            _CARRIED[pair] = own
+
+
+def _drop(own: _Own) -> None:
+    with _CARRIED_LOCK:
+        for pair in own.proof:
+            if _CARRIED.get(pair) is own:
+                del _CARRIED[pair]
+
+
 def _own_of(request: httpx.Request) -> _Own | None:
     own = request.extensions.get(_OWN)
-    return own if isinstance(own, _Own) else None
+    if isinstance(own, _Own):
+        return own
+    if _CARRIED:
+        for name, value in request.headers.raw:
+            found = _CARRIED.get((name.lower(), value))
+            if found is not None:
+                return found
+    return None
 
 
 def _hide_location(response: httpx.Response) -> None:
@@ -442,6 +643,9 @@ def _restore(response: httpx.Response) -> None:
     if hidden is not None:
         response.headers = httpx.Headers([*response.headers.raw, *hidden])
         response.extensions = {k: v for k, v in response.extensions.items() if k != _HIDDEN}
+    own = _own_of(response.request)
+    if own is not None and own.request is response.request:
+        own.received = True
     offered = response.next_request
     own = None if offered is None else _own_of(offered)
     if offered is not None and own is not None:
@@ -528,7 +732,16 @@ class PaymentAuth(httpx.Auth):
     def _flow(
         self, request: httpx.Request, *, is_async: bool
     ) -> Generator[Outgoing, Incoming, None]:
-        first = yield request
+        extensions = request.extensions
+        probe = _Probe(_callers(extensions.get("trace")))
+        request.extensions = {
+            **extensions,
+            "trace": probe.async_trace if is_async else probe.sync_trace,
+        }
+        try:
+            first = yield request
+        finally:
+            request.extensions = extensions
         assert isinstance(first, tuple)
         response, body = first
         # The request that got this answer: after redirects the client followed, the URL whose
@@ -536,8 +749,11 @@ class PaymentAuth(httpx.Auth):
         asked = response.request
         if response.status_code != 402 or _already_paying(asked):
             return
+        if not _guarded(response, probe):
+            raise _unguarded(asked.url)
         flow = self.agent.pay(asked.method, str(asked.url), _answer(response, body))
         payment: Payment | None = None
+        carried: list[_Own] = []
         try:
             step = next(flow)
             while True:
@@ -549,11 +765,14 @@ class PaymentAuth(httpx.Auth):
                         assert isinstance(minted, str)
                         step = flow.send(minted)
                     continue
-                sent = (
-                    self._retry(asked, step, is_async=is_async)
-                    if isinstance(step, Retry)
-                    else self._fetch(asked, step)
-                )
+                if isinstance(step, Retry):
+                    sent = self._retry(asked, step, flow, is_async=is_async)
+                    own = _own_of(sent)
+                    assert own is not None
+                    carried.append(own)
+                    _carry(own)
+                else:
+                    sent = self._fetch(asked, step, is_async=is_async)
                 exchange = yield sent
                 assert isinstance(exchange, tuple)
                 response, body = exchange
@@ -564,71 +783,61 @@ class PaymentAuth(httpx.Auth):
         except StopIteration as done:
             payment = done.value
         finally:
+            for own in carried:
+                _drop(own)
             flow.close()
         if payment is not None:
             response.extensions[PAYMENT_EXTENSION] = payment
 
-    def _retry(self, asked: httpx.Request, step: Retry, *, is_async: bool) -> httpx.Request:
+    def _retry(
+        self, asked: httpx.Request, step: Retry, flow: _Flow, *, is_async: bool
+    ) -> httpx.Request:
         headers = httpx.Headers(asked.headers)
         for name, value in step.headers.items():
             headers[name] = value
         retry = httpx.Request(asked.method, asked.url, headers=headers, stream=asked.stream)
         names = {name.lower().encode("latin-1") for name in step.headers}
         proof = frozenset((k.lower(), v) for k, v in retry.headers.raw if k.lower() in names)
-        own = _Own(retry, proof, asked.extensions.get("trace"))
+        own = _Own(retry, proof, _callers(asked.extensions.get("trace")), flow)
         retry.extensions = {
             **asked.extensions,
             _RESENDS: self.agent.resends,
             _OWN: own,
-            # httpx's transports call this before writing each request: the proof is never
-            # written anywhere but where it was paid for, even by a redirect httpx follows.
+            # httpx's transports call this around each exchange: the proof is never written
+            # anywhere but where it was paid for, and a 3xx is not read for httpx to follow.
             "trace": own.async_trace if is_async else own.sync_trace,
         }
         return retry
 
     @staticmethod
-    def _fetch(asked: httpx.Request, step: Fetch) -> httpx.Request:
+    def _fetch(asked: httpx.Request, step: Fetch, *, is_async: bool) -> httpx.Request:
         fetch = httpx.Request("GET", step.url, headers={"accept": "application/json"})
-        extensions: dict[str, Any] = {_OWN: _Own(fetch)}
+        own = _Own(fetch)
+        extensions: dict[str, Any] = {
+            _OWN: own,
+            "trace": own.async_trace if is_async else own.sync_trace,
+        }
         if "timeout" in asked.extensions:
             extensions["timeout"] = asked.extensions["timeout"]
         fetch.extensions = extensions
         return fetch
 
-    def _followed(
-        self,
-        flow: Generator[Any, Any, Payment | None],
-        sent: httpx.Request,
-        response: httpx.Response,
-    ) -> Any:
-        """httpx followed a redirect of the agent's own request (no PaymentTransport, and a
-        transport that does not call the trace hook). The flow gets the 3xx the URL itself gave;
-        a paid retry's then ends in ``payment_redirected``: its proof went to the redirect's
-        target, and what that answered is never the paid answer."""
+    def _followed(self, flow: _Flow, sent: httpx.Request, response: httpx.Response) -> Any:
+        """httpx followed a redirect of the agent's own request (an in-process transport: no
+        PaymentTransport, no trace). The flow gets the 3xx the URL itself gave; a paid retry's
+        then ends in ``payment_redirected``: what the redirect's target answered is never the
+        paid answer."""
         hop = next((r for r in response.history if r.request is sent), None)
         own = _own_of(sent)
         assert own is not None
-        where = f"{response.request.url.scheme}://{response.request.url.netloc.decode()}"
+        where = _origin(response.request.url)
         if hop is None:
             raise own.refusal(where)
         body = hop.content if len(hop.content) <= self.max_body else None
         answer = _answer(hop, body)
         if not own.proof:
             return flow.send(answer)
-        refusal = own.refusal(where)
-        error: PaymentFailed | None = None
-        try:
-            flow.send(answer)
-        except StopIteration as done:
-            if isinstance(done.value, Payment):
-                refusal.payment, refusal.settlement = done.value, done.value.settlement
-        except PaymentFailed as exc:
-            error = exc
-            refusal.payment, refusal.settlement = exc.payment, exc.settlement
-        refusal.status = hop.status_code
-        refusal.answer = answer
-        _attach(refusal, hop)
-        raise refusal from error
+        _refuse(flow, own.refusal(where), hop, answer)
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -722,7 +931,10 @@ class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     redirect answering the paid retry or a discovery fetch has its ``Location`` hidden from httpx
     (the auth puts it back), so httpx never follows it with the proof, whatever
     ``follow_redirects`` says; a redirect of such a request that still reaches this transport is
-    refused unsent (``payment_redirected``). Everything else passes straight through.
+    refused unsent (``payment_redirected``). The paid retry is known by its proof headers too, so
+    a request hook that replaces its extensions does not undo this. Every response it passes is
+    marked for the auth, which then signs knowing the guard is in place. Everything else passes
+    straight through.
     """
 
     def __init__(self, inner: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
@@ -731,9 +943,18 @@ class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     @staticmethod
     def _own(request: httpx.Request) -> _Own | None:
         own = _own_of(request)
-        if own is not None and own.request is not request:
-            raise own.refusal(f"{request.url.scheme}://{request.url.netloc.decode()}")
+        if own is not None:
+            if own.request is not request:
+                raise own.refusal(_origin(request.url))
+            own.transported = True
         return own
+
+    @staticmethod
+    def _passed(response: httpx.Response, own: _Own | None) -> httpx.Response:
+        if own is not None:
+            _hide_location(response)
+        response.extensions = {**response.extensions, _PASSED: True}
+        return response
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not isinstance(self.inner, httpx.BaseTransport):
@@ -748,9 +969,7 @@ class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if resends <= 0:
                     raise
                 resends -= 1
-        if own is not None:
-            _hide_location(response)
-        return response
+        return self._passed(response, own)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not isinstance(self.inner, httpx.AsyncBaseTransport):
@@ -765,9 +984,7 @@ class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if resends <= 0:
                     raise
                 resends -= 1
-        if own is not None:
-            _hide_location(response)
-        return response
+        return self._passed(response, own)
 
     def close(self) -> None:
         if isinstance(self.inner, httpx.BaseTransport):
