@@ -109,6 +109,7 @@ REASONS: Mapping[str, Reason] = _table(
     ("no_payable_offer", 402, "No offer the agent can pay"),
     ("receipt_invalid", 502, "Server receipt failed verification"),
     ("payment_redirected", 502, "The paid request was redirected; the proof was not sent on"),
+    ("payment_unguarded", 502, "No guard keeps the payment proof from a redirect; nothing signed"),
     ("idempotency_conflict", 409, "Idempotency key reused with another request"),
     ("idempotency_in_progress", 409, "A request with this idempotency key is still running"),
     ("ledger_unavailable", 503, "Ledger unavailable"),
