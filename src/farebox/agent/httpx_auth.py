@@ -885,7 +885,11 @@ class PaymentAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         flow = self._flow(request, is_async=True)
         try:
-            outgoing = next(flow)
+            # Each step of the flow runs in a worker thread: it reads and writes the agent's
+            # SQLite budget and book, which must not block the event loop.
+            done, outgoing = await anyio.to_thread.run_sync(_step, flow, _START)
+            if done:
+                return
             while True:
                 incoming: Incoming
                 read: _Read | None = None
@@ -901,11 +905,11 @@ class PaymentAuth(httpx.Auth):
                         read = await _read_async(response, self.max_body, self.max_body_seconds)
                     incoming = (response, None if read is None else read.body)
                 try:
-                    outgoing = flow.send(incoming)
-                except StopIteration:
-                    if read is not None:
-                        await _settle_async(response, read, theirs=True)
-                    return
+                    done, outgoing = await anyio.to_thread.run_sync(_step, flow, incoming)
+                    if done:
+                        if read is not None:
+                            await _settle_async(response, read, theirs=True)
+                        return
                 except PaymentFailed as exc:
                     if read is not None:
                         await _settle_async(response, read, theirs=True)
@@ -920,6 +924,18 @@ class PaymentAuth(httpx.Auth):
                     await _settle_async(response, read, theirs=False)
         finally:
             flow.close()
+
+
+_START: Any = object()
+
+
+def _step(flow: Generator[Outgoing, Incoming, None], value: Any) -> tuple[bool, Any]:
+    """One step of ``flow`` (``_START`` for its first): ``(True, None)`` once it has finished.
+    Its end is returned, not raised: a StopIteration cannot cross a thread into a coroutine."""
+    try:
+        return False, next(flow) if value is _START else flow.send(value)
+    except StopIteration:
+        return True, None
 
 
 class PaymentTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
