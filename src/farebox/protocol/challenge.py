@@ -14,18 +14,17 @@ from typing import Any
 
 import orjson
 
+from farebox._wire import MAX_JSON_DEPTH, nests_deeper_than
 from farebox.errors import PaymentError
 from farebox.money import ASSETS, AssetRegistry
 from farebox.protocol.models import Challenge
 from farebox.protocol.plain import decode_plain_body, plain_body
 from farebox.protocol.x402 import (
     DEFAULT_MAX_HEADER_BYTES,
-    MAX_JSON_DEPTH,
     PAYMENT_REQUIRED,
     decode_challenge_header,
     decode_v1_challenge,
     encode_challenge_header,
-    nests_deeper_than,
     v1_body,
 )
 

@@ -19,8 +19,6 @@ and raises :class:`~farebox.errors.ConfigError`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -33,9 +31,9 @@ from typing import Any, Literal, TypeGuard
 
 import rfc8785
 
+from farebox._wire import MAX_JSON_DEPTH, b64url_decode, b64url_encode, nests_deeper_than
 from farebox.errors import ConfigError, PaymentError
 from farebox.protocol.models import EMPTY
-from farebox.protocol.x402 import MAX_JSON_DEPTH, nests_deeper_than
 
 __all__ = [
     "ACCEPT_PAYMENT",
@@ -103,7 +101,6 @@ _SCHEME = "payment"
 _TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"
 _TOKEN_RE = re.compile(f"[{_TCHAR}]+")
 _TOKEN68_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
 # The draft says 1*LOWERALPHA; pympp, mppx and mpp-rs accept this wider grammar ("tempo-v2",
 # "vendor:method"), and reading what they emit matters more than refusing it.
 _METHOD_RE = re.compile(r"[a-z][a-z0-9:_-]*")
@@ -165,10 +162,6 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
 def b64url_jcs(value: Mapping[str, Any]) -> str:
     """Unpadded base64url of the JCS (RFC 8785) serialization of ``value``.
 
@@ -176,7 +169,7 @@ def b64url_jcs(value: Mapping[str, Any]) -> str:
     covers the encoded string as it appears on the wire.
     """
     try:
-        return _b64url(rfc8785.dumps(_thaw(value)))
+        return b64url_encode(rfc8785.dumps(_thaw(value)))
     except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError) as exc:
         raise ConfigError(f"value cannot be serialized as JCS: {exc}") from None
 
@@ -184,15 +177,10 @@ def b64url_jcs(value: Mapping[str, Any]) -> str:
 def _b64url_decode(value: str, what: str) -> bytes:
     # Strict: the unpadded url-safe alphabet only, no length that no encoder produces, and no
     # non-zero trailing bits (otherwise several strings would decode to the same bytes).
-    if not _B64URL_RE.fullmatch(value) or len(value) % 4 == 1:
-        raise _bad(f"{what} is not unpadded base64url")
     try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
-        raise _bad(f"{what} is not unpadded base64url") from None
-    if _b64url(raw) != value:
-        raise _bad(f"{what} is not canonical base64url")
-    return raw
+        return b64url_decode(value)
+    except ValueError as exc:
+        raise _bad(f"{what} is not canonical unpadded base64url ({exc})") from None
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -606,7 +594,7 @@ def challenge_id(
         message = "|".join(slots).encode("utf-8")
     except UnicodeEncodeError:
         raise _bad("challenge parameters are not valid text") from None
-    return _b64url(hmac.new(secret, message, hashlib.sha256).digest())
+    return b64url_encode(hmac.new(secret, message, hashlib.sha256).digest())
 
 
 def issue_challenge(

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from farebox._wire import MAX_JSON_DEPTH, nests_deeper_than
 from farebox.errors import PaymentError
 from farebox.eth import parse_uint256
 from farebox.protocol.models import Challenge, Offer, Proof, Resource, Settlement
@@ -22,7 +23,6 @@ from farebox.protocol.models import Challenge, Offer, Proof, Resource, Settlemen
 __all__ = [
     "CREDENTIALS",
     "DEFAULT_MAX_HEADER_BYTES",
-    "MAX_JSON_DEPTH",
     "PAYMENT_REQUIRED",
     "PAYMENT_RESPONSE",
     "PAYMENT_SIGNATURE",
@@ -39,7 +39,6 @@ __all__ = [
     "encode_proof",
     "encode_settlement",
     "find_offer",
-    "nests_deeper_than",
     "offer_from_json",
     "offer_to_json",
     "proof_from_json",
@@ -66,7 +65,6 @@ CREDENTIALS: tuple[tuple[str, str | None], ...] = (
 DEFAULT_MAX_HEADER_BYTES = 8192
 # Deep enough for any real requirements, extension schema or payload; shallow enough that every
 # document read can be written back (orjson writes at most 255 levels).
-MAX_JSON_DEPTH = 64
 
 # Bounds on free-form strings inside a payload: generous for real use, small enough that a hostile
 # header cannot make us hold or log much.
@@ -121,23 +119,6 @@ def _loads(data: bytes | str, max_bytes: int) -> dict[str, Any]:
         # accepted here and fail later when forwarded to a facilitator.
         raise PaymentError("invalid_payload", f"payment data nests deeper than {MAX_JSON_DEPTH}")
     return obj
-
-
-def nests_deeper_than(value: Any, limit: int) -> bool:
-    """Whether JSON containers in ``value`` nest more than ``limit`` deep (iteratively: a hostile
-    document cannot exhaust the stack)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend(
-                (child, depth + 1) for child in item.values() if isinstance(child, (dict, list))
-            )
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
-    return False
 
 
 def b64json_decode(value: str, *, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:

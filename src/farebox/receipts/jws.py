@@ -14,8 +14,6 @@ ways, each with its own ``receipt_ref``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 from collections.abc import Callable, Mapping
@@ -26,6 +24,8 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from farebox._wire import b64url_decode as _strict_b64url_decode
+from farebox._wire import b64url_encode
 from farebox.errors import ReceiptError
 from farebox.receipts.ijson import parse_ijson
 
@@ -58,35 +58,17 @@ MAX_JWS_BYTES: Final = 262_144
 MAX_KID_BYTES: Final = 256
 
 _E_FORMAT: Final = "E_INVALID_FORMAT"
-_B64URL_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_B64URL_VALUE: Final = {c: i for i, c in enumerate(_B64URL_ALPHABET)}
-_TO_BASE64: Final = bytes.maketrans(b"-_", b"+/")
 
 
 # --- base64url and JSON ----------------------------------------------------------------------------
 
 
-def b64url_encode(data: bytes) -> str:
-    """Base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def b64url_decode(segment: str) -> bytes:
     """Decode unpadded, canonical base64url, or raise ``E_INVALID_FORMAT``."""
-    # "+", "/" and "=" belong to base64, not base64url; after mapping "-" and "_" onto "+" and "/",
-    # the strict decoder refuses everything else outside the alphabet.
-    if "=" in segment or "+" in segment or "/" in segment or len(segment) % 4 == 1:
-        raise ReceiptError(_E_FORMAT, "invalid base64url (padding and other characters refused)")
     try:
-        raw = segment.encode("ascii").translate(_TO_BASE64) + b"=" * (-len(segment) % 4)
-        data = binascii.a2b_base64(raw, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise ReceiptError(_E_FORMAT, "invalid base64url") from None
-    # The last character may carry bits past the final byte; they must be zero, or one byte string
-    # would have several spellings.
-    if len(segment) % 4 and _B64URL_VALUE[segment[-1]] & (0x0F if len(segment) % 4 == 2 else 0x03):
-        raise ReceiptError(_E_FORMAT, "non-canonical base64url (unused bits set)")
-    return data
+        return _strict_b64url_decode(segment)
+    except ValueError as exc:
+        raise ReceiptError(_E_FORMAT, str(exc)) from None
 
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)

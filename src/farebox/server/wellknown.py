@@ -9,7 +9,6 @@ the route table's prices and methods.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -109,9 +108,3 @@ def policy_document(routes: RouteTable, assets: AssetRegistry) -> dict[str, Any]
 
 # Static prices do not look at the request; this stands in for one when listing them.
 _NO_REQUEST = RequestInfo("GET", "/", "", {})
-
-
-def origin_of(url: str) -> str:
-    """``scheme://host[:port]`` of a URL."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
