@@ -39,8 +39,12 @@ budget exactly, a Shared Payment Token limited to that amount, currency, seller 
 expiry is minted (a :class:`~farebox.agent.card.MintToken` step the driver runs), and the request
 is retried with ``Authorization: Payment <credential>``. A 2xx must carry a ``Payment-Receipt``
 (method ``stripe``, reference the PaymentIntent); the PEAC record, when there is one, must name
-the same PaymentIntent, amount and currency. A refusal releases the reservation: the server
-charges only after a 2xx, and a refused charge moves nothing. A transport failure resends the very
+the same PaymentIntent, amount and currency. A seller charges the token when it accepts the
+credential, before it serves (and refunds what it then fails to serve); so a 402 refusing the
+credential releases the reservation (a refused charge moves nothing), while an answer after which
+the token may have been charged (a 5xx, the app's own error, ``proof_replayed`` after a lost
+answer) counts as spent. (This is the seller's word: unlike an x402 authorization, a card token
+cannot be checked on a chain here.) A transport failure resends the very
 same credential (the server's single use of the challenge id and Stripe's idempotency key keep it
 to one charge); a refusal of that resend as already used counts as spent.
 """
