@@ -25,8 +25,8 @@ from farebox.eth import checksum_address
 from farebox.money import BASE_SEPOLIA_USDC, DEVCHAIN_USDC, Asset
 from farebox.protocol.models import Offer
 from farebox.server.routes import RequestInfo, RouteTable
-from tests.e2e.conftest import fund
-from tests.servers import serve
+from tests.support.chain import fund
+from tests.support.servers import serve
 
 # The address: development account #3 with one digit wrong (...4294BC for ...4293BC),
 # its letters still in that account's mixed case. Re-checksummed, it is a valid address nobody holds.
@@ -242,11 +242,6 @@ def test_policy_host_ports_and_origins_are_honoured() -> None:
 
 
 # --- the agent paying a real server with a policy spelled so -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,9 @@ from farebox.facilitator.local import LocalFacilitator
 from farebox.money import BASE_SEPOLIA_USDC, DEVCHAIN_USDC
 from farebox.receipts.keys import load_signing_key
 from farebox.server.routes import CardOffer, RequestInfo
-from tests.e2e.conftest import fund
-from tests.e2e.test_processes import DEV_KEYS, free_port, wait_for
+from tests.support.chain import fund
+from tests.support.processes import DEV_KEYS
+from tests.support.servers import free_port, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
@@ -322,11 +323,6 @@ def test_remote_facilitator_is_built_from_the_config(tmp_path: Path) -> None:
 
 
 # --- the app it builds ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 @pytest.mark.anyio

@@ -1,7 +1,7 @@
 """The agent pays by card: MPP ``Payment`` (method ``stripe``) with a Shared Payment Token it mints.
 
 The server is farebox's gate with its card rail, served by uvicorn on 127.0.0.1; x402 runs on the
-embedded chain. Stripe is ``tests/stripe/fake_stripe.py``, a FAKE that follows Stripe's documented
+embedded chain. Stripe is ``tests/support/fake_stripe.py``, a FAKE that follows Stripe's documented
 API (Stripe cannot be reached from here): the agent mints with its own key there and the seller
 charges the token with its key there.
 """
@@ -9,17 +9,12 @@ charges the token with its key there.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 
-from farebox._asgi import run_lifespan
 from farebox.agent.agent import Agent, Payment, PaymentFailed
-from farebox.agent.book import ReceiptBook
 from farebox.agent.budget import Budget, fiat_to_units
 from farebox.agent.card import ISSUED_TOKENS_PATH, CardWallet, mint_idempotency_key
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth, PaymentTransport
@@ -28,133 +23,20 @@ from farebox.agent.requests_adapter import PaymentSession
 from farebox.dev.devchain import DevChain
 from farebox.errors import ConfigError, PaymentError
 from farebox.eth import EvmAccount
-from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.evm import EvmLedger
 from farebox.protocol import mpp
-from farebox.rails.card import CardRail
-from farebox.receipts import SigningKey
-from farebox.server.asgi import PaymentMiddleware
-from farebox.server.gate import Gate
-from farebox.server.routes import CardOffer, RouteTable
-from farebox.store.memory import MemoryStore
-from tests.e2e.conftest import chain, fund
-from tests.stripe.fake_stripe import AGENT_KEY, FakeStripe, running_fake_stripe
+from tests.support.chain import fund
+from tests.support.fake_stripe import AGENT_KEY, FakeStripe
 
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 
-from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION, StripeLedger  # noqa: E402
-from tests.servers import serve  # noqa: E402
-
-__all__ = ["chain"]  # the embedded chain fixture, shared with the end-to-end tests
+from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION  # noqa: E402
+from tests.support.card_seller import CENTS, INTENTS, Seller, card_agent  # noqa: E402
 
 pytestmark = [
     # stripe 16.1's HTTPXClient hands httpx the form body as ``data=<bytes>`` (deprecated in 0.28).
     pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning"),
 ]
-
-SECRET = b"c" * 32
-INTENTS = "/v1/payment_intents"
-CENTS = 10**16  # budget units in one US cent
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with running_fake_stripe() as server:
-        yield server
-
-
-@dataclass
-class Seller:
-    """The served API and what reached it."""
-
-    base: str
-    authorizations: list[str] = field(default_factory=list)
-
-
-async def goods(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        await run_lifespan(receive, send)
-        return
-    failing = scope["path"] == "/boom"
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 500 if failing else 200,
-            "headers": [(b"content-type", b"text/plain")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"broken" if failing else b"the goods"})
-
-
-@contextmanager
-def serve_seller(chain: DevChain, fake: FakeStripe) -> Iterator[Seller]:
-    """farebox's gate with x402 and the card rail on ``GET /report`` ($0.50), over real HTTP."""
-    routes = RouteTable()
-    card = CardOffer(network_id=fake.profile, realm="127.0.0.1")
-    merchant = EvmAccount.generate().address
-    routes.add("GET", "/report", "$0.50", assets=chain.asset, pay_to=merchant, card=card)
-    routes.add("GET", "/boom", "$0.50", assets=chain.asset, pay_to=merchant, card=card)
-    ledger = EvmLedger(chain.rpc, chain.accounts[1].account, network=chain.network)
-    # No https origin here: the records are signed by the key's did:key, which the agent checks.
-    gate = Gate(
-        routes, LocalFacilitator([ledger]), MemoryStore(), signing_key=SigningKey.generate()
-    )
-    http_client = stripe.HTTPXClient()
-    seller_stripe = stripe.StripeClient(
-        fake.api_key,
-        base_addresses={"api": fake.url},
-        max_network_retries=0,
-        http_client=http_client,
-    )
-    gate.card = CardRail(SECRET, StripeLedger(seller_stripe))
-    inner = PaymentMiddleware(goods, gate)
-    seller = Seller("")
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    seller.authorizations.append(value.decode())
-        if scope["type"] != "lifespan":
-            await inner(scope, receive, send)
-            return
-
-        async def closing(message: Any) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
-                # The seller's Stripe connections live in uvicorn's loop: closed there.
-                await http_client.close_async()
-            await send(message)
-
-        await inner(scope, receive, closing)
-
-    with serve(app) as base:
-        seller.base = base
-        yield seller
-
-
-@pytest.fixture
-def seller(chain: DevChain, fake: FakeStripe) -> Iterator[Seller]:
-    with serve_seller(chain, fake) as served:
-        yield served
-
-
-@pytest.fixture
-def agent_stripe(fake: FakeStripe) -> Iterator[Any]:
-    """A Stripe client with the AGENT's key, able to call sync and async."""
-    http_client = stripe.HTTPXClient(allow_sync_methods=True)
-    yield stripe.StripeClient(
-        AGENT_KEY, base_addresses={"api": fake.url}, max_network_retries=0, http_client=http_client
-    )
-    http_client.close()
-
-
-def card_agent(
-    client: Any, *, payment_method: str = "pm_card_visa", per_request: str = "$1"
-) -> Agent:
-    wallet = CardWallet(client, payment_method, label="agent-card")
-    budget = Budget.from_prices(None, per_request=per_request, per_day="$5")
-    return Agent(card=wallet, budget=budget, book=ReceiptBook(None))
 
 
 def check_card_payment(agent: Agent, payment: Payment, fake: FakeStripe, seller: Seller) -> None:

@@ -33,11 +33,9 @@ from farebox.dev.rpc_server import DevChainServer
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.ledgers.evm import EvmReader
-from tests.agent.hostile_server import RefuseThenSettle
-from tests.e2e.conftest import cancel_on_chain, chain, fund, send_usdc
-from tests.servers import serve
-
-__all__ = ["chain"]  # the embedded chain fixture, shared with the end-to-end tests
+from tests.support.chain import cancel_on_chain, fund, send_usdc
+from tests.support.refuse_then_settle import RefuseThenSettle
+from tests.support.servers import serve
 
 CENT = 10_000  # atomic units of 6-decimal USDC
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,17 +6,11 @@ own share and the table is not shown).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
-TRIED: Counter[str] = Counter()
-
-
-def tried(target: str, n: int = 1) -> None:
-    """Count ``n`` inputs fed to ``target``."""
-    TRIED[target] += n
+from tests.support.campaign import TRIED
 
 
 @pytest.fixture(scope="session", autouse=True)

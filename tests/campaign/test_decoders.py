@@ -64,7 +64,7 @@ from farebox.receipts import (
     verify_receipt,
 )
 from farebox.schemes import evm_exact
-from tests.campaign.conftest import tried
+from tests.support.campaign import tried
 
 # --- fixtures of valid documents --------------------------------------------------------------------
 

@@ -27,10 +27,7 @@ from farebox.facilitator.local import LocalFacilitator
 from farebox.facilitator.service import facilitator_app, openapi_document
 from farebox.ledgers.evm import EvmLedger
 from farebox.store.memory import MemoryStore
-from tests.campaign.conftest import tried
-from tests.e2e.conftest import chain
-
-__all__ = ["chain"]  # the session fixture, re-exported so pytest finds it here
+from tests.support.campaign import tried
 
 TOKEN = "s3cret"
 CHECKS = [

@@ -38,10 +38,8 @@ from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.wsgi import WsgiPaymentMiddleware
 from farebox.store.memory import MemoryStore
-from tests.campaign.conftest import tried
-from tests.e2e.conftest import Paid, chain, make_gate
-
-__all__ = ["chain"]  # the session fixture, re-exported so pytest finds it here
+from tests.support.campaign import tried
+from tests.support.gates import Paid, make_gate
 
 PAID_PATHS = ["/weather", "/items", "/stream", "/flaky", "/redirect"]
 CAMPAIGN = settings(

@@ -24,7 +24,10 @@ from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
-from tests.e2e.conftest import ISSUER, PRICE, HiddenReceipts, Paid, fund, make_gate
+from tests.support.asgi import call, chunked_app
+from tests.support.chain import fund
+from tests.support.faults import HiddenReceipts
+from tests.support.gates import ISSUER, PRICE, Paid, make_gate
 
 pytestmark = pytest.mark.anyio
 
@@ -68,43 +71,6 @@ async def test_litestar_app(chain: DevChain) -> None:
         response = await client.get("/weather")
     assert response.json() == {"forecast": "windy"}
     assert chain.balance_of(payer.address) == 1_000_000 - PRICE
-
-
-async def call(
-    app: Any, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
-) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "scheme": "https",
-        "path": path,
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"api.test"), *headers],
-        "server": ("api.test", 443),
-    }
-    await app(scope, receive, send)
-    return sent
-
-
-async def chunked_app(scope: Any, receive: Any, send: Any) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain")],
-        }
-    )
-    for i in range(3):
-        await send({"type": "http.response.body", "body": f"part {i}".encode(), "more_body": i < 2})
 
 
 async def proof_header(app: Any, payer: Any, path: str) -> tuple[bytes, bytes]:

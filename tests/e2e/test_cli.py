@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +15,11 @@ import pytest
 from farebox.dev.devchain import DevChain
 from farebox.eth import EvmAccount
 from farebox.protocol.models import Offer
-from tests.e2e.conftest import PRICE, make_gate, send_usdc
-from tests.e2e.test_fastapi import fastapi_app
-from tests.e2e.test_processes import DEV_KEYS, free_port, wait_for
-from tests.servers import serve
-
-FAREBOX = [sys.executable, "-m", "farebox.cli"]
+from tests.support.chain import send_usdc
+from tests.support.fastapi_app import fastapi_app
+from tests.support.gates import PRICE, make_gate
+from tests.support.processes import DEV_KEYS, FAREBOX
+from tests.support.servers import free_port, serve, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +91,7 @@ def test_serve_settles_through_a_facilitator_process(tmp_path: Path) -> None:
     """Four processes, as an operator runs them: a node (`farebox devchain`), a facilitator on it
     (`farebox facilitator`), a config-driven paid API settling through it (`farebox serve`, told
     where by X402_FACILITATOR_URL), and an agent (`farebox get`)."""
-    from tests.e2e.test_processes import balance, rpc
+    from tests.support.processes import balance, rpc
 
     processes: list[subprocess.Popen[bytes]] = []
 

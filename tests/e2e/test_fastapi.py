@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from farebox.agent.agent import Agent, PaymentFailed
 from farebox.agent.budget import Budget, Limits
@@ -24,8 +21,9 @@ from farebox.protocol.models import Challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.receipts import verify_receipt
 from farebox.schemes.evm_exact import make_proof
-from farebox.server.asgi import PaymentMiddleware
-from tests.e2e.conftest import ISSUER, PRICE, Paid, fund, make_gate
+from tests.support.chain import fund
+from tests.support.fastapi_app import fastapi_app
+from tests.support.gates import ISSUER, PRICE, Paid, make_gate
 
 pytestmark = pytest.mark.anyio
 
@@ -33,44 +31,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def fastapi_app(paid: Paid) -> PaymentMiddleware:
-    api = FastAPI()
-    state = {"flaky_calls": 0}
-
-    @api.get("/weather")
-    async def weather() -> dict[str, object]:
-        return {"forecast": "sunny"}
-
-    @api.post("/items", status_code=201)
-    async def create_item() -> JSONResponse:
-        return JSONResponse({"id": 7}, status_code=201, headers={"Location": "/items/7"})
-
-    @api.get("/stream")
-    async def stream() -> StreamingResponse:
-        async def chunks() -> AsyncIterator[bytes]:
-            for i in range(5):
-                yield f"chunk {i}\n".encode()
-
-        return StreamingResponse(chunks(), media_type="text/plain")
-
-    @api.get("/flaky")
-    async def flaky() -> JSONResponse:
-        state["flaky_calls"] += 1
-        if state["flaky_calls"] == 1:
-            return JSONResponse({"detail": "upstream down"}, status_code=500)
-        return JSONResponse({"ok": True})
-
-    @api.get("/redirect")
-    async def redirect() -> RedirectResponse:
-        return RedirectResponse("/weather", status_code=302)
-
-    @api.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"ok": True}
-
-    return PaymentMiddleware(api, paid.gate)
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.sqlite import SqliteStore
-from tests.e2e.conftest import PRICE, SlowBroadcast, chain, fund
-from tests.e2e.test_asgi_faces import call, chunked_app
-
-__all__ = ["chain"]
+from tests.support.asgi import call, chunked_app
+from tests.support.chain import fund
+from tests.support.faults import SlowBroadcast
+from tests.support.gates import PRICE
 
 pytestmark = pytest.mark.anyio
 
@@ -138,7 +138,7 @@ async def test_slow_ledger_pending_then_reconciled_then_answered(
     chain: DevChain, tmp_path: Path
 ) -> None:
     from farebox.ops.reconcile import Reconciler
-    from tests.e2e.conftest import HiddenReceipts
+    from tests.support.faults import HiddenReceipts
 
     merchant = "0x" + os.urandom(20).hex()
     app = server(chain, tmp_path / "payments.sqlite", merchant, HiddenReceipts(chain))
@@ -209,8 +209,8 @@ def test_a_real_server_process_killed_mid_response(tmp_path: Path) -> None:
     from farebox.dev.anvil import DEV_KEYS
     from farebox.eth import EvmAccount
     from farebox.money import DEVCHAIN_USDC
-    from tests.e2e.test_cli import FAREBOX
-    from tests.e2e.test_processes import balance, free_port, wait_for
+    from tests.support.processes import FAREBOX, balance
+    from tests.support.servers import free_port, wait_for
 
     class SlowBody(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:

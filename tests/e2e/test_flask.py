@@ -19,7 +19,8 @@ from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import decode_settlement, encode_proof
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.wsgi import WsgiPaymentMiddleware
-from tests.e2e.conftest import ISSUER, PRICE, Paid, fund, make_gate
+from tests.support.chain import fund
+from tests.support.gates import ISSUER, PRICE, Paid, make_gate
 
 
 @pytest.fixture

@@ -23,13 +23,11 @@ from farebox.money import DEVCHAIN_USDC as USDC
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof
-from tests.e2e.test_cli import FAREBOX
-from tests.e2e.test_processes import balance, devchain_process, free_port, wait_for
+from tests.support.processes import FAREBOX, balance
+from tests.support.servers import free_port, wait_for
 
 PG = "postgresql://127.0.0.1:5432/test"
 REQUESTS = 50
-
-__all__ = ["devchain_process"]
 
 
 @pytest.fixture(scope="module")

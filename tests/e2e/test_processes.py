@@ -4,15 +4,9 @@ it over JSON-RPC, the agent paying through ``requests``; the receipt checked by 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 
-import httpx
-import pytest
 import uvicorn
 
 from farebox.agent.agent import Agent
@@ -29,67 +23,9 @@ from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.sqlite import SqliteStore
-from tests.interop.test_peac_node import node, node_verify
-
-__all__ = ["node"]
-
-# The standard development accounts (the "test test ... junk" mnemonic): public test keys.
-DEV_KEYS = (
-    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
-    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
-    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(url: str, payload: dict[str, object] | None = None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if payload is None:
-                httpx.get(url, timeout=1.0)
-            else:
-                httpx.post(url, json=payload, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def devchain_process() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "farebox.cli", "devchain", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def rpc(url: str, method: str, *params: object) -> object:
-    answer = httpx.post(
-        url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
-    ).json()
-    return answer["result"]
-
-
-def balance(url: str, token: str, holder: str) -> int:
-    data = "0x70a08231" + holder[2:].lower().rjust(64, "0")
-    return int(str(rpc(url, "eth_call", {"to": token, "data": data}, "latest")), 16)
+from tests.support.node import node_verify
+from tests.support.processes import DEV_KEYS, balance, rpc
+from tests.support.servers import free_port, wait_for
 
 
 def test_agent_pays_a_uvicorn_server_settling_on_a_devchain_process(

@@ -27,7 +27,8 @@ from farebox.eth import EvmAccount
 from farebox.protocol.challenge import read_challenge
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof
-from tests.e2e.conftest import PRICE, fund
+from tests.support.chain import fund
+from tests.support.gates import PRICE
 
 PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
 
@@ -539,7 +540,7 @@ def serve_wsgi(app: Any) -> Iterator[int]:
 def face(request: pytest.FixtureRequest, chain: DevChain) -> Iterator[tuple[str, int, Paths]]:
     from farebox.server.asgi import PaymentMiddleware
     from farebox.server.wsgi import WsgiPaymentMiddleware
-    from tests.e2e.conftest import make_gate
+    from tests.support.gates import make_gate
 
     paths = Paths()
     gate = make_gate(chain).gate

@@ -25,10 +25,8 @@ from farebox.protocol.challenge import read_challenge
 from farebox.protocol.models import Offer, Resource
 from farebox.protocol.x402 import encode_proof
 from farebox.schemes.evm_exact import make_proof
-from tests.e2e.test_cli import FAREBOX
-from tests.e2e.test_processes import balance, devchain_process, free_port, rpc, wait_for
-
-__all__ = ["devchain_process"]
+from tests.support.processes import FAREBOX, balance, rpc
+from tests.support.servers import free_port, wait_for
 
 PROCESSES = 3
 PRICE = 10_000  # $0.01

@@ -1,7 +1,8 @@
 """Fixtures of the facilitator tests: the service's own store on each backend.
 
-The store helpers are the store tests' (``tests/store/conftest.py``); PostgreSQL gets a schema of
-this directory's own per xdist worker, so that neither suite drops the other's tables.
+The store helpers are the store tests' (``tests/support/stores.py``); PostgreSQL gets a schema of
+this directory's own per xdist worker, so that neither suite drops the other's tables: this
+``postgres_dsn`` overrides the one of ``tests/conftest.py`` here, for ``empty_postgres`` too.
 """
 
 from __future__ import annotations
@@ -12,19 +13,7 @@ from pathlib import Path
 import pytest
 
 from farebox.store import Store
-from farebox.store.postgres import migrate
-from tests.store.conftest import (
-    drop_schema,
-    empty_postgres,
-    recreate_schema,
-    redis_prefix,
-    run_outside_the_loop,
-    schema_dsn,
-    store_factory,
-    worker_id,
-)
-
-__all__ = ["empty_postgres", "postgres_dsn", "redis_prefix", "service_store"]
+from tests.support.stores import migrated_schema, store_factory, worker_id
 
 SERVICE_BACKENDS = ("memory", "sqlite", "postgres", "redis")
 
@@ -32,12 +21,8 @@ SERVICE_BACKENDS = ("memory", "sqlite", "postgres", "redis")
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
     """A DSN on a migrated schema of this worker's facilitator tests."""
-    schema = f"farebox_facilitator_{worker_id()}"
-    recreate_schema(schema)
-    dsn = schema_dsn(schema)
-    run_outside_the_loop(migrate, dsn)
-    yield dsn
-    drop_schema(schema)
+    with migrated_schema(f"farebox_facilitator_{worker_id()}") as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=SERVICE_BACKENDS)

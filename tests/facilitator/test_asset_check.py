@@ -33,9 +33,6 @@ from farebox.protocol.models import Offer, Resource
 from farebox.protocol.x402 import proof_to_json, requirements_to_json
 from farebox.schemes.evm_exact import make_proof
 from farebox.store.memory import MemoryStore
-from tests.e2e.conftest import chain
-
-__all__ = ["chain"]  # the session's embedded chain, shared
 
 pytestmark = pytest.mark.anyio
 

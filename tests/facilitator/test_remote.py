@@ -31,9 +31,9 @@ from farebox.protocol.x402 import PAYMENT_SIGNATURE, decode_settlement, encode_p
 from farebox.schemes.evm_exact import make_proof, verify
 from farebox.server.asgi import PaymentMiddleware
 from farebox.store.memory import MemoryStore
-from tests.e2e.conftest import ISSUER, PRICE, Paid, fund, make_gate
-from tests.e2e.test_processes import free_port
-from tests.ledgers.test_settlement import offer_on
+from tests.support.chain import fund, offer_on
+from tests.support.gates import ISSUER, PRICE, Paid, make_gate
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -46,11 +46,6 @@ TX = "0x" + "ab" * 32
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 def our_service(chain: DevChain, token: str | None = TOKEN) -> FacilitatorApp:

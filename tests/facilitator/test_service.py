@@ -31,9 +31,8 @@ from farebox.protocol.models import Offer, Proof, Resource
 from farebox.protocol.x402 import proof_to_json, requirements_to_json
 from farebox.schemes.evm_exact import make_proof, sign_authorization
 from farebox.store.memory import MemoryStore
-from tests.e2e.conftest import fund
-from tests.e2e.test_processes import free_port, wait_for
-from tests.ledgers.test_settlement import offer_on
+from tests.support.chain import fund, offer_on
+from tests.support.servers import free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -46,11 +45,6 @@ V1_NAME = "farebox-devchain"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 def service(chain: DevChain, **options: Any) -> tuple[FacilitatorApp, MemoryStore]:

@@ -28,9 +28,8 @@ from farebox.protocol.models import Offer, Proof, Resource
 from farebox.protocol.x402 import proof_to_json, requirements_to_json
 from farebox.schemes.evm_exact import make_proof
 from farebox.store import Store
-from tests.e2e.conftest import HiddenReceipts, SlowBroadcast, chain, fund, send_usdc
-
-__all__ = ["chain"]  # the session's embedded chain, shared
+from tests.support.chain import fund, send_usdc
+from tests.support.faults import HiddenReceipts, SlowBroadcast
 
 pytestmark = pytest.mark.anyio
 

@@ -38,13 +38,11 @@ from farebox.ledgers.evm import TRANSFER_TOPIC, EvmLedger
 from farebox.protocol.x402 import decode_challenge_header, encode_proof
 from farebox.schemes.evm_exact import make_proof
 from farebox.store.sqlite import SqliteStore
-from tests.e2e.conftest import chain, fund
-from tests.interop.test_peac_node import JS_DIR, node
-from tests.servers import serve
+from tests.support.chain import fund
+from tests.support.node import JS_DIR
+from tests.support.servers import serve
 
 pytestmark = pytest.mark.anyio
-
-__all__ = ["chain", "node"]
 
 CONCURRENT = 50
 SETTLER = 6  # the facilitator's gas account in this module

@@ -43,26 +43,20 @@ from x402.schemas.v1 import PaymentPayloadV1, PaymentRequirementsV1
 from farebox.errors import PaymentError
 from farebox.eth import EvmAccount
 from farebox.facilitator.local import LocalFacilitator
-from farebox.ledgers.evm import EvmLedger
-from farebox.ledgers.rpc import HttpRpc
 from farebox.money import BASE_SEPOLIA_USDC
 from farebox.protocol.challenge import render_challenge
 from farebox.protocol.models import Challenge, Offer, Resource
 from farebox.protocol.x402 import decode_proof, offer_to_json
-from farebox.receipts import SigningKey
 from farebox.schemes import evm_exact
-from farebox.server.asgi import PaymentMiddleware
-from farebox.server.gate import Gate
-from farebox.server.routes import RouteTable
 from farebox.store.memory import MemoryStore
-from tests.interop.anvil_fixtures import AnvilChain, rpc
-from tests.servers import serve
+from tests.support.anvil import AnvilChain, rpc
+from tests.support.anvil_app import farebox_app, farebox_ledger
+from tests.support.servers import serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.node]
 
 PRICE = 10_000  # $0.01 in atomic USDC
 NETWORK = BASE_SEPOLIA_USDC.network
-SETTLER = 1  # farebox's settler account
 OFFICIAL_SETTLER = 2  # the official facilitator's account: its own nonces
 SERVICE_AVAILABLE = importlib.util.find_spec("farebox.facilitator.service") is not None
 NEEDS_SERVICE = pytest.mark.skipif(
@@ -85,25 +79,6 @@ def new_payer(chain: AnvilChain, amount: int = 1_000_000) -> Any:
     if amount:
         chain.fund(account.address, amount)
     return account
-
-
-def farebox_ledger(chain: AnvilChain) -> EvmLedger:
-    return EvmLedger(HttpRpc(chain.url), chain.accounts[SETTLER], network=NETWORK)
-
-
-def farebox_app(chain: AnvilChain, merchant: str) -> tuple[PaymentMiddleware, LocalFacilitator]:
-    """A FastAPI app with ``GET /weather`` at $0.01 behind farebox, settling on the node."""
-    api = FastAPI()
-
-    @api.get("/weather")
-    async def weather() -> dict[str, str]:
-        return {"forecast": "sunny"}
-
-    routes = RouteTable()
-    routes.add("GET", "/weather", "$0.01", assets=BASE_SEPOLIA_USDC, pay_to=merchant)
-    facilitator = LocalFacilitator([farebox_ledger(chain)])
-    gate = Gate(routes, facilitator, MemoryStore(), signing_key=SigningKey.generate())
-    return PaymentMiddleware(api, gate), facilitator
 
 
 def official_client(payer: Any) -> x402Client:

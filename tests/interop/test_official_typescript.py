@@ -18,21 +18,19 @@ from farebox.dev.sample import AGENT, SampleApi, build_sample_api
 from farebox.eth import EvmAccount
 from farebox.money import BASE_SEPOLIA_USDC
 from farebox.receipts import verify_receipt
-from tests.e2e.test_processes import free_port, wait_for
-from tests.interop.anvil_fixtures import AnvilChain
-from tests.interop.test_peac_node import JS_DIR, node
+from tests.support.anvil import AnvilChain
+from tests.support.node import JS_DIR
+from tests.support.servers import free_port, wait_for
 
 pytestmark = pytest.mark.node
-
-__all__ = ["node"]
 
 # Development account #5 of the "test test ... junk" mnemonic (a public test key).
 PAYER_KEY = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba"
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[SampleApi, str]]:
-    api = build_sample_api(DevChain())
+def served(chain: DevChain) -> Iterator[tuple[SampleApi, str]]:
+    api = build_sample_api(chain)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning")
@@ -113,7 +111,8 @@ def test_official_typescript_client_pays_with_default_settings_on_anvil(
     pays with no configuration at all: its spend controls know the asset."""
     from eth_account import Account
 
-    from tests.interop.test_official_python import farebox_app, serve
+    from tests.support.anvil_app import farebox_app
+    from tests.support.servers import serve
 
     payer = Account.create()
     anvil_chain.fund(payer.address, 1_000_000)

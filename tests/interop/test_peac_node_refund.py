@@ -21,11 +21,9 @@ from farebox.receipts.records import COMMERCE_EXTENSION, receipt_ref, verify_rec
 from farebox.server.refunds import CORRELATION_EXTENSION, refund_payment
 from farebox.store.base import Event
 from farebox.store.memory import MemoryStore
-from tests.interop.test_peac_node import node, node_verify
+from tests.support.node import node_verify
 
 pytestmark = pytest.mark.node
-
-__all__ = ["node"]  # the fixture that installs the reference packages
 
 INTENT = "pi_3RefundInterop000001"
 REFUND = "re_3RefundInterop000001"

@@ -3,7 +3,7 @@
 (a) pympp's Stripe client pays a farebox route (the gate's card rail); its ``create_token``
 callback mints the Shared Payment Token with an agent key. (b) The farebox agent pays a pympp
 server (pympp's Stripe ``charge`` method behind its ``pay`` decorator in a Starlette app). Both run
-over real HTTP on 127.0.0.1 against ``tests/stripe/fake_stripe.py``, a FAKE that follows Stripe's
+over real HTTP on 127.0.0.1 against ``tests/support/fake_stripe.py``, a FAKE that follows Stripe's
 documented API (Stripe cannot be reached from here): the same fake for the agent's mint and the
 seller's charge.
 """
@@ -23,18 +23,8 @@ from farebox.agent.card import ISSUED_TOKENS_PATH
 from farebox.agent.httpx_auth import PAYMENT_EXTENSION, PaymentAuth
 from farebox.agent.requests_adapter import PaymentSession
 from farebox.protocol import mpp as codec
-from tests.agent.test_card_agent import (
-    CENTS,
-    INTENTS,
-    Seller,
-    agent_stripe,
-    card_agent,
-    chain,
-    fake,
-    seller,
-    serve,
-)
-from tests.stripe.fake_stripe import AGENT_KEY, FakeStripe
+from tests.support.fake_stripe import AGENT_KEY, FakeStripe
+from tests.support.servers import serve
 
 pympp = pytest.importorskip("mpp", reason="pympp (a dev dependency) is not installed")
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
@@ -52,8 +42,7 @@ from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION  # noqa: E402
-
-__all__ = ["agent_stripe", "chain", "fake", "seller"]  # fixtures shared with the agent tests
+from tests.support.card_seller import CENTS, INTENTS, Seller, card_agent  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning"),

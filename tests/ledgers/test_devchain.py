@@ -54,6 +54,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def chain() -> DevChain:
+    # Not the session's chain: this module tests the chain itself. Its evm_revert rewinds the
+    # head and drops every sender's queued transactions, its cheat codes rewrite balances, nonces
+    # and storage, and it asserts exact answers (nonce gaps, block contents) that another test's
+    # traffic on a shared chain could change.
     return DevChain()
 
 
@@ -457,7 +461,7 @@ def test_authorizations_signed_by_the_wall_clock_settle_after_a_burst_of_blocks(
     from farebox.eth import address_bytes
     from farebox.schemes.evm_exact import Authorization, authorization_digest, domain_separator
 
-    chain = DevChain()
+    chain = DevChain()  # its own: the burst of blocks must be the only traffic on its clock
     chain.handle("anvil_mine", [hex(400)])
     payer = chain.accounts[1].account
     payee = chain.accounts[2].address

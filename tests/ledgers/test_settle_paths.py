@@ -25,10 +25,8 @@ from farebox.protocol.x402 import encode_proof, proof_to_json, requirements_to_j
 from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
 from farebox.store.memory import MemoryStore
-from tests.e2e.conftest import PRICE, chain, fund, make_gate
-from tests.ledgers.test_settlement import offer_on
-
-__all__ = ["chain"]
+from tests.support.chain import fund, offer_on
+from tests.support.gates import PRICE, make_gate
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,8 @@ from farebox.ledgers.evm import EvmLedger
 from farebox.ledgers.rpc import HttpRpc, RpcError, RpcUnavailable
 from farebox.protocol.models import Offer, Settlement
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
-from tests.e2e.conftest import HiddenReceipts, fund
+from tests.support.chain import fund, offer_on
+from tests.support.faults import HiddenReceipts
 
 pytestmark = pytest.mark.anyio
 
@@ -25,23 +26,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
-
-
-def offer_on(chain: DevChain, pay_to: str, amount: int = 10_000) -> Offer:
-    asset = chain.asset
-    return Offer(
-        "exact",
-        asset.network,
-        amount,
-        asset.address,
-        pay_to,
-        extra={"name": asset.name, "version": asset.version},
-    )
 
 
 def verified(

@@ -44,11 +44,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
-
-
 def selector(signature: str) -> bytes:
     return keccak256(signature.encode())[:4]
 

@@ -16,9 +16,8 @@ from farebox.ops.reconcile import Reconciler, parse_claim_key
 from farebox.protocol.models import Offer
 from farebox.schemes.evm_exact import VerifiedEvmProof, make_proof, verify
 from farebox.store.memory import MemoryStore
-from tests.e2e.conftest import HiddenReceipts, chain, fund
-
-__all__ = ["chain"]
+from tests.support.chain import fund
+from tests.support.faults import HiddenReceipts
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from farebox.money import BASE_SEPOLIA_USDC
 from farebox.protocol.challenge import read_challenge, render_challenge
 from farebox.protocol.models import Challenge, Offer, Resource
 from farebox.protocol.plain import decode_plain_body, plain_body
-from tests.protocol.test_x402 import offers
+from tests.support.strategies import offers
 
 PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
 OFFER = Offer(

@@ -22,6 +22,7 @@ from farebox.protocol.x402 import (
     find_offer,
     v1_body,
 )
+from tests.support.strategies import offers
 
 PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
 USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
@@ -311,19 +312,6 @@ def test_random_json_raises_only_payment_error(value: Any, version: int) -> None
                 decode(header)
         with contextlib.suppress(PaymentError):
             decode_v1_challenge(json.dumps(obj).encode())
-
-
-addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
-offers = st.builds(
-    Offer,
-    scheme=st.sampled_from(["exact", "upto"]),
-    network=st.sampled_from(["eip155:8453", "eip155:84532", "eip155:1"]),
-    amount=st.integers(min_value=0, max_value=2**256 - 1),
-    asset=addresses,
-    pay_to=addresses,
-    max_timeout_seconds=st.integers(min_value=1, max_value=2**31 - 1),
-    extra=st.dictionaries(st.sampled_from(["name", "version", "memo"]), st.text(max_size=10)),
-)
 
 
 @given(st.lists(offers, min_size=1, max_size=4), st.text(max_size=30), st.text(max_size=30))

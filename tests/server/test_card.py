@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -18,19 +18,26 @@ import pytest
 from farebox.dev.devchain import DevChain
 from farebox.protocol import mpp
 from farebox.protocol.challenge import read_challenge
-from farebox.rails.card import CardRail
 from farebox.receipts.records import verify_receipt
 from farebox.server.asgi import PaymentMiddleware
-from farebox.server.routes import CardOffer, RouteTable
-from tests.e2e.conftest import ISSUER, Paid, chain, make_gate
-from tests.e2e.test_asgi_faces import call
-from tests.stripe.fake_stripe import FakeStripe, running_fake_stripe
+from tests.support.asgi import call
+from tests.support.cards import (
+    NETWORK,
+    REALM,
+    Clock,
+    authorization,
+    card_gate,
+    goods,
+    headers_of,
+    offered,
+    one,
+)
+from tests.support.fake_stripe import FakeStripe
+from tests.support.gates import ISSUER
 
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 
 from farebox.ledgers.stripe import StripeLedger  # noqa: E402
-
-__all__ = ["chain"]  # the embedded chain fixture, shared with the end-to-end tests
 
 pytestmark = [
     pytest.mark.anyio,
@@ -38,29 +45,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload:DeprecationWarning"),
 ]
 
-SECRET = b"k" * 32
-NETWORK = "profile_test_farebox"
-REALM = "api.test"
 INTENTS = "/v1/payment_intents"
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with running_fake_stripe() as server:
-        yield server
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -76,53 +66,6 @@ async def ledger(fake: FakeStripe, anyio_backend: str) -> AsyncIterator[StripeLe
     await http_client.close_async()
 
 
-async def app(scope: Any, receive: Any, send: Any) -> None:
-    status = 500 if scope["path"] == "/boom" else 200
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"text/plain")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"the goods"})
-
-
-def setup(chain: DevChain, ledger: StripeLedger, clock: Clock) -> tuple[Paid, Any]:
-    card = CardOffer(network_id=NETWORK, realm=REALM)
-    routes = RouteTable()
-    merchant = "0x" + "11" * 20
-    for path, price in (("/report", "$0.50"), ("/premium", "$1.00"), ("/boom", "$0.50")):
-        routes.add("GET", path, price, assets=chain.asset, pay_to=merchant, card=card)
-    routes.add("GET", "/cheap", "$0.25", assets=chain.asset, pay_to=merchant, card=card)
-    routes.add("GET", "/plain", "$0.50", assets=chain.asset, pay_to=merchant)
-    paid = make_gate(chain, routes=routes)
-    paid.gate.card = CardRail(SECRET, ledger, clock=clock)
-    return paid, PaymentMiddleware(app, paid.gate)
-
-
-def headers_of(start: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(k.decode(), v.decode()) for k, v in start["headers"]]
-
-
-def one(start: dict[str, Any], name: str) -> str:
-    [value] = [v for k, v in headers_of(start) if k == name.lower()]
-    return value
-
-
-async def offered(app: Any, path: str) -> list[mpp.Challenge]:
-    [start, _] = await call(app, path)
-    assert start["status"] == 402
-    lines = [v for k, v in headers_of(start) if k == "www-authenticate"]
-    return [c for line in lines for c in mpp.parse_www_authenticate(line)]
-
-
-def authorization(challenge: mpp.Challenge | mpp.ChallengeEcho, spt: str) -> tuple[bytes, bytes]:
-    echo = challenge.echo() if isinstance(challenge, mpp.Challenge) else challenge
-    credential = mpp.Credential(challenge=echo, payload=mpp.StripePayload(spt).to_json())
-    return (b"authorization", mpp.render_authorization(credential).encode())
-
-
 def problem(sent: list[dict[str, Any]]) -> dict[str, Any]:
     start, body = sent
     assert start["status"] == 402
@@ -135,7 +78,7 @@ def problem(sent: list[dict[str, Any]]) -> dict[str, Any]:
 async def test_a_402_offers_x402_and_the_card(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    _, asgi = card_gate(chain, ledger, Clock())
     [start, body] = await call(asgi, "/report")
     assert start["status"] == 402
     headers = dict(headers_of(start))
@@ -163,7 +106,7 @@ async def test_a_402_offers_x402_and_the_card(
 async def test_below_the_minimum_and_without_an_offer_only_x402(
     chain: DevChain, ledger: StripeLedger
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    _, asgi = card_gate(chain, ledger, Clock())
     for path in ("/cheap", "/plain"):
         [start, body] = await call(asgi, path)
         assert start["status"] == 402
@@ -175,7 +118,7 @@ async def test_below_the_minimum_and_without_an_offer_only_x402(
 async def test_card_payment_serves_once_with_receipts(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    paid, asgi = setup(chain, ledger, Clock())
+    paid, asgi = card_gate(chain, ledger, Clock())
     [card] = await offered(asgi, "/report")
     header = authorization(card, "spt_succeeds_1")
     [start, body] = await call(asgi, "/report", [header])
@@ -204,7 +147,7 @@ async def test_card_payment_serves_once_with_receipts(
 async def test_a_declined_card_withholds_the_body(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    _, asgi = card_gate(chain, ledger, Clock())
     [card] = await offered(asgi, "/report")
     sent = await call(asgi, "/report", [authorization(card, "spt_declines_1")])
     refusal = problem(sent)
@@ -218,7 +161,7 @@ async def test_altered_or_expired_challenges_are_refused(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
     clock = Clock()
-    _, asgi = setup(chain, ledger, clock)
+    _, asgi = card_gate(chain, ledger, clock)
     [card] = await offered(asgi, "/report")
     cheaper = replace(card.request, amount=1)
     altered = replace(card.echo(), request=mpp.b64url_jcs(cheaper.to_json()))
@@ -238,7 +181,7 @@ async def test_altered_or_expired_challenges_are_refused(
 async def test_a_credential_for_a_cheaper_route_is_refused(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    _, asgi = card_gate(chain, ledger, Clock())
     [card] = await offered(asgi, "/report")
     sent = await call(asgi, "/premium", [authorization(card, "spt_succeeds_5")])
     assert problem(sent)["code"] == "card_payment_mismatch"
@@ -248,7 +191,7 @@ async def test_a_credential_for_a_cheaper_route_is_refused(
 async def test_a_credential_for_another_route_of_the_same_price_is_refused(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    _, asgi = card_gate(chain, ledger, Clock())
     [card] = await offered(asgi, "/report")  # $0.50, like /boom
     assert card.opaque == {"route": "GET /report"}
     sent = await call(asgi, "/boom", [authorization(card, "spt_succeeds_8")])
@@ -259,7 +202,7 @@ async def test_a_credential_for_another_route_of_the_same_price_is_refused(
 async def test_an_app_error_is_refunded_in_full(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    paid, asgi = setup(chain, ledger, Clock())
+    paid, asgi = card_gate(chain, ledger, Clock())
     [card] = await offered(asgi, "/boom")
     header = authorization(card, "spt_succeeds_6")
     [start, _] = await call(asgi, "/boom", [header])
@@ -288,9 +231,9 @@ async def test_a_token_that_does_not_pay_never_reaches_the_app(
 
     async def counting(scope: Any, receive: Any, send: Any) -> None:
         reached.append(scope["path"])
-        await app(scope, receive, send)
+        await goods(scope, receive, send)
 
-    paid, _ = setup(chain, ledger, Clock())
+    paid, _ = card_gate(chain, ledger, Clock())
     asgi = PaymentMiddleware(counting, paid.gate)
     [card] = await offered(asgi, "/report")
     for token in ("spt_declines_9", "spt_unknown_9", "spt_requires_action_9"):
@@ -301,7 +244,7 @@ async def test_a_token_that_does_not_pay_never_reaches_the_app(
 async def test_a_lost_response_is_replayed_under_its_idempotency_key(
     chain: DevChain, ledger: StripeLedger, fake: FakeStripe
 ) -> None:
-    _, asgi = setup(chain, ledger, Clock())
+    _, asgi = card_gate(chain, ledger, Clock())
     [card] = await offered(asgi, "/report")
     header = authorization(card, "spt_succeeds_7")
     key = (b"idempotency-key", b"pay_0123456789abcdef0123")

@@ -24,9 +24,8 @@ from farebox.schemes.evm_exact import make_proof
 from farebox.server.asgi import PaymentMiddleware
 from farebox.server.idempotency import new_id, read_id
 from farebox.server.wsgi import WsgiPaymentMiddleware
-from tests.e2e.conftest import ISSUER, PRICE, Paid, chain, fund, make_gate
-
-__all__ = ["chain"]  # the e2e chain fixture, shared
+from tests.support.chain import fund
+from tests.support.gates import ISSUER, PRICE, Paid, make_gate
 
 pytestmark = pytest.mark.anyio
 

@@ -23,8 +23,8 @@ from farebox.dev.devchain import DevChain
 from farebox.money import DEVCHAIN_USDC
 from farebox.server.proxy import ReverseProxy
 from farebox.server.routes import RouteTable
-from tests.e2e.conftest import fund
-from tests.e2e.test_processes import free_port, wait_for
+from tests.support.chain import fund
+from tests.support.servers import free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -98,11 +98,6 @@ def upstream() -> Iterator[tuple[str, Upstream]]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def chain() -> DevChain:
-    return DevChain()
 
 
 def proxied(chain: DevChain, upstream_url: str, tmp_path: Path) -> FareboxApp:

@@ -1,130 +1,23 @@
 """The ``store`` fixture: every protocol test runs over memory, SQLite, PostgreSQL and Redis.
 
-PostgreSQL and Redis are services (``.ci/run`` starts them). A test that needs one fails when it
-is down, never skips: a suite that silently stops testing the shared stores is worse than a red
-one. The addresses come from ``FAREBOX_TEST_POSTGRES_URL`` and ``FAREBOX_TEST_REDIS_URL``.
-
-Isolation under pytest-xdist: each worker has its own PostgreSQL schema (``farebox_test_<worker>``,
-migrated once per worker, emptied before each test, dropped at the end) and each test its own
-Redis key prefix (deleted after the test).
+The backends and their isolation under xdist are described in ``tests/support/stores.py``; the
+PostgreSQL schema and the Redis key prefix come from the fixtures of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import quote
 
-import anyio
-import psycopg
 import pytest
-import redis
 
-from farebox.store import MemoryStore, SqliteStore, Store
-from farebox.store.postgres import PostgresStore, migrate
-from farebox.store.redis import RedisStore
-
-POSTGRES_URL = os.environ.get(
-    "FAREBOX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("FAREBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-BACKENDS = ("memory", "sqlite", "postgres", "redis")
-
-T = TypeVar("T")
-
-
-def worker_id() -> str:
-    """This xdist worker's name (``gw0``...), or ``main`` without xdist."""
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
-
-
-def schema_dsn(schema: str) -> str:
-    """:data:`POSTGRES_URL` with ``schema`` first in the search path."""
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    return f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
-
-
-def recreate_schema(schema: str) -> None:
-    """Drop ``schema`` (with everything in it) and create it empty."""
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-
-
-def drop_schema(schema: str) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def run_outside_the_loop(function: Callable[[str], Awaitable[T]], argument: str) -> T:
-    """``anyio.run(function, argument)`` in a thread of its own: the caller may be in a loop
-    (a session fixture is first set up wherever a test needs it, maybe in an async fixture)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(anyio.run, function, argument).result()
+from farebox.store import Store
+from tests.support.stores import BACKENDS, store_factory
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """A DSN on this worker's own migrated schema."""
-    schema = f"farebox_test_{worker_id()}"
-    recreate_schema(schema)
-    dsn = schema_dsn(schema)
-    run_outside_the_loop(migrate, dsn)
-    yield dsn
-    drop_schema(schema)
-
-
-@pytest.fixture
-def empty_postgres(postgres_dsn: str) -> str:
-    """:func:`postgres_dsn`, with its tables emptied (faster than migrating for each test)."""
-    with psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=5) as conn:
-        # TRUNCATE fires no row trigger: the log's append-only guard does not stop it.
-        conn.execute(
-            "TRUNCATE claims, events, idempotency, invoices, traffic_counts RESTART IDENTITY"
-        )
-    return postgres_dsn
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"farebox-test:{worker_id()}:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-StoreFactory = Callable[[], Store]
-
-
-def store_factory(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Makes stores of ``backend`` that share one place (a file, a schema, a key prefix)."""
-    if backend == "memory":
-        return MemoryStore
-    if backend == "sqlite":
-        return lambda: SqliteStore(tmp_path / "data" / "store.db")
-    if backend == "postgres":
-        dsn: str = request.getfixturevalue("empty_postgres")
-        return lambda: PostgresStore(dsn, max_size=4)
-    if backend == "redis":
-        prefix: str = request.getfixturevalue("redis_prefix")
-        return lambda: RedisStore(REDIS_URL, prefix=prefix)
-    raise AssertionError(backend)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -29,7 +29,7 @@ from farebox.store import (
 from farebox.store.base import MAX_INVOICE_ID, MAX_INVOICE_REFERENCE, invoice_id_ok
 from farebox.store.postgres import PostgresStore, migrate, migrations
 from farebox.store.sqlite import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION, open_database
-from tests.store.conftest import drop_schema, recreate_schema, schema_dsn, store_factory, worker_id
+from tests.support.stores import drop_schema, recreate_schema, schema_dsn, store_factory, worker_id
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,7 @@ from farebox.store import Claim, IdempotencyEntry, SqliteStore
 from farebox.store.postgres import PostgresStore, applied_migrations, migrate, migrations
 from farebox.store.redis import RedisStore
 from farebox.store.sqlite import SCHEMA_VERSION
-from tests.store.conftest import REDIS_URL, drop_schema, recreate_schema, schema_dsn, worker_id
+from tests.support.stores import REDIS_URL, drop_schema, recreate_schema, schema_dsn, worker_id
 
 pytestmark = pytest.mark.anyio
 

@@ -32,10 +32,10 @@ from farebox.server.asgi import PaymentMiddleware
 from farebox.server.gate import Gate
 from farebox.server.routes import RouteTable
 from farebox.store.base import Store, StoredResponse
-from tests.e2e.conftest import PRICE, HiddenReceipts, cancel_on_chain, chain, fund
-from tests.store.conftest import store_factory
-
-__all__ = ["chain"]
+from tests.support.chain import cancel_on_chain, fund
+from tests.support.faults import HiddenReceipts
+from tests.support.gates import PRICE
+from tests.support.stores import store_factory
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,15 @@ from farebox.server.refunds import (
 )
 from farebox.store.base import Event
 from farebox.store.sqlite import SqliteStore
-from tests.stripe.fake_stripe import FakeStripe, running_fake_stripe
+from tests.support.fake_stripe import FakeStripe
 
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 
 from farebox.ledgers.stripe import STRIPE_PREVIEW_VERSION, StripeLedger  # noqa: E402
-from tests.e2e.conftest import ISSUER as GATE_ISSUER  # noqa: E402
-from tests.e2e.conftest import chain  # noqa: E402
-from tests.e2e.test_asgi_faces import call  # noqa: E402
-from tests.server.test_card import Clock, authorization, offered, one  # noqa: E402
-from tests.server.test_card import setup as card_setup  # noqa: E402
-
-__all__ = ["chain"]  # the embedded chain fixture (the gate's x402 side needs it)
+from tests.support.asgi import call  # noqa: E402
+from tests.support.cards import Clock, authorization, offered, one  # noqa: E402
+from tests.support.cards import card_gate as card_setup  # noqa: E402
+from tests.support.gates import ISSUER as GATE_ISSUER  # noqa: E402
 
 pytestmark = [
     pytest.mark.anyio,
@@ -89,7 +86,7 @@ async def store(tmp_path: Path, anyio_backend: str) -> AsyncIterator[SqliteStore
 @pytest.fixture
 async def ledger(localstripe: Any, stripe_client: Any, anyio_backend: str) -> AsyncIterator[Any]:
     """A ledger on localstripe (cleared by ``stripe_client``, which the tests use to pay)."""
-    from tests.stripe.conftest import API_KEY
+    from tests.support.localstripe import API_KEY
 
     client, http_client = async_client(API_KEY, localstripe.url)
     yield StripeLedger(client)
@@ -360,12 +357,6 @@ async def test_a_stale_lock_is_taken_over_a_fresh_one_is_not(
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with running_fake_stripe() as server:
-        yield server
-
-
-@pytest.fixture
 async def fake_ledger(fake: FakeStripe, anyio_backend: str) -> AsyncIterator[StripeLedger]:
     client, http_client = async_client(fake.api_key, fake.url)
     yield StripeLedger(client)
@@ -488,7 +479,7 @@ def write_config(tmp_path: Path, api_base: str) -> Path:
 
 
 def test_the_refund_command(localstripe: Any, stripe_client: Any, tmp_path: Path) -> None:
-    from tests.stripe.conftest import API_KEY
+    from tests.support.localstripe import API_KEY
 
     intent = pay(stripe_client)
     config = write_config(tmp_path, localstripe.url)

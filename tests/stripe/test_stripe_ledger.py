@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.stripe.fake_stripe import FakeStripe, running_fake_stripe
+from tests.support.fake_stripe import FakeStripe
 
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 
@@ -52,12 +52,6 @@ def async_client(api_key: str, url: str) -> tuple[Any, Any]:
         api_key, base_addresses={"api": url}, max_network_retries=0, http_client=http_client
     )
     return client, http_client
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with running_fake_stripe() as server:
-        yield server
 
 
 @pytest.fixture
@@ -299,7 +293,7 @@ def test_bad_configuration(fake_client: Any) -> None:
 @pytest.fixture
 async def ledger(localstripe: Any, stripe_client: Any, anyio_backend: str) -> AsyncIterator[Any]:
     """A ledger on localstripe (cleared by ``stripe_client``, which the tests also use to pay)."""
-    from tests.stripe.conftest import API_KEY
+    from tests.support.localstripe import API_KEY
 
     client, http_client = async_client(API_KEY, localstripe.url)
     yield StripeLedger(client)

@@ -24,15 +24,13 @@ from farebox.server.asgi import PaymentMiddleware
 from farebox.server.replies import Reply
 from farebox.server.routes import CardOffer, RequestInfo, RouteTable
 from farebox.store.base import Invoice, invoice_claim_key
-from tests.e2e.conftest import ISSUER, Paid, chain, make_gate
-from tests.e2e.test_asgi_faces import call
-from tests.stripe.conftest import API_KEY, LocalStripe
+from tests.support.asgi import call
+from tests.support.gates import ISSUER, Paid, make_gate
+from tests.support.localstripe import API_KEY, LocalStripe
 
 stripe = pytest.importorskip("stripe", reason="the 'stripe' extra is not installed")
 
 from farebox.ledgers.stripe import REFERENCE_METADATA_KEY, StripeLedger  # noqa: E402
-
-__all__ = ["chain"]
 
 pytestmark = [
     pytest.mark.anyio,

@@ -1,6 +1,7 @@
-"""One anvil node per test process (per xdist worker), with USDC at Base Sepolia's address.
+"""An anvil node with USDC at Base Sepolia's address (``tests/interop/conftest.py`` starts one per
+test process, so one per xdist worker).
 
-The node is the pinned ``@foundry-rs/anvil`` npm package, installed into ``anvil/node_modules``
+The node is the pinned ``@foundry-rs/anvil`` npm package, installed into ``tests/interop/anvil/node_modules``
 on first use. It runs chain 84532 with farebox's EIP-3009 token placed at the canonical Base
 Sepolia USDC address (EIP-712 name "USDC", version "2"), so the official SDKs pay and settle there
 with their default settings. Roles of the development accounts, fixed so that no two signers share
@@ -15,7 +16,6 @@ import fcntl
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,12 @@ import anyio
 import httpx
 import pytest
 
-from farebox.dev.anvil import DEV_KEYS, Anvil, AnvilError, find_anvil_binary, place_usdc
+from farebox.dev.anvil import DEV_KEYS, Anvil, find_anvil_binary, place_usdc
 from farebox.errors import ConfigError
 from farebox.eth import EvmAccount
-from farebox.money import BASE_SEPOLIA_USDC, Asset
+from farebox.money import Asset
 
-ANVIL_DIR = Path(__file__).resolve().parent / "anvil"
+ANVIL_DIR = Path(__file__).resolve().parents[1] / "interop" / "anvil"
 ANVIL_BINARY = ANVIL_DIR / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
 _STAMP = ANVIL_DIR / "node_modules" / ".farebox-package-sha256"
 _BALANCE_OF = "0x70a08231"
@@ -134,20 +134,3 @@ def start_chain(binary: str) -> AnvilChain:
         anvil.stop()
         raise
     return AnvilChain(anvil, asset, DEV_KEYS)
-
-
-@pytest.fixture(scope="session")
-def anvil_chain() -> Iterator[AnvilChain]:
-    """One anvil for this test process (each xdist worker starts its own), stopped at the end."""
-    binary = install_anvil()
-    try:
-        chain = start_chain(binary)
-    except AnvilError as exc:
-        if "cannot run anvil" in str(exc):
-            pytest.skip(f"the anvil binary cannot run here: {exc}")
-        raise
-    assert chain.asset == BASE_SEPOLIA_USDC
-    try:
-        yield chain
-    finally:
-        chain.anvil.stop()
