@@ -13,11 +13,7 @@ ROOT = TESTS.parent
 
 # Test modules that still import another one, each with what it imports and why it may for now.
 # An entry that no longer matches a real import fails the test: delete it then.
-STILL_IMPORTING: dict[str, set[str]] = {
-    # Written while this layout landed, by a change still in progress: its helpers are to move
-    # to tests/support with it.
-    "tests/agent/test_hostile_drivers_more.py": {"tests.agent.test_hostile_drivers"},
-}
+STILL_IMPORTING: dict[str, set[str]] = {}
 
 
 def module_name(path: Path) -> str:

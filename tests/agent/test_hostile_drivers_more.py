@@ -1,4 +1,4 @@
-"""The drivers against hostile servers, second round (tests/agent/raw_http.py, real sockets).
+"""The drivers against hostile servers, second round (tests/support/raw_http.py, real sockets).
 
 The proof is signed only when something is known to keep it from a redirect httpx follows (a
 request hook that replaces the ``trace`` extension no longer disables the guard silently); a
@@ -28,8 +28,7 @@ from farebox.money import BASE_SEPOLIA_USDC
 from farebox.protocol.challenge import render_challenge
 from farebox.protocol.models import Challenge, Resource, Settlement
 from farebox.protocol.x402 import encode_settlement
-from tests.agent.raw_http import RawServer, Seen, chunked, endless, response
-from tests.agent.test_hostile_drivers import (
+from tests.support.drivers import (
     BARE,
     GIVE_UP,
     JUNK,
@@ -48,6 +47,7 @@ from tests.agent.test_hostile_drivers import (
     seller,
     settled,
 )
+from tests.support.raw_http import RawServer, Seen, chunked, endless, response
 
 HTTPX = ["httpx", "httpx-async"]
 
