@@ -12,15 +12,43 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from farebox.errors import PaymentError
 from farebox.protocol.lifecycle import next_state
 from farebox.store.base import Event, Store, append_quietly
 
-__all__ = ["record_outcome"]
+__all__ = ["record_outcome", "settlement_event"]
 
 logger = logging.getLogger("farebox.settle")
+
+
+def settlement_event(
+    route: str,
+    now: int,
+    *,
+    claim: str,
+    success: bool,
+    network: str,
+    amount: int,
+    payer: str | None = None,
+    transaction: str | None = None,
+    error: str | None = None,
+    **details: Any,
+) -> Event:
+    """The one shape of a settlement's log line, for every rail and for the facilitator service:
+    the claim it settled, whether it succeeded (and why not), on which network, for how much (in
+    the rail's units), referenced by its transaction; ``details`` add what a rail knows besides
+    (the asset and payee of an authorization, the currency of a card charge)."""
+    data: dict[str, Any] = {
+        "claim": claim,
+        "success": success,
+        "error": error,
+        "network": network,
+        "amount": str(amount),
+        **details,
+    }
+    return Event("settlement", now, route, payer=payer, reference=transaction or None, data=data)
 
 
 async def record_outcome(

@@ -60,3 +60,29 @@ async def test_a_refused_settlement_is_answered_when_the_store_cannot_release() 
     assert fake.settled == []
     (claim,) = [c for c in store._claims.values()]  # held: the reconciler will release it
     assert claim.state == "held"
+
+
+async def test_the_gate_logs_the_settlement_in_the_facilitator_services_shape() -> None:
+    routes = RouteTable()
+    routes.add("GET", "/report", 10_000, assets=TEST_ASSET, pay_to=TEST_PAY_TO)
+    store = MemoryStore()
+    gate = Gate(routes, FakeFacilitator(), store, signing_key=TEST_SIGNING_KEY)
+    transport = httpx.ASGITransport(app=PaymentMiddleware(ok, gate))
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.test") as client:
+        first = await client.get("/report")
+        assert (await client.get("/report", headers=make_payment(first))).status_code == 200
+    [event] = await store.events(kind="settlement")
+    # One shape for every settler (farebox.settle.settlement_event): what the reconciler reads
+    # to know what a claim authorized is in it (it was in the gate's proof line only).
+    assert {
+        "claim",
+        "success",
+        "error",
+        "network",
+        "amount",
+        "asset",
+        "pay_to",
+        "valid_until",
+    } <= set(event.data)
+    assert event.data["pay_to"].lower() == TEST_PAY_TO.lower()
+    assert event.data["amount"] == "10000"

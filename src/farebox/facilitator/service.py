@@ -53,7 +53,7 @@ from farebox.protocol.x402 import (
 )
 from farebox.schemes import evm_exact, verifier
 from farebox.schemes.evm_exact import VerifiedEvmProof
-from farebox.settle import record_outcome
+from farebox.settle import record_outcome, settlement_event
 from farebox.store.base import Claim, Event, Store
 
 __all__ = ["DEFAULT_MAX_BODY", "FacilitatorApp", "facilitator_app", "openapi_document"]
@@ -401,23 +401,21 @@ class FacilitatorApp:
             logger.exception("facilitator: settlement of %s failed unexpectedly", key)
             await self._record(key, owner, "hold_pending", None, ())
             raise
-        event = Event(
-            "settlement",
-            int(self.clock()),
+        offer = verified.offer
+        event = settlement_event(
             _SETTLE_ROUTE,
+            int(self.clock()),
+            claim=key,
+            success=settlement.success,
+            network=offer.network,
+            amount=offer.amount,
             payer=verified.payer,
-            reference=settlement.transaction or None,
-            data={
-                "claim": key,
-                "authorization": _identity(verified),
-                "success": settlement.success,
-                "error": settlement.error_reason,
-                "network": verified.offer.network,
-                "asset": verified.offer.asset,
-                "pay_to": verified.offer.pay_to,
-                "amount": str(verified.offer.amount),
-                "valid_until": verified.valid_until,
-            },
+            transaction=settlement.transaction,
+            error=settlement.error_reason,
+            asset=offer.asset,
+            pay_to=offer.pay_to,
+            valid_until=verified.valid_until,
+            authorization=_identity(verified),
         )
         # Settled, or the money may have moved (the claim stays until reconciled), or mined and
         # reverted (no money moved, the payer may try again).

@@ -50,6 +50,7 @@ from farebox.protocol import mpp
 from farebox.protocol.models import Challenge
 from farebox.rails.base import Admission, Checked, Offered, Outcome, Record
 from farebox.server.routes import RequestInfo, Route
+from farebox.settle import settlement_event
 from farebox.store.base import Event, Invoice, Store, invoice_claim_key
 
 if TYPE_CHECKING:
@@ -553,17 +554,15 @@ class CardRail:
 
 def _settlement_event(payment: CardPayment, charged: CardCharge, now: int, **details: Any) -> Event:
     """The log line of a card payment that moved money (``details`` say what became of it)."""
-    return Event(
-        "settlement",
-        now,
+    return settlement_event(
         payment.route.name,
-        reference=charged.payment_intent,
-        data={
-            "success": True,
-            "rail": METHOD,
-            "claim": payment.claim_key,
-            "amount": str(charged.amount),
-            "currency": charged.currency,
-            **details,
-        },
+        now,
+        claim=payment.claim_key,
+        success=True,
+        network=METHOD,
+        amount=charged.amount,
+        transaction=charged.payment_intent,
+        rail=METHOD,
+        currency=charged.currency,
+        **details,
     )

@@ -32,6 +32,7 @@ from farebox.rails.base import Admission, Checked, Headers, Offered, Outcome, Re
 from farebox.schemes import verifier
 from farebox.server.idempotency import Withheld
 from farebox.server.routes import RequestInfo, Route
+from farebox.settle import settlement_event
 from farebox.store.base import Event, Store
 
 __all__ = ["NAME", "X402Rail"]
@@ -126,18 +127,19 @@ class X402Rail:
                     "resource": admission.request.url,
                 },
             ),
-            Event(
-                "settlement",
-                int(self.clock()),
+            settlement_event(
                 route_name,
+                int(self.clock()),
+                claim=verified.claim_key,
+                success=settlement.success,
+                network=settlement.network,
+                amount=offer.amount,
                 payer=verified.payer,
-                reference=settlement.transaction or None,
-                data={
-                    "success": settlement.success,
-                    "error": settlement.error_reason,
-                    "network": settlement.network,
-                    "amount": str(offer.amount),
-                },
+                transaction=settlement.transaction,
+                error=settlement.error_reason,
+                asset=offer.asset,
+                pay_to=offer.pay_to,
+                valid_until=verified.valid_until,
             ),
         )
         headers = _settlement_headers(verified, settlement)
