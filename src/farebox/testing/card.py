@@ -76,6 +76,8 @@ class _InProcess(stripe_lib.HTTPClient):
     ) -> tuple[bytes, int, Mapping[str, str]]:
         return self._answer(method, url, headers, post_data)
 
+    # Stripe's client streams only for endpoints farebox never calls (file downloads): a call here
+    # is a test reaching outside what the fake stands in for, and says so.
     def request_stream(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("the fake Stripe streams nothing")
 
