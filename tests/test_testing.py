@@ -396,3 +396,24 @@ async def test_the_fake_card_ledger_charges_tokens_through_the_card_rail(
     by_receipt = await client.get("/report", headers={"X-Receipt": receipt_id})
     assert by_receipt.status_code == 200
     assert "peac-receipt" in by_receipt.headers
+
+
+async def test_the_fake_card_ledger_streams_the_answers_it_gives() -> None:
+    """Streamed requests get the fake's own answer (the stand-in streams what it answers), in
+    both of Stripe's client faces."""
+    from farebox.testing import FakeCardLedger
+
+    ledger = FakeCardLedger()
+    http = ledger._http
+    url = "https://stripe.farebox-testing.invalid/v1/payment_intents"
+    form = b"amount=50&currency=usd&payment_method_types[]=card"
+    headers = {"Authorization": f"Bearer {ledger.stripe.api_key}"}
+    body, status, _ = http.request("post", url, headers, form)
+    stream, streamed_status, _ = http.request_stream(
+        "get", url + "/" + json.loads(body)["id"], headers
+    )
+    assert (status, streamed_status) == (200, 200)
+    assert json.loads(stream.read())["id"] == json.loads(body)["id"]
+    pieces, async_status, _ = await http.request_stream_async("get", url + "/pi_nope", headers)
+    assert async_status == 404
+    assert b"".join([piece async for piece in pieces])  # the fake's error document, streamed

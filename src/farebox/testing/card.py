@@ -10,10 +10,11 @@ needs the ``stripe`` extra (the official library builds the requests).
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
@@ -76,13 +77,29 @@ class _InProcess(stripe_lib.HTTPClient):
     ) -> tuple[bytes, int, Mapping[str, str]]:
         return self._answer(method, url, headers, post_data)
 
-    # Stripe's client streams only for endpoints farebox never calls (file downloads): a call here
-    # is a test reaching outside what the fake stands in for, and says so.
-    def request_stream(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise NotImplementedError("the fake Stripe streams nothing")
+    # Streamed answers (Stripe uses them for file contents) are the same answers, handed over
+    # as a stream: the whole body in one piece, as a small response arrives.
+    def request_stream(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        body, status, answer = self._answer(method, url, headers, post_data)
+        return io.BytesIO(body), status, answer
 
-    async def request_stream_async(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise NotImplementedError("the fake Stripe streams nothing")
+    async def request_stream_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+    ) -> tuple[AsyncIterator[bytes], int, Mapping[str, str]]:
+        body, status, answer = self._answer(method, url, headers, post_data)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            yield body
+
+        return pieces(), status, answer
 
     def sleep_async(self, secs: float) -> Awaitable[None]:
         return anyio.sleep(secs)
