@@ -153,32 +153,9 @@ async def test_a_402_names_an_invoice_backed_by_a_payment_intent(
     # Every 402 makes its own invoice; a HEAD makes none.
     assert (await api.invoice())["reference"] != method["reference"]
     before = len(stripe_client.v1.payment_intents.list({"limit": 100}).data)
-    [start, _] = await head(api.asgi, "/report")
+    [start, _] = await call(api.asgi, "/report", method="HEAD")
     assert start["status"] == 402
     assert len(stripe_client.v1.payment_intents.list({"limit": 100}).data) == before
-
-
-async def head(asgi: Any, path: str) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-
-    scope = {
-        "type": "http",
-        "method": "HEAD",
-        "scheme": "https",
-        "path": path,
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"api.test")],
-        "server": ("api.test", 443),
-    }
-    await asgi(scope, receive, send)
-    return sent
 
 
 async def test_a_paid_invoice_serves_once_with_a_signed_record(

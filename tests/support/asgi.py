@@ -9,9 +9,10 @@ __all__ = ["call", "chunked_app"]
 
 
 async def call(
-    app: Any, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    app: Any, path: str, headers: Sequence[tuple[bytes, bytes]] = (), *, method: str = "GET"
 ) -> list[dict[str, Any]]:
-    """The messages ``app`` sends for one ``GET path`` on ``https://api.test`` with ``headers``."""
+    """The messages ``app`` sends for one ``method path`` (a GET by default) on
+    ``https://api.test`` with ``headers``."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -22,7 +23,7 @@ async def call(
 
     scope = {
         "type": "http",
-        "method": "GET",
+        "method": method,
         "scheme": "https",
         "path": path,
         "root_path": "",
